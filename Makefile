@@ -1,0 +1,45 @@
+# Two commands on a fresh clone: `make demo` and `make test`. Both set up .venv first.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# torch is installed only when the environment has none: a user's own torch (CUDA or not) is left alone.
+TORCH_SPEC ?= torch==2.13.0
+OUT ?= demo-out
+
+.PHONY: setup demo test pytest lint fixtures docs clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q $(TORCH_SPEC)
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $@
+
+demo: setup
+	@rm -rf $(OUT) && mkdir -p $(OUT)
+	$(VENV)/bin/loratools inspect fixtures/peft_llama_patterns
+	$(VENV)/bin/loratools inspect fixtures/lycoris_lokr.safetensors --json > $(OUT)/lokr.json
+	$(VENV)/bin/loratools inspect fixtures/kohya_sd/lora.safetensors --fast
+	$(VENV)/bin/loratools validate fixtures/peft_llama_dora
+	$(VENV)/bin/loratools validate fixtures/diffusers_sd --strict
+	@echo "demo: all commands ran; JSON written to $(OUT)/"
+
+test: setup lint pytest
+
+pytest: setup
+	$(PY) -m pytest -q
+
+lint: setup
+	$(VENV)/bin/ruff check loratools tests benchmarks fixtures
+	$(VENV)/bin/ruff format --check loratools tests
+	$(VENV)/bin/mypy loratools
+
+fixtures: setup
+	$(PY) fixtures/make_fixtures.py
+
+docs: setup
+	$(VENV)/bin/cog -r docs/cli.md
+
+clean:
+	rm -rf $(VENV) $(OUT) .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,3 @@
+from loratools.cli import main
+
+main()

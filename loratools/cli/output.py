@@ -1,0 +1,75 @@
+"""Rendering: data on stdout (a Rich table, or JSON with --json), everything else on stderr."""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import sys
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import click
+from rich.console import Console
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+@functools.cache
+def _err() -> Console:
+    return Console(stderr=True, soft_wrap=True)
+
+
+def err_console() -> Console:
+    return _err()
+
+
+def out_console() -> Console:
+    # made per call so that click's test runner, which swaps sys.stdout, sees the output
+    return Console(file=sys.stdout, soft_wrap=True, width=None if sys.stdout.isatty() else 200)
+
+
+def print_json(data: Any) -> None:
+    click.echo(json.dumps(_clean(data), indent=2, sort_keys=False))
+
+
+def _clean(value: Any) -> Any:
+    """JSON has no NaN/Inf: they become strings, so a bad adapter still prints valid JSON."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {k: _clean(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_clean(v) for v in value]
+    return value
+
+
+def json_option(f: F) -> F:
+    return click.option("--json", "as_json", is_flag=True, help="Print JSON on stdout instead of a table.")(f)
+
+
+def format_option(f: F) -> F:
+    return click.option(
+        "--format",
+        "fmt",
+        type=click.Choice(["peft", "kohya", "diffusers"]),
+        default=None,
+        help="Read SOURCE as this format instead of detecting it.",
+    )(f)
+
+
+def human_bytes(n: int) -> str:
+    size = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024 or unit == "GiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{n} B"
+
+
+def num(x: float | None) -> str:
+    if x is None:
+        return "-"
+    if isinstance(x, float) and x.is_integer() and abs(x) < 1e15:
+        return str(int(x))
+    return f"{x:.4g}"

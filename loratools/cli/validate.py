@@ -1,0 +1,48 @@
+from __future__ import annotations
+
+import click
+
+from .output import format_option, json_option, out_console, print_json
+
+
+@click.command("validate")
+@click.argument("source", type=click.Path(exists=True))
+@click.option("--base", type=click.Path(exists=True), help="Base checkpoint the adapter must fit (file or folder).")
+@click.option("--strict", is_flag=True, help="Treat warnings as errors.")
+@click.option("--fast", is_flag=True, help="Headers only: skip the NaN/Inf, zero-factor and hash checks.")
+@format_option
+@json_option
+def validate_cmd(source: str, base: str | None, strict: bool, fast: bool, fmt: str | None, as_json: bool) -> None:
+    """Check an adapter: exit 0 when it is sound, 1 with a list of findings otherwise.
+
+    Finds truncated files and lying headers, factors without partners, rank mismatches (between factors and
+    against the config's rank_pattern), missing or non-positive alphas, NaN/Inf, all-zero up factors,
+    mixed dtypes, config target_modules that match nothing, base-modifying inits (PiSSA, LoftQ, ...), stale
+    A1111 hashes, and with --base modules the base lacks or whose shapes do not fit it.
+
+    \b
+    Example:
+      loratools validate fixtures/peft_llama
+      loratools validate fixtures/peft_gpt2 --strict --json
+    """
+    from ..ops.validate import validate
+
+    rep = validate(source, format=fmt, base=base, strict=strict, fast=fast)
+    if as_json:
+        print_json(rep.to_dict())
+    else:
+        con = out_console()
+        for f in rep.findings:
+            color = "red" if f.severity == "error" else "yellow"
+            where = f"{f.module}: " if f.module else ""
+            con.print(f"[{color}]{f.severity:7}[/] [dim]{f.code:16}[/] {where}{f.message}", highlight=False)
+        n_err = sum(f.severity == "error" for f in rep.findings)
+        n_warn = len(rep.findings) - n_err
+        verdict = "[green]OK[/]" if rep.ok else "[red]FAILED[/]"
+        con.print(
+            f"{verdict}: {rep.format or '?'} adapter, {rep.num_modules} modules, {n_err} error(s), "
+            f"{n_warn} warning(s){' (strict)' if strict else ''}",
+            highlight=False,
+        )
+    if not rep.ok:
+        raise SystemExit(1)

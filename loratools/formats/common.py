@@ -1,0 +1,172 @@
+"""What every format shares: raw tensor files (safetensors or pickle), and splitting keys into module + role
+with a suffix table. A reader accounts for every key: whatever no rule claims is reported, never dropped."""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..errors import FileFormatError, ShapeError, UnknownKeysError
+from ..io.safetensors import Header, read_header
+from ..model import Kind, Module, TensorRef
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
+SHARED_ROLES = ("alpha", "magnitude", "bias")
+
+
+@dataclass
+class RawFile:
+    """The tensors of one file, by key, not yet interpreted."""
+
+    path: Path
+    tensors: dict[str, TensorRef]
+    metadata: dict[str, str]
+    header: Header | None = None  # None for pickles
+    problems: list[str] = field(default_factory=list)
+
+
+def open_raw(path: str | os.PathLike[str], *, lenient: bool = False) -> RawFile:
+    p = Path(path)
+    if not p.exists():
+        raise FileFormatError(f"{p}: no such file or folder")
+    if p.is_dir():
+        raise FileFormatError(f"{p}: is a folder, expected a file")
+    if p.suffix.lower() in PICKLE_SUFFIXES:
+        from ..io.pickle import read_pickle
+
+        data = read_pickle(p)
+        return RawFile(p, {k: TensorRef.of(v) for k, v in data.items()}, {})
+    try:
+        header = read_header(p, lenient=lenient)
+    except PermissionError:
+        raise FileFormatError(f"{p}: permission denied") from None
+    return RawFile(p, {k: header.ref(k) for k in header.tensors}, header.metadata, header, list(header.problems))
+
+
+@dataclass(frozen=True)
+class Rule:
+    """``<module><suffix>`` -> role. Role is a factor name, or ``alpha``/``magnitude``/``bias``."""
+
+    suffix: str
+    role: str
+    kind: Kind = "lora"
+    layer: str | None = None  # forces the module's layer (embedding)
+
+
+class KeyTable:
+    """A suffix table: splits ``base_model.model.x.lora_A.weight`` into ``x`` and ``(down, lora)``."""
+
+    def __init__(self, rules: Iterable[Rule], prefix: str = "") -> None:
+        self.ordered = list(rules)
+        self.rules = sorted(self.ordered, key=lambda r: -len(r.suffix))
+        self.prefix = prefix
+        alternatives = "|".join(re.escape(r.suffix) for r in self.rules)
+        self._re = re.compile(rf"^{re.escape(prefix)}(?P<module>.+?)(?P<suffix>{alternatives})$")
+        self._by_suffix = {r.suffix: r for r in self.rules}
+
+    def split(self, key: str) -> tuple[str, Rule] | None:
+        m = self._re.match(key)
+        if not m:
+            return None
+        return m.group("module"), self._by_suffix[m.group("suffix")]
+
+    def suffix_for(self, kind: str, role: str, layer: str | None = None) -> str:
+        """The suffix a writer uses: the first rule listed for this role (any kind for alpha/magnitude/bias),
+        preferring one made for ``layer``."""
+        cands = [r for r in self.ordered if r.role == role and (r.kind == kind or role in SHARED_ROLES)]
+        pick = [r for r in cands if r.layer == layer] or [r for r in cands if r.layer is None]
+        if not pick:
+            what = f"{layer} " if layer and layer != "linear" else ""
+            raise ShapeError(f"this format cannot store a {what}{kind} {role} tensor")
+        return pick[0].suffix
+
+
+@dataclass
+class Group:
+    kind: Kind | None = None
+    layer: str | None = None
+    parts: dict[str, TensorRef] = field(default_factory=dict)
+    keys: list[str] = field(default_factory=list)
+
+
+def group_keys(
+    tensors: Mapping[str, TensorRef], table: KeyTable
+) -> tuple[dict[str, Group], list[str], list[str]]:
+    """Group keys by module. Returns (groups, leftover keys, conflicts)."""
+    groups: dict[str, Group] = {}
+    leftovers: list[str] = []
+    conflicts: list[str] = []
+    for key, ref in tensors.items():
+        hit = table.split(key)
+        if hit is None:
+            leftovers.append(key)
+            continue
+        module, rule = hit
+        g = groups.setdefault(module, Group())
+        if rule.role not in SHARED_ROLES:
+            if g.kind is not None and g.kind != rule.kind:
+                conflicts.append(f"{module}: mixes {g.kind} and {rule.kind} factors")
+            g.kind = rule.kind
+        if rule.layer:
+            g.layer = rule.layer
+        if rule.role in g.parts:
+            conflicts.append(f"{module}: two tensors for {rule.role} ({key})")
+        g.parts[rule.role] = ref
+        g.keys.append(key)
+    return groups, leftovers, conflicts
+
+
+def build_module(
+    name: str, g: Group, *, alpha: float | None, rslora: bool = False, fan_in_fan_out: bool = False,
+    dora_axis: str = "out",
+) -> Module:
+    parts = dict(g.parts)
+    parts.pop("alpha", None)
+    magnitude = parts.pop("magnitude", None)
+    bias = parts.pop("bias", None)
+    kind: Kind = g.kind or "lora"
+    layer = g.layer or ("conv" if any(len(t.shape) >= 3 for t in parts.values()) else "linear")
+    return Module(
+        name=name,
+        kind=kind,
+        factors=parts,
+        alpha=alpha,
+        rslora=rslora,
+        layer=layer,  # type: ignore[arg-type]
+        fan_in_fan_out=fan_in_fan_out,
+        magnitude=magnitude,
+        dora_axis="in" if dora_axis == "in" else "out",
+        bias=bias,
+    )
+
+
+def check_leftovers(leftovers: list[str], conflicts: list[str], fmt: str, problems: list[str] | None) -> None:
+    """Unknown keys and conflicts: an error, or (lenient) findings."""
+    if problems is not None:
+        problems.extend(conflicts)
+        if leftovers:
+            problems.append(f"unknown key(s) for {fmt}: {', '.join(sorted(leftovers)[:20])}")
+        return
+    if conflicts:
+        raise FileFormatError(conflicts[0])
+    if leftovers:
+        raise UnknownKeysError(leftovers, fmt)
+
+
+def scalar(ref: TensorRef) -> float:
+    if ref.numel != 1:
+        raise ShapeError(f"alpha must be a single number, found a tensor of shape {list(ref.shape)}")
+    return ref.item()
+
+
+def json_safe(value: Any) -> Any:
+    """Config values as plain JSON types."""
+    if isinstance(value, dict):
+        return {str(k): json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple, set)):
+        return [json_safe(v) for v in value]
+    return value

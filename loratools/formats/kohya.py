@@ -1,0 +1,148 @@
+"""kohya / sd-scripts / LyCORIS single files.
+
+Keys: ``lora_unet_<path with underscores>.lora_down.weight`` / ``.lora_up.weight`` / ``.alpha`` (0-d; absent
+means alpha = rank), text encoders ``lora_te_``, ``lora_te1_``, ``lora_te2_``, ``lora_te3_``; LyCORIS factor
+suffixes ``hada_*`` (LoHa), ``lokr_*`` (LoKr), ``lora_mid`` (Tucker LoCon), ``diff`` (full), ``dora_scale``.
+Generic LyCORIS networks use the ``lycoris_`` prefix. The flattened names are kept as they are: only the
+base model's module list can put the dots back.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+from ..errors import IncompatibleAdaptersError
+from ..io.safetensors import write_safetensors
+from ..model import Adapter, TensorRef, torch_dtype
+from .common import KeyTable, Rule, build_module, check_leftovers, group_keys, open_raw, scalar
+
+NAME = "kohya"
+PREFIX_RE = re.compile(r"^(lora_(unet|te\d?|transformer|prior|text_encoder\w*)|lycoris)_")
+
+TABLE = KeyTable(
+    [
+        Rule(".lora_down.weight", "down"),
+        Rule(".lora_up.weight", "up"),
+        Rule(".lora_mid.weight", "mid"),
+        Rule(".alpha", "alpha"),
+        Rule(".dora_scale", "magnitude"),
+        Rule(".bias", "bias"),
+        Rule(".hada_w1_a", "w1a", "loha"),
+        Rule(".hada_w1_b", "w1b", "loha"),
+        Rule(".hada_w2_a", "w2a", "loha"),
+        Rule(".hada_w2_b", "w2b", "loha"),
+        Rule(".hada_t1", "t1", "loha"),
+        Rule(".hada_t2", "t2", "loha"),
+        Rule(".lokr_w1", "w1", "lokr"),
+        Rule(".lokr_w1_a", "w1a", "lokr"),
+        Rule(".lokr_w1_b", "w1b", "lokr"),
+        Rule(".lokr_w2", "w2", "lokr"),
+        Rule(".lokr_w2_a", "w2a", "lokr"),
+        Rule(".lokr_w2_b", "w2b", "lokr"),
+        Rule(".lokr_t2", "t2", "lokr"),
+        Rule(".diff", "diff", "full"),
+        Rule(".diff_b", "bias", "full"),
+    ]
+)
+
+#: diffusers component -> kohya prefix, for writing dotted diffusers names in kohya form
+COMPONENT_PREFIX = {
+    "unet": "lora_unet",
+    "transformer": "lora_transformer",
+    "text_encoder": "lora_te",
+    "text_encoder_2": "lora_te2",
+    "text_encoder_3": "lora_te3",
+}
+
+
+def looks_like(keys: list[str]) -> bool:
+    return any(PREFIX_RE.match(k) for k in keys) and any(TABLE.split(k) for k in keys)
+
+
+def dora_axis(shape: tuple[int, ...]) -> str:
+    """kohya/LyCORIS ``dora_scale`` is (out, 1, ...) for a norm per output row, (1, in, ...) per input column."""
+    return "in" if len(shape) >= 2 and shape[0] == 1 and shape[1] != 1 else "out"
+
+
+def read(path: str | os.PathLike[str], *, problems: list[str] | None = None) -> Adapter:
+    raw = open_raw(path, lenient=problems is not None)
+    if problems is not None:
+        problems.extend(raw.problems)
+    groups, leftovers, conflicts = group_keys(raw.tensors, TABLE)
+    check_leftovers(leftovers, conflicts, NAME, problems)
+    meta = dict(raw.metadata)
+    adapter = Adapter(format=NAME, metadata=meta, base_model=base_model_of(meta), source=str(path))
+    for name, g in sorted(groups.items()):
+        if g.kind is None:  # only alpha / dora_scale / bias: nothing to add it to
+            check_leftovers([], [f"{name}: has {', '.join(sorted(g.parts))} but no factors"], NAME, problems)
+            continue
+        alpha = scalar(g.parts["alpha"]) if "alpha" in g.parts else None
+        axis = dora_axis(g.parts["magnitude"].shape) if "magnitude" in g.parts else "out"
+        m = build_module(name, g, alpha=alpha, dora_axis=axis)
+        adapter.modules[name] = m
+    return adapter
+
+
+def base_model_of(meta: dict[str, str]) -> str | None:
+    for key in ("ss_sd_model_name", "modelspec.architecture", "ss_base_model_version"):
+        if meta.get(key):
+            return meta[key]
+    return None
+
+
+def kohya_name(name: str) -> str:
+    """A dotted (diffusers) name in kohya form; kohya names pass through."""
+    if "." not in name:
+        return name
+    comp, _, path = name.partition(".")
+    prefix = COMPONENT_PREFIX.get(comp)
+    if prefix is None:
+        raise IncompatibleAdaptersError(
+            f"{name}: no kohya prefix for a module outside a diffusers component (unet, text_encoder, ...)",
+        )
+    return f"{prefix}_{path.replace('.', '_')}"
+
+
+def tensors_for(adapter: Adapter) -> dict[str, TensorRef]:
+    import torch
+
+    out: dict[str, TensorRef] = {}
+    for name, m in adapter.modules.items():
+        if m.layer == "embedding" or m.fan_in_fan_out:
+            raise IncompatibleAdaptersError(f"{name}: kohya files hold no embedding or fan_in_fan_out modules")
+        k = kohya_name(name)
+        for role, ref in m.tensors().items():
+            if role == "magnitude" and m.kind != "full" and adapter.format != NAME:
+                shape = m.weight_shape()
+                ref = _reshaped(ref, (shape[0], *([1] * (len(shape) - 1))))
+            out[k + TABLE.suffix_for(m.kind, role)] = ref
+        if m.alpha is not None and m.rank is not None:
+            # consumers apply alpha / rank: bake rsLoRA's alpha / sqrt(rank) into alpha
+            a = m.alpha * m.rank / m.rank**0.5 if m.rslora else m.alpha
+            # stored in the factors' dtype, as kohya does, unless that would round it
+            alpha = torch.tensor(a, dtype=torch_dtype(next(iter(m.factors.values())).dtype))
+            if not alpha.is_floating_point() or float(alpha) != a:
+                alpha = torch.tensor(a, dtype=torch.float32)
+            out[k + ".alpha"] = TensorRef.of(alpha)
+    for key, extra in adapter.extras.items():
+        out[kohya_name(key) if "." in key and adapter.format != NAME else key] = extra.ref
+    return out
+
+
+def _reshaped(ref: TensorRef, shape: tuple[int, ...]) -> TensorRef:
+    return TensorRef(shape, ref.dtype, lambda: ref.load().reshape(shape))
+
+
+#: header hashes that A1111 trusts; they describe the old tensors, so a writer drops them
+STALE_HASHES = ("sshs_model_hash", "sshs_legacy_hash")
+
+
+def write(adapter: Adapter, out: str | os.PathLike[str], *, force: bool = False) -> Path:
+    metadata = dict(adapter.metadata) if adapter.format == NAME else {}
+    for key in STALE_HASHES:
+        metadata.pop(key, None)
+    write_safetensors(out, tensors_for(adapter), metadata, force=force)
+    return Path(out)
+

@@ -1,0 +1,263 @@
+"""PEFT adapter folders: ``adapter_config.json`` + ``adapter_model.safetensors`` (or the legacy pickle
+``adapter_model.bin``). Also what unsloth, LLaMA-Factory, Axolotl and mergekit write.
+
+Keys: ``base_model.model.<module>.lora_A.weight`` / ``.lora_B.weight`` (``.lora_B.bias`` with ``lora_bias``),
+``.lora_embedding_A`` / ``.lora_embedding_B`` for embeddings, ``.lora_magnitude_vector`` for DoRA;
+full tensors: ``<module>.weight`` for ``modules_to_save``, ``<module>.base_layer.weight`` for saved embeddings,
+``<module>.token_adapter.trainable_tokens_delta`` for trainable tokens.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from ..errors import FileFormatError, IncompatibleAdaptersError
+from ..io.atomic import atomic_dir
+from ..io.safetensors import write_safetensors
+from ..model import Adapter, Extra, Module, TensorRef
+from .common import KeyTable, Rule, build_module, check_leftovers, group_keys, open_raw
+
+NAME = "peft"
+PREFIX = "base_model.model."
+CONFIG = "adapter_config.json"
+WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
+
+TABLE = KeyTable(
+    [
+        Rule(".lora_A.weight", "down"),
+        Rule(".lora_B.weight", "up"),
+        Rule(".lora_B.bias", "bias"),
+        Rule(".lora_embedding_A", "down", layer="embedding"),
+        Rule(".lora_embedding_B", "up", layer="embedding"),
+        Rule(".lora_magnitude_vector", "magnitude"),
+        Rule(".lora_magnitude_vector.weight", "magnitude"),
+    ]
+)
+
+#: init methods whose adapters only fit a base that the initialisation itself changed
+BASE_MODIFYING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga", "eva")
+
+
+def is_peft_folder(path: Path) -> bool:
+    return path.is_dir() and (path / CONFIG).is_file()
+
+
+def looks_like(keys: list[str]) -> bool:
+    return any(k.startswith(PREFIX) for k in keys) and any(TABLE.split(k) for k in keys)
+
+
+def pattern_key(patterns: dict[str, Any], name: str) -> str | None:
+    """PEFT's rule: the first key, in insertion order, with ``re.match(rf"(.*\\.)?({key})$", name)``."""
+    for key in patterns:
+        try:
+            if re.match(rf"(.*\.)?({key})$", name):
+                return key
+        except re.error:
+            continue
+    return None
+
+
+def resolve(config: dict[str, Any], name: str) -> tuple[int | None, float | None]:
+    """The rank and alpha PEFT gives module ``name`` under ``config`` (patterns applied)."""
+    rank_pattern = config.get("rank_pattern") or {}
+    alpha_pattern = config.get("alpha_pattern") or {}
+    rk = pattern_key(rank_pattern, name)
+    ak = pattern_key(alpha_pattern, name)
+    r = rank_pattern[rk] if rk is not None else config.get("r")
+    a = alpha_pattern[ak] if ak is not None else config.get("lora_alpha")
+    return (int(r) if isinstance(r, (int, float)) else None, float(a) if isinstance(a, (int, float)) else None)
+
+
+def read_config(folder: Path) -> dict[str, Any]:
+    try:
+        cfg = json.loads((folder / CONFIG).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise FileFormatError(f"{folder / CONFIG}: not valid JSON ({e})") from None
+    if not isinstance(cfg, dict):
+        raise FileFormatError(f"{folder / CONFIG}: not a JSON object")
+    return cfg
+
+
+def find_weights(folder: Path) -> Path:
+    for name in WEIGHTS:
+        if (folder / name).is_file():
+            return folder / name
+    raise FileFormatError(
+        f"{folder}: has {CONFIG} but no {' or '.join(WEIGHTS)}",
+        "a PEFT folder needs its weights file beside the config",
+    )
+
+
+def read(path: str | os.PathLike[str], *, problems: list[str] | None = None) -> Adapter:
+    """Read a PEFT folder, or a bare PEFT weights file (alpha then comes from a config beside it, if any).
+
+    With ``problems`` given (a list), damage that validate reports is collected there instead of raised.
+    """
+    p = Path(path)
+    folder = p if p.is_dir() else p.parent
+    config = read_config(folder) if (folder / CONFIG).is_file() else {}
+    weights = find_weights(p) if p.is_dir() else p
+    peft_type = str(config.get("peft_type", "LORA")).upper()
+    if peft_type != "LORA":
+        raise FileFormatError(
+            f"{folder / CONFIG}: peft_type {peft_type} is not supported (only LORA)",
+            "LyCORIS LoHa/LoKr files in kohya layout are supported",
+        )
+    raw = open_raw(weights, lenient=problems is not None)
+    if problems is not None:
+        problems.extend(raw.problems)
+    stripped: dict[str, TensorRef] = {}
+    leftovers: list[str] = []
+    for key, ref in raw.tensors.items():
+        if key.startswith(PREFIX):
+            stripped[key[len(PREFIX) :]] = ref
+        else:
+            leftovers.append(key)
+    groups, rest, conflicts = group_keys(stripped, TABLE)
+    adapter = Adapter(
+        format=NAME,
+        metadata=dict(raw.metadata),
+        config=config,
+        base_model=config.get("base_model_name_or_path") or None,
+        source=str(p),
+    )
+    extras_names = _modules_to_save(config)
+    for key in rest:
+        role = _extra_role(key, extras_names)
+        if role is None:
+            leftovers.append(PREFIX + key)
+        else:
+            adapter.extras[key] = Extra(stripped[key], role)
+    check_leftovers(leftovers, conflicts, NAME, problems)
+    rslora = bool(config.get("use_rslora", False))
+    fifo = bool(config.get("fan_in_fan_out", False))
+    for name, g in sorted(groups.items()):
+        _, alpha = resolve(config, name)
+        if not config:
+            alpha = None  # no config: nothing says otherwise, alpha = rank
+        adapter.modules[name] = build_module(name, g, alpha=alpha, rslora=rslora, fan_in_fan_out=fifo)
+    return adapter
+
+
+def _modules_to_save(config: dict[str, Any]) -> list[str]:
+    mts = config.get("modules_to_save") or []
+    return [mts] if isinstance(mts, str) else [str(m) for m in mts]
+
+
+def _extra_role(key: str, modules_to_save: list[str]) -> Any:
+    if key.endswith(".base_layer.weight"):
+        return "base_layer"
+    if key.endswith("trainable_tokens_delta"):
+        return "trainable_tokens"
+    module, _, param = key.rpartition(".")
+    if param in ("weight", "bias") and any(re.match(rf"(.*\.)?{re.escape(m)}$", module) for m in modules_to_save):
+        return "modules_to_save"
+    # an embedding or lm_head saved whole (resized vocabulary, or targeted embeddings) is kept too
+    if param == "weight" and module.rpartition(".")[2] in ("embed_tokens", "lm_head", "wte", "embed_in", "embed_out"):
+        return "base_layer"
+    return None
+
+
+# ---- writing --------------------------------------------------------------------------------------------
+
+
+def _common(values: list[Any]) -> Any:
+    return Counter(values).most_common(1)[0][0]
+
+
+def make_config(adapter: Adapter) -> dict[str, Any]:
+    """A config under which PEFT gives every module exactly the rank, alpha and scale it has here.
+
+    The source's own config is kept when it already does; otherwise r / lora_alpha take the most common
+    values and rank_pattern / alpha_pattern name the exceptions by full module path.
+    """
+    mods = list(adapter.modules.values())
+    for m in mods:
+        if m.kind != "lora":
+            raise IncompatibleAdaptersError(
+                f"{m.name}: PEFT LoRA folders cannot hold {m.kind} modules", "convert them to LoRA first"
+            )
+        if "mid" in m.factors:
+            raise IncompatibleAdaptersError(f"{m.name}: PEFT cannot hold a LoRA with a Tucker core")
+        if m.magnitude is not None and m.dora_axis != "out":
+            raise IncompatibleAdaptersError(f"{m.name}: DoRA magnitude per input column has no PEFT form")
+    if len({m.magnitude is not None for m in mods}) > 1:
+        raise IncompatibleAdaptersError("PEFT cannot mix DoRA and plain LoRA modules in one adapter")
+    if len({m.fan_in_fan_out for m in mods}) > 1:
+        raise IncompatibleAdaptersError("PEFT cannot mix fan_in_fan_out and plain modules in one adapter")
+    if len({m.rslora for m in mods}) > 1:
+        rslora = False  # bake rsLoRA into alpha: alpha' / r == alpha / sqrt(r)
+    else:
+        rslora = bool(mods and mods[0].rslora)
+
+    def alpha_of(m: Module) -> float:
+        r = m.rank or 1
+        a = float(m.alpha) if m.alpha is not None else float(r)
+        if m.rslora and not rslora and m.alpha is not None:
+            a = a * r / math.sqrt(r)
+        return a
+
+    cfg: dict[str, Any] = dict(adapter.config) if adapter.format == NAME else {}
+    if cfg and bool(cfg.get("use_rslora", False)) == rslora and all(
+        resolve(cfg, m.name) == (m.rank, alpha_of(m)) for m in mods
+    ):
+        return cfg
+    ranks = {m.name: int(m.rank or 0) for m in mods}
+    alphas = {m.name: alpha_of(m) for m in mods}
+    r = _common(list(ranks.values())) if mods else 8
+    a = _common(list(alphas.values())) if mods else 8.0
+    cfg.update(
+        {
+            "peft_type": "LORA",
+            "r": r,
+            "lora_alpha": int(a) if float(a).is_integer() else a,
+            "use_rslora": rslora,
+            "use_dora": any(m.magnitude is not None for m in mods),
+            "fan_in_fan_out": any(m.fan_in_fan_out for m in mods),
+            "rank_pattern": {n: v for n, v in ranks.items() if v != r},
+            "alpha_pattern": {n: (int(v) if v.is_integer() else v) for n, v in alphas.items() if v != a},
+        }
+    )
+    targets = sorted({n.rpartition(".")[2] for n in adapter.modules})
+    old = cfg.get("target_modules")
+    if not (isinstance(old, list) and set(targets) <= set(old)) and not isinstance(old, str):
+        cfg["target_modules"] = targets
+    cfg.setdefault("base_model_name_or_path", adapter.base_model)
+    cfg.setdefault("task_type", None)
+    cfg.setdefault("bias", "none")
+    return cfg
+
+
+def tensors_for(adapter: Adapter) -> dict[str, TensorRef]:
+    out: dict[str, TensorRef] = {}
+    for name, m in adapter.modules.items():
+        layer = "embedding" if m.layer == "embedding" else None
+        for role, ref in m.tensors().items():
+            out[PREFIX + name + TABLE.suffix_for(m.kind, role, layer)] = ref
+    for key, extra in adapter.extras.items():
+        out[PREFIX + key] = extra.ref
+    return out
+
+
+def write(adapter: Adapter, out: str | os.PathLike[str], *, force: bool = False) -> Path:
+    if any(n.startswith(("lora_", "lycoris_")) and "." not in n for n in adapter.modules):
+        raise IncompatibleAdaptersError(
+            "kohya-style module names (lora_unet_...) have no dots to turn into PEFT module paths",
+            "resolve them against the base model first",
+        )
+    config = make_config(adapter)
+    tensors = tensors_for(adapter)
+    metadata = {"format": "pt"}
+    if adapter.format == NAME:
+        metadata.update(adapter.metadata)
+    target = Path(out)
+    with atomic_dir(target, force=force) as tmp:
+        (tmp / CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        write_safetensors(tmp / WEIGHTS[0], tensors, metadata)
+    return target

@@ -1,0 +1,98 @@
+"""What an adapter holds: format, base model, sizes, dtypes, and a row per module."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..formats import detect, load_adapter
+from ..model import Adapter
+
+
+@dataclass
+class ModuleInfo:
+    name: str
+    type: str
+    rank: int | None
+    alpha: float | None
+    scale: float
+    shape: list[int]
+    dtype: str
+    norm: float | None = None
+
+
+@dataclass
+class ExtraInfo:
+    name: str
+    role: str
+    shape: list[int]
+    dtype: str
+
+
+@dataclass
+class InspectReport:
+    source: str
+    format: str
+    base_model: str | None
+    num_modules: int
+    num_params: int
+    size_on_disk: int
+    dtypes: dict[str, int]
+    target_modules: dict[str, int]
+    types: dict[str, int]
+    modules: list[ModuleInfo]
+    extras: list[ExtraInfo] = field(default_factory=list)
+    metadata: dict[str, str] = field(default_factory=dict)
+    config: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def size_on_disk(source: str | os.PathLike[str]) -> int:
+    p = Path(source)
+    if p.is_dir():
+        return sum(f.stat().st_size for f in p.iterdir() if f.is_file())
+    return p.stat().st_size
+
+
+def report(adapter: Adapter, source: str | os.PathLike[str], *, norms: bool = True) -> InspectReport:
+    modules = [
+        ModuleInfo(
+            name=m.name,
+            type=m.type,
+            rank=m.rank,
+            alpha=m.alpha,
+            scale=m.scale,
+            shape=list(m.weight_shape()),
+            dtype=m.dtype,
+            norm=m.delta_norm() if norms else None,
+        )
+        for m in adapter.modules.values()
+    ]
+    types: dict[str, int] = {}
+    for mi in modules:
+        types[mi.type] = types.get(mi.type, 0) + 1
+    return InspectReport(
+        source=str(source),
+        format=adapter.format,
+        base_model=adapter.base_model,
+        num_modules=len(modules),
+        num_params=adapter.num_params,
+        size_on_disk=size_on_disk(source),
+        dtypes=adapter.dtypes(),
+        target_modules=adapter.target_kinds(),
+        types=dict(sorted(types.items())),
+        modules=modules,
+        extras=[ExtraInfo(k, e.role, list(e.ref.shape), e.ref.dtype) for k, e in adapter.extras.items()],
+        metadata=dict(adapter.metadata),
+        config=dict(adapter.config),
+    )
+
+
+def inspect_adapter(source: str | os.PathLike[str], format: str | None = None, *, norms: bool = True) -> InspectReport:
+    """Inspect a file or folder. With ``norms=False`` only the header is read (no tensor data, no torch)."""
+    adapter = load_adapter(source, format or detect(source))
+    return report(adapter, source, norms=norms)

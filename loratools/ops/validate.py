@@ -1,0 +1,250 @@
+"""Is an adapter sound? Every check yields findings (error or warning) instead of stopping at the first."""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from ..errors import HeaderError, LoratoolsError
+from ..formats import detect, load_adapter, peft, resolve_source
+from ..formats.common import open_raw
+from ..model import Adapter, Module, TensorRef
+
+Severity = Literal["error", "warning"]
+
+#: every finding code, with what it means (docs/validate.md lists these)
+CODES: dict[str, str] = {
+    "unreadable": "the file or folder cannot be read as an adapter at all",
+    "header": "a safetensors header that lies: length, JSON, dtypes, shapes or offsets",
+    "structure": "keys that no rule accounts for, or two tensors for one role",
+    "empty": "no LoRA modules at all",
+    "unpaired": "a factor without its partner (lora_A without lora_B, hada_w1_a without hada_w1_b, ...)",
+    "rank-mismatch": "factors whose ranks or shapes do not fit together",
+    "rank-config": "a tensor's rank disagrees with the config's r / rank_pattern",
+    "alpha": "alpha is missing, zero, negative or not a number",
+    "nonfinite": "NaN or Inf in a tensor",
+    "zero-up": "an all-zero up factor: the module adds nothing (an untrained adapter?)",
+    "mixed-dtypes": "the factors are stored in more than one float dtype",
+    "target-unmatched": "a config target_modules entry that matches no module in the file",
+    "init": "initialised with a method that changes the base (PiSSA, OLoRA, LoftQ, ...)",
+    "stale-hash": "a header sshs_model_hash that does not match the tensors",
+    "base-missing": "a module with no weight in the base checkpoint",
+    "base-shape": "a module whose delta does not fit its base weight",
+}
+
+
+@dataclass
+class Finding:
+    severity: Severity
+    code: str
+    message: str
+    module: str | None = None
+
+
+@dataclass
+class ValidateReport:
+    source: str
+    format: str | None
+    strict: bool
+    findings: list[Finding] = field(default_factory=list)
+    num_modules: int = 0
+
+    @property
+    def errors(self) -> list[Finding]:
+        return [f for f in self.findings if f.severity == "error" or self.strict]
+
+    @property
+    def ok(self) -> bool:
+        return not self.errors
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "source": self.source,
+            "format": self.format,
+            "ok": self.ok,
+            "strict": self.strict,
+            "num_modules": self.num_modules,
+            "errors": sum(f.severity == "error" for f in self.findings),
+            "warnings": sum(f.severity == "warning" for f in self.findings),
+            "findings": [asdict(f) for f in self.findings],
+        }
+
+
+def validate(
+    source: str | os.PathLike[str],
+    *,
+    format: str | None = None,
+    base: str | os.PathLike[str] | None = None,
+    strict: bool = False,
+    fast: bool = False,
+) -> ValidateReport:
+    """Check an adapter; ``fast`` reads headers only (no NaN scan, no hash check)."""
+    rep = ValidateReport(str(source), format, strict)
+
+    def add(sev: Severity, code: str, msg: str, module: str | None = None) -> None:
+        rep.findings.append(Finding(sev, code, msg, module))
+
+    problems: list[str] = []
+    try:
+        rep.format = format or detect(source)
+        adapter = load_adapter(source, rep.format, problems=problems)
+    except HeaderError as e:
+        add("error", "header", e.message)
+        return rep
+    except LoratoolsError as e:
+        add("error", "unreadable", e.message + (f" ({e.hint})" if e.hint else ""))
+        return rep
+    for msg in problems:
+        add("error", "header" if msg.startswith("tensor ") or "overlap" in msg else "structure", msg)
+    rep.num_modules = len(adapter.modules)
+    if not adapter.modules:
+        add("error", "empty", "no LoRA modules in the file")
+    for m in adapter.modules.values():
+        _check_module(m, adapter, add)
+    _check_dtypes(adapter, add)
+    _check_config(adapter, add)
+    if not fast:
+        _check_values(adapter, add)
+        _check_hash(adapter, add)
+    if base is not None:
+        _check_base(adapter, base, add)
+    return rep
+
+
+def _check_module(m: Module, adapter: Adapter, add: Any) -> None:
+    for problem in m.check():
+        code = "unpaired" if problem.startswith("missing factor") else "rank-mismatch"
+        add("error", code, problem, m.name)
+    if m.alpha is None:
+        if adapter.format == "kohya":
+            add("warning", "alpha", "no .alpha tensor: every consumer then uses alpha = rank (scale 1)", m.name)
+        elif adapter.config or adapter.format == "peft":
+            add("error", "alpha", "no lora_alpha in the config for this module", m.name)
+    elif not math.isfinite(m.alpha) or m.alpha <= 0:
+        add("error", "alpha", f"alpha is {m.alpha:g}: it must be a positive number", m.name)
+    cfg = _config_for(adapter, m.name)
+    if cfg is not None and m.rank is not None and not m.check():
+        want, _ = peft.resolve(cfg[0], cfg[1])
+        if want is not None and want != m.rank:
+            add("error", "rank-config", f"tensors have rank {m.rank}, the config says {want}", m.name)
+
+
+def _config_for(adapter: Adapter, name: str) -> tuple[dict[str, Any], str] | None:
+    """The PEFT-style config governing a module, and the module's name relative to it."""
+    if adapter.format == "peft" and adapter.config:
+        return adapter.config, name
+    if adapter.format == "diffusers":
+        comp, _, rel = name.partition(".")
+        if comp in adapter.config:
+            return adapter.config[comp], rel
+    return None
+
+
+def _check_dtypes(adapter: Adapter, add: Any) -> None:
+    floats = {
+        t.dtype for m in adapter.modules.values() for t in m.factors.values() if t.dtype.startswith(("F", "BF"))
+    }
+    if len(floats) > 1:
+        add("warning", "mixed-dtypes", f"factors are stored in several dtypes: {', '.join(sorted(floats))}")
+
+
+def _check_config(adapter: Adapter, add: Any) -> None:
+    configs: list[tuple[str, dict[str, Any]]] = []
+    if adapter.format == "peft" and adapter.config:
+        configs = [("", adapter.config)]
+    elif adapter.format == "diffusers":
+        configs = [(comp + ".", cfg) for comp, cfg in adapter.config.items() if isinstance(cfg, dict)]
+    for prefix, cfg in configs:
+        names = [n[len(prefix) :] for n in adapter.modules if n.startswith(prefix)]
+        targets = cfg.get("target_modules")
+        if isinstance(targets, str):
+            if targets != "all-linear" and not any(_full_match(targets, n) for n in names):
+                add("warning", "target-unmatched", f"target_modules regex {targets!r} matches no module")
+        elif isinstance(targets, list):
+            for t in targets:
+                if not any(n == t or n.endswith("." + t) for n in names):
+                    add("warning", "target-unmatched", f"{prefix}target_modules entry {t!r} matches no module")
+        init = cfg.get("init_lora_weights")
+        if isinstance(init, str) and init.lower().startswith(peft.BASE_MODIFYING_INITS):
+            add(
+                "warning",
+                "init",
+                f"init_lora_weights={init!r}: this adapter only fits a base that the initialisation changed, "
+                "unless it was saved converted (path_initial_model_for_weight_conversion)",
+            )
+
+
+def _full_match(pattern: str, name: str) -> bool:
+    try:
+        return re.fullmatch(pattern, name) is not None
+    except re.error:
+        return False
+
+
+def _check_values(adapter: Adapter, add: Any) -> None:
+    import torch
+
+    def finite(ref: TensorRef) -> bool:
+        t = ref.load()
+        return not t.is_floating_point() or bool(torch.isfinite(t).all())
+
+    for m in adapter.modules.values():
+        bad = [role for role, ref in m.tensors().items() if not finite(ref)]
+        if bad:
+            add("error", "nonfinite", f"NaN or Inf in {', '.join(bad)}", m.name)
+        up = m.factors.get("up") or m.factors.get("w2a") or m.factors.get("w2") or m.factors.get("w2b")
+        if up is not None and not bad and not bool(up.load().any()):
+            add("warning", "zero-up", "the up factor is all zeros: this module changes nothing", m.name)
+    for name, extra in adapter.extras.items():
+        if not finite(extra.ref):
+            add("error", "nonfinite", f"NaN or Inf in {name}")
+
+
+def _check_hash(adapter: Adapter, add: Any) -> None:
+    want = adapter.metadata.get("sshs_model_hash")
+    if not want or adapter.source is None:
+        return
+    src = resolve_source(adapter.source)
+    raw = open_raw(src) if src.is_file() else None
+    if raw is None or raw.header is None:
+        return
+    h = hashlib.sha256()
+    with open(src, "rb") as fh:
+        fh.seek(raw.header.data_start)
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    if h.hexdigest() != want.lower():
+        add("warning", "stale-hash", "header sshs_model_hash does not match the tensors (A1111 trusts it)")
+
+
+def _check_base(adapter: Adapter, base: str | os.PathLike[str], add: Any) -> None:
+    from ..io.checkpoint import base_tensors, kohya_index
+
+    try:
+        tensors = base_tensors(base)
+    except LoratoolsError as e:
+        add("error", "unreadable", f"base {base}: {e.message}")
+        return
+    index = kohya_index(list(tensors)) if adapter.format == "kohya" else {}
+    for m in adapter.modules.values():
+        module = index.get(m.name, m.name)
+        bt = tensors.get(module + ".weight") or tensors.get(module + ".base_layer.weight")
+        if bt is None:
+            add("error", "base-missing", f"no weight for this module in {Path(base).name}", m.name)
+            continue
+        if m.check():
+            continue
+        want = m.weight_shape()
+        have = bt.shape
+        if tuple(want) != tuple(have) and not (
+            math.prod(want) == math.prod(have) and all(s == 1 for s in (*want[2:], *have[2:]))
+        ):
+            hint = ""
+            if tuple(want[:2]) == tuple(have[1::-1]):
+                hint = " (transposed: fan_in_fan_out set wrong?)"
+            add("error", "base-shape", f"delta is {list(want)}, base weight is {list(have)}{hint}", m.name)
