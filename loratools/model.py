@@ -150,17 +150,12 @@ class Module:
 
     @property
     def rank(self) -> int | None:
+        """The rank the scale divides by; None for full-matrix LoKr, full diffs, and incomplete modules."""
         f = self.factors
-        if self.kind == "lora":
-            return f["down"].shape[0]
-        if self.kind == "loha":
-            return f["w1b"].shape[0]
-        if self.kind == "lokr":
-            if "w1b" in f:
-                return f["w1b"].shape[0]
-            if "w2b" in f:
-                return f["w2b"].shape[0]
-            return None
+        lead = {"lora": ("down",), "loha": ("w1b",), "lokr": ("w1b", "w2b")}.get(self.kind, ())
+        for name in lead:
+            if name in f:
+                return f[name].shape[0]
         return None
 
     @property

@@ -129,8 +129,10 @@ def tensors_for(adapter: Adapter) -> tuple[dict[str, TensorRef], dict[str, str]]
             tensors[f"{comp}.{key[len(peft.PREFIX):]}"] = ref
     for key, extra in adapter.extras.items():
         tensors[key] = extra.ref
-    meta = {k: v for k, v in adapter.metadata.items() if k != META_KEY} if adapter.format == NAME else {}
-    meta[META_KEY] = json.dumps(flat, sort_keys=True)
+    meta = dict(adapter.metadata) if adapter.format == NAME else {}
+    if component_configs(meta) != {c: {k[len(c) + 1 :]: v for k, v in flat.items() if k.startswith(c + ".")}
+                                   for c in comps}:  # fmt: skip
+        meta[META_KEY] = json.dumps(flat, sort_keys=True)
     meta.setdefault("format", "pt")
     return tensors, meta
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import warnings
 import zipfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -22,7 +23,9 @@ def read_pickle(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
 
     p = Path(path)
     try:
-        obj: Any = torch.load(p, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(p))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # protocol notes from the safe unpickler are not the user's concern
+            obj: Any = torch.load(p, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(p))
     except pickle.UnpicklingError as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UnsafePickleError(

@@ -207,7 +207,8 @@ def _check_values(adapter: Adapter, add: Any) -> None:
 
 def _check_hash(adapter: Adapter, add: Any) -> None:
     want = adapter.metadata.get("sshs_model_hash")
-    if not want or adapter.source is None:
+    # kohya's hash is the sha256 of the data section; LyCORIS writes "0x" + a per-tensor hash of its own
+    if not want or want.startswith("0x") or adapter.source is None:
         return
     src = resolve_source(adapter.source)
     raw = open_raw(src) if src.is_file() else None
@@ -241,9 +242,9 @@ def _check_base(adapter: Adapter, base: str | os.PathLike[str], add: Any) -> Non
             continue
         want = m.weight_shape()
         have = bt.shape
-        if tuple(want) != tuple(have) and not (
-            math.prod(want) == math.prod(have) and all(s == 1 for s in (*want[2:], *have[2:]))
-        ):
+        # a 1x1 conv LoRA on a Linear, or a LoHa whose conv kernel is flattened, fits by element count
+        flat_fit = want[0] == have[0] and math.prod(want) == math.prod(have)
+        if tuple(want) != tuple(have) and not flat_fit:
             hint = ""
             if tuple(want[:2]) == tuple(have[1::-1]):
                 hint = " (transposed: fan_in_fan_out set wrong?)"

@@ -1,0 +1,31 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+FIXTURES = ROOT / "fixtures"
+
+#: every committed adapter fixture, and the format it must be detected as
+ADAPTERS = {
+    "peft_llama": "peft",
+    "peft_llama_patterns": "peft",
+    "peft_llama_dora": "peft",
+    "peft_llama_embed": "peft",
+    "peft_gpt2": "peft",
+    "peft_llama_bin": "peft",
+    "diffusers_sd": "diffusers",
+    "diffusers_sd_old": "diffusers",
+    "kohya_sd/lora.safetensors": "kohya",
+    "lycoris_loha.safetensors": "kohya",
+    "lycoris_loha_tucker.safetensors": "kohya",
+    "lycoris_lokr.safetensors": "kohya",
+    "lycoris_lokr_full.safetensors": "kohya",
+    "lycoris_dora.safetensors": "kohya",
+}
+
+
+@pytest.fixture(params=sorted(ADAPTERS))
+def adapter_fixture(request: pytest.FixtureRequest) -> tuple[Path, str]:
+    return FIXTURES / request.param, ADAPTERS[request.param]

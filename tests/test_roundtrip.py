@@ -1,0 +1,79 @@
+"""Every format through the canonical model and back: same modules, factors, alphas, metadata."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from loratools import detect, load_adapter, save_adapter
+from loratools.model import Adapter
+
+
+def assert_same(a: Adapter, b: Adapter) -> None:
+    assert a.modules.keys() == b.modules.keys()
+    for name, m in a.modules.items():
+        n = b.modules[name]
+        assert (m.kind, m.layer, m.fan_in_fan_out, m.type) == (n.kind, n.layer, n.fan_in_fan_out, n.type), name
+        assert m.scale == pytest.approx(n.scale, rel=1e-6), name
+        assert m.tensors().keys() == n.tensors().keys(), name
+        for role, t in m.tensors().items():
+            u = n.tensors()[role]
+            assert t.dtype == u.dtype, (name, role)
+            assert torch.equal(t.load().reshape(-1), u.load().reshape(-1)), (name, role)
+        torch.testing.assert_close(m.delta(), n.delta(), rtol=0, atol=0)
+    assert a.extras.keys() == b.extras.keys()
+    for key, e in a.extras.items():
+        assert e.role == b.extras[key].role and torch.equal(e.ref.load(), b.extras[key].ref.load())
+
+
+def test_detects_each_fixture(adapter_fixture: tuple[Path, str]) -> None:
+    path, fmt = adapter_fixture
+    assert detect(path) == fmt
+    a = load_adapter(path)
+    assert a.format == fmt and a.modules
+    assert all(not m.check() for m in a.modules.values())
+
+
+def test_same_format_round_trip(adapter_fixture: tuple[Path, str], tmp_path: Path) -> None:
+    path, fmt = adapter_fixture
+    a = load_adapter(path)
+    out = tmp_path / ("out" if fmt == "peft" else "out.safetensors")
+    save_adapter(a, out)
+    b = load_adapter(out)
+    assert b.format == fmt
+    assert_same(a, b)
+    kept = {k: v for k, v in a.metadata.items() if k not in ("sshs_model_hash", "sshs_legacy_hash")}
+    assert kept.items() <= b.metadata.items()
+    if fmt == "peft":
+        for key in ("r", "lora_alpha", "use_rslora", "use_dora", "fan_in_fan_out", "rank_pattern", "alpha_pattern"):
+            assert a.config.get(key) == b.config.get(key), key
+
+
+@pytest.mark.parametrize(
+    ("src", "to"),
+    [
+        ("peft_llama_patterns", "diffusers"),
+        ("diffusers_sd", "kohya"),
+        ("diffusers_sd_old", "diffusers"),
+        ("diffusers_sd", "peft"),
+    ],
+)
+def test_cross_format_keeps_every_delta(src: str, to: str, tmp_path: Path) -> None:
+    from conftest import FIXTURES
+
+    a = load_adapter(FIXTURES / src)
+    if to == "diffusers" and a.format == "peft":
+        a.modules = {f"transformer.{k}": v for k, v in a.modules.items()}
+    out = tmp_path / ("out" if to == "peft" else "out.safetensors")
+    save_adapter(a, out, to)
+    b = load_adapter(out)
+    assert b.format == to
+    names = {k: k for k in a.modules}
+    if to == "kohya":
+        from loratools.formats.kohya import kohya_name
+
+        names = {k: kohya_name(k) for k in a.modules}
+    for k, m in a.modules.items():
+        torch.testing.assert_close(m.delta(), b.modules[names[k]].delta(), rtol=1e-6, atol=1e-7)
