@@ -313,9 +313,7 @@ class Module:
             d = d.transpose(0, 1)
         return d
 
-    def apply(
-        self, weight: torch.Tensor, multiplier: float = 1.0, dtype: torch.dtype | None = None
-    ) -> torch.Tensor:
+    def apply(self, weight: torch.Tensor, multiplier: float = 1.0, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The merged weight ``W + multiplier * delta`` (DoRA: rescaled to the magnitude), computed in fp32.
 
         ``weight`` is in its stored layout; a delta of the same number of elements in another shape (a 1x1
@@ -347,7 +345,7 @@ class Module:
             factor = (m / norm).reshape(1, -1, *([1] * (oriented.dim() - 2)))
         if multiplier != 1.0:
             factor = multiplier * (factor - 1) + 1
-        out = oriented * factor
+        out: torch.Tensor = oriented * factor
         return out.transpose(0, 1) if self.fan_in_fan_out else out
 
     def delta_norm(self) -> float:

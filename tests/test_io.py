@@ -93,9 +93,7 @@ def _with_header(tmp_path: Path, header: object, data: bytes = b"", length: int 
         ([1, 2], b"", None, "not a JSON object"),
     ],
 )  # fmt: skip
-def test_lying_headers_are_refused(
-    tmp_path: Path, header: object, data: bytes, length: int | None, match: str
-) -> None:
+def test_lying_headers_are_refused(tmp_path: Path, header: object, data: bytes, length: int | None, match: str) -> None:
     with pytest.raises(HeaderError, match=match):
         read_header(_with_header(tmp_path, header, data, length))
 

@@ -8,7 +8,6 @@ import struct
 from collections.abc import Callable
 from pathlib import Path
 
-import pytest
 import safetensors.torch
 import torch
 from conftest import FIXTURES
@@ -176,9 +175,7 @@ def test_target_modules_that_match_nothing(tmp_path: Path) -> None:
 
 
 def test_base_modifying_init(tmp_path: Path) -> None:
-    assert codes(peft_copy(tmp_path, lambda t, c: c.update(init_lora_weights="pissa_niter_4"))) == {
-        "init": "warning"
-    }
+    assert codes(peft_copy(tmp_path, lambda t, c: c.update(init_lora_weights="pissa_niter_4"))) == {"init": "warning"}
 
 
 def test_stale_kohya_hash(tmp_path: Path) -> None:

@@ -93,9 +93,7 @@ class Group:
     keys: list[str] = field(default_factory=list)
 
 
-def group_keys(
-    tensors: Mapping[str, TensorRef], table: KeyTable
-) -> tuple[dict[str, Group], list[str], list[str]]:
+def group_keys(tensors: Mapping[str, TensorRef], table: KeyTable) -> tuple[dict[str, Group], list[str], list[str]]:
     """Group keys by module. Returns (groups, leftover keys, conflicts)."""
     groups: dict[str, Group] = {}
     leftovers: list[str] = []
@@ -121,7 +119,12 @@ def group_keys(
 
 
 def build_module(
-    name: str, g: Group, *, alpha: float | None, rslora: bool = False, fan_in_fan_out: bool = False,
+    name: str,
+    g: Group,
+    *,
+    alpha: float | None,
+    rslora: bool = False,
+    fan_in_fan_out: bool = False,
     dora_axis: str = "out",
 ) -> Module:
     parts = dict(g.parts)

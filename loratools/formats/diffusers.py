@@ -126,7 +126,7 @@ def tensors_for(adapter: Adapter) -> tuple[dict[str, TensorRef], dict[str, str]]
         for key, value in cfg.items():
             flat[f"{comp}.{key}"] = value
         for key, ref in peft.tensors_for(sub).items():
-            tensors[f"{comp}.{key[len(peft.PREFIX):]}"] = ref
+            tensors[f"{comp}.{key[len(peft.PREFIX) :]}"] = ref
     for key, extra in adapter.extras.items():
         tensors[key] = extra.ref
     meta = dict(adapter.metadata) if adapter.format == NAME else {}

@@ -145,4 +145,3 @@ def write(adapter: Adapter, out: str | os.PathLike[str], *, force: bool = False)
         metadata.pop(key, None)
     write_safetensors(out, tensors_for(adapter), metadata, force=force)
     return Path(out)
-

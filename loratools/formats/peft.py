@@ -191,10 +191,8 @@ def make_config(adapter: Adapter) -> dict[str, Any]:
         raise IncompatibleAdaptersError("PEFT cannot mix DoRA and plain LoRA modules in one adapter")
     if len({m.fan_in_fan_out for m in mods}) > 1:
         raise IncompatibleAdaptersError("PEFT cannot mix fan_in_fan_out and plain modules in one adapter")
-    if len({m.rslora for m in mods}) > 1:
-        rslora = False  # bake rsLoRA into alpha: alpha' / r == alpha / sqrt(r)
-    else:
-        rslora = bool(mods and mods[0].rslora)
+    # mixed rsLoRA and plain modules: bake rsLoRA into alpha (alpha' / r == alpha / sqrt(r))
+    rslora = len({m.rslora for m in mods}) == 1 and bool(mods[0].rslora)
 
     def alpha_of(m: Module) -> float:
         r = m.rank or 1
@@ -204,8 +202,10 @@ def make_config(adapter: Adapter) -> dict[str, Any]:
         return a
 
     cfg: dict[str, Any] = dict(adapter.config) if adapter.format == NAME else {}
-    if cfg and bool(cfg.get("use_rslora", False)) == rslora and all(
-        resolve(cfg, m.name) == (m.rank, alpha_of(m)) for m in mods
+    if (
+        cfg
+        and bool(cfg.get("use_rslora", False)) == rslora
+        and all(resolve(cfg, m.name) == (m.rank, alpha_of(m)) for m in mods)
     ):
         return cfg
     ranks = {m.name: int(m.rank or 0) for m in mods}

@@ -27,9 +27,14 @@ def read_pickle(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
             warnings.simplefilter("ignore")  # protocol notes from the safe unpickler are not the user's concern
             obj: Any = torch.load(p, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(p))
     except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        reason = _reason(str(e))
+        if "GLOBAL" in reason or "global" in reason:
+            raise UnsafePickleError(
+                f"{p.name}: refused to unpickle: it asks to load code or objects, not just tensors ({reason})",
+                "loratools never runs code from pickles; if you trust the file, re-save it as safetensors",
+            ) from None
         raise UnsafePickleError(
-            f"{p.name}: refused to unpickle: it holds more than tensors ({first[:200]})",
+            f"{p.name}: not a readable torch pickle ({reason})",
             "loratools never runs code from pickles; if you trust the file, re-save it as safetensors",
         ) from None
     except (EOFError, RuntimeError, ValueError, OSError, zipfile.BadZipFile, KeyError, TypeError) as e:
@@ -42,3 +47,15 @@ def read_pickle(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
     if bad:
         raise FileFormatError(f"{p.name}: entries that are not tensors: {', '.join(map(str, bad[:5]))}")
     return obj
+
+
+def _reason(message: str) -> str:
+    """The one informative line of torch's weights-only refusal (its text is mostly boilerplate)."""
+    lines = [x.strip() for x in message.splitlines() if x.strip()]
+    for x in lines:
+        if x.startswith(("Trying to load unsupported GLOBAL", "Unsupported", "Unsupported global")) or "GLOBAL" in x:
+            return x[:200]
+    for x in lines:
+        if not x.startswith(("Weights only load failed", "Please file", "Check the documentation")):
+            return x[:200]
+    return lines[0][:200] if lines else "unreadable"

@@ -106,6 +106,10 @@ def read_header(path: str | os.PathLike[str], *, lenient: bool = False) -> Heade
             problems.append(e.message)
             continue
         tensors[name] = info
+    past = [m for m in problems if "data section has" in m]
+    if len(past) > 1:  # a truncated file: one finding, not one per tensor
+        problems = [m for m in problems if m not in past]
+        problems.append(f"{len(past)} tensors run past the end of the data section ({data_len} bytes): truncated?")
     spans = sorted((t.start, t.end, t.name) for t in tensors.values() if t.end > t.start)
     for (_, end_a, name_a), (start_b, _, name_b) in zip(spans, spans[1:], strict=False):
         if start_b < end_a:

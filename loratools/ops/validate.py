@@ -100,8 +100,14 @@ def validate(
         add("error", "unreadable", e.message + (f" ({e.hint})" if e.hint else ""))
         return rep
     for msg in problems:
-        add("error", "header" if msg.startswith("tensor ") or "overlap" in msg else "structure", msg)
+        add(
+            "error",
+            "header" if msg.startswith("tensor ") or "overlap" in msg or "data section" in msg else "structure",
+            msg,
+        )
     rep.num_modules = len(adapter.modules)
+    if adapter.format == "peft" and not adapter.config:
+        add("warning", "alpha", f"no {peft.CONFIG} beside the weights: alpha unknown, taken as the rank (scale 1)")
     if not adapter.modules:
         add("error", "empty", "no LoRA modules in the file")
     for m in adapter.modules.values():
@@ -123,7 +129,7 @@ def _check_module(m: Module, adapter: Adapter, add: Any) -> None:
     if m.alpha is None:
         if adapter.format == "kohya":
             add("warning", "alpha", "no .alpha tensor: every consumer then uses alpha = rank (scale 1)", m.name)
-        elif adapter.config or adapter.format == "peft":
+        elif adapter.format == "peft" and adapter.config:
             add("error", "alpha", "no lora_alpha in the config for this module", m.name)
     elif not math.isfinite(m.alpha) or m.alpha <= 0:
         add("error", "alpha", f"alpha is {m.alpha:g}: it must be a positive number", m.name)
@@ -146,9 +152,7 @@ def _config_for(adapter: Adapter, name: str) -> tuple[dict[str, Any], str] | Non
 
 
 def _check_dtypes(adapter: Adapter, add: Any) -> None:
-    floats = {
-        t.dtype for m in adapter.modules.values() for t in m.factors.values() if t.dtype.startswith(("F", "BF"))
-    }
+    floats = {t.dtype for m in adapter.modules.values() for t in m.factors.values() if t.dtype.startswith(("F", "BF"))}
     if len(floats) > 1:
         add("warning", "mixed-dtypes", f"factors are stored in several dtypes: {', '.join(sorted(floats))}")
 

@@ -1,0 +1,171 @@
+"""The CLI as a user meets it: JSON keys, tables, and bad input that never shows a traceback."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+from conftest import FIXTURES, ROOT
+
+from loratools.cli import cli
+
+
+def run(*args: str) -> tuple[int, str, str]:
+    r = CliRunner().invoke(cli, list(args))
+    if r.exception and not isinstance(r.exception, SystemExit):
+        raise r.exception
+    return r.exit_code, r.stdout, r.stderr
+
+
+def test_inspect_json_keys(adapter_fixture: tuple[Path, str]) -> None:
+    path, fmt = adapter_fixture
+    code, out, _ = run("inspect", str(path), "--json")
+    assert code == 0
+    data = json.loads(out)
+    assert data["format"] == fmt
+    assert {"format", "base_model", "num_params", "modules", "size_on_disk", "dtypes"} <= data.keys()
+    assert data["num_params"] > 0 and data["num_modules"] == len(data["modules"])
+    for m in data["modules"]:
+        assert {"name", "type", "rank", "alpha", "scale", "shape", "dtype", "norm"} <= m.keys()
+        assert m["norm"] > 0
+
+
+def test_inspect_peft_facts() -> None:
+    data = json.loads(run("inspect", str(FIXTURES / "peft_llama_patterns"), "--json")[1])
+    assert data["base_model"] == "tiny-llama-from-config"
+    mods = {m["name"]: m for m in data["modules"]}
+    k = mods["model.layers.0.self_attn.k_proj"]
+    assert (k["rank"], k["alpha"], k["shape"]) == (2, 16, [16, 32])
+    assert k["scale"] == pytest.approx(16 / 2**0.5)  # rsLoRA
+    v = mods["model.layers.0.self_attn.v_proj"]
+    assert (v["rank"], v["alpha"]) == (8, 4)
+    assert mods["model.layers.1.self_attn.q_proj"]["rank"] == 4
+    assert data["target_modules"]["q_proj"] == 2
+
+
+def test_inspect_types_and_extras() -> None:
+    dora = json.loads(run("inspect", str(FIXTURES / "peft_llama_dora"), "--json")[1])
+    assert {m["type"] for m in dora["modules"]} == {"dora"}
+    embed = json.loads(run("inspect", str(FIXTURES / "peft_llama_embed"), "--json")[1])
+    assert {(e["name"], e["role"]) for e in embed["extras"]} == {
+        ("lm_head.weight", "modules_to_save"),
+        ("model.embed_tokens.base_layer.weight", "base_layer"),
+    }
+    lokr = json.loads(run("inspect", str(FIXTURES / "lycoris_lokr_full.safetensors"), "--json")[1])
+    assert {m["type"] for m in lokr["modules"]} == {"lokr"} and all(m["scale"] == 1 for m in lokr["modules"])
+    assert lokr["metadata"]["ss_network_args"]
+
+
+def test_inspect_table_and_fast() -> None:
+    code, out, _ = run("inspect", str(FIXTURES / "peft_llama"))
+    assert code == 0 and "model.layers.1.self_attn.o_proj" in out and "tiny-llama-from-config" in out
+    fast = json.loads(run("inspect", str(FIXTURES / "peft_llama"), "--fast", "--json")[1])
+    assert all(m["norm"] is None for m in fast["modules"])
+
+
+def test_validate_json_and_exit_codes(tmp_path: Path) -> None:
+    code, out, _ = run("validate", str(FIXTURES / "peft_llama"), "--json")
+    assert code == 0 and json.loads(out)["ok"] is True
+    bad = tmp_path / "bad"
+    shutil.copytree(FIXTURES / "peft_llama", bad)
+    cfg = json.loads((bad / "adapter_config.json").read_text())
+    cfg["lora_alpha"] = 0
+    (bad / "adapter_config.json").write_text(json.dumps(cfg))
+    code, out, _ = run("validate", str(bad), "--json")
+    data = json.loads(out)
+    assert code == 1 and data["ok"] is False and data["errors"] == 8
+    code, out, _ = run("validate", str(bad))
+    assert code == 1 and "alpha is 0" in out and "FAILED" in out
+
+
+def _bad_inputs(tmp: Path) -> dict[str, tuple[Path, str]]:
+    """name -> (path, text the Error line must contain)."""
+    cases: dict[str, tuple[Path, str]] = {}
+
+    def put(name: str, data: bytes, fname: str = "x.safetensors") -> Path:
+        d = tmp / name
+        d.mkdir()
+        (d / fname).write_bytes(data)
+        return d / fname
+
+    good = (FIXTURES / "peft_llama" / "adapter_model.safetensors").read_bytes()
+    cases["empty file"] = (put("empty", b""), "too short")
+    cases["garbage"] = (put("garbage", os.urandom(64)), "header length")
+    cases["truncated"] = (put("truncated", good[: len(good) // 2]), "truncated")
+    cases["text"] = (put("text", b"hello world, not tensors"), "header")
+    cases["pickle garbage"] = (put("pickle", b"\x80\x04garbage", "a.bin"), "pickle")
+    cases["zip not torch"] = (put("zip", b"PK\x03\x04" + b"\0" * 40, "a.pt"), "pickle")
+    d = tmp / "nothing"
+    d.mkdir()
+    cases["empty folder"] = (d, "no adapter found")
+    d = tmp / "badcfg"
+    shutil.copytree(FIXTURES / "peft_llama", d)
+    (d / "adapter_config.json").write_text("{not json")
+    cases["bad config"] = (d, "not valid JSON")
+    d = tmp / "noweights"
+    d.mkdir()
+    shutil.copy(FIXTURES / "peft_llama" / "adapter_config.json", d)
+    cases["config without weights"] = (d, "no adapter_model")
+    import torch
+
+    from loratools.io.safetensors import write_safetensors
+
+    p = tmp / "base.safetensors"
+    write_safetensors(p, {"model.layers.0.mlp.up_proj.weight": torch.zeros(2, 2)})
+    cases["not an adapter"] = (p, "not a LoRA adapter")
+    return cases
+
+
+def test_bad_input_gives_one_error_line_and_exit_1(tmp_path: Path) -> None:
+    for name, (path, text) in _bad_inputs(tmp_path).items():
+        for cmd in (["inspect"], ["inspect", "--fast"], ["validate"]):
+            r = CliRunner().invoke(cli, [*cmd, str(path)])
+            assert not (r.exception and not isinstance(r.exception, SystemExit)), (name, cmd, r.exception)
+            assert r.exit_code == 1, (name, cmd, r.output)
+            if cmd[0] == "inspect":
+                lines = r.stderr.strip().splitlines()
+                assert lines[0].startswith("Error: ") and text in r.stderr, (name, r.stderr)
+                assert "Traceback" not in r.output and len([x for x in lines if x.startswith("Error")]) == 1
+            else:
+                assert "FAILED" in r.stdout, (name, r.stdout)
+
+
+def test_usage_errors_exit_2() -> None:
+    r = CliRunner().invoke(cli, ["inspect"])
+    assert r.exit_code == 2
+    r = CliRunner().invoke(cli, ["inspect", str(FIXTURES / "peft_llama"), "--format", "gguf"])
+    assert r.exit_code == 2
+
+
+def test_wrong_forced_format_is_an_error() -> None:
+    code, _, err = run("inspect", str(FIXTURES / "kohya_sd" / "lora.safetensors"), "--format", "diffusers")
+    assert code == 1 and "not understood as diffusers" in err and "Hint:" in err
+
+
+def test_every_command_help_has_an_example() -> None:
+    for name in cli.commands:
+        r = CliRunner().invoke(cli, [name, "--help"])
+        assert r.exit_code == 0 and "Example:" in r.output, name
+        assert "loratools " + name in r.output
+
+
+def _imports_torch(*args: str) -> bool:
+    code = (
+        "import sys\nfrom loratools.cli import main\nsys.argv = ['loratools', *sys.argv[1:]]\n"
+        "try:\n    main()\nexcept SystemExit:\n    pass\nprint('TORCH' if 'torch' in sys.modules else 'NO-TORCH')"
+    )
+    r = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, cwd=ROOT, check=True)
+    return r.stdout.strip().splitlines()[-1] == "TORCH"
+
+
+def test_header_only_paths_do_not_import_torch() -> None:
+    assert not _imports_torch("--help")
+    assert not _imports_torch("inspect", "--fast", "--json", str(FIXTURES / "kohya_sd" / "lora.safetensors"))
+    assert not _imports_torch("validate", "--fast", str(FIXTURES / "peft_llama_patterns"))
+    assert _imports_torch("inspect", "--json", str(FIXTURES / "peft_llama"))  # norms need the data
