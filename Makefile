@@ -31,7 +31,7 @@ pytest: setup
 	$(PY) -m pytest -q
 
 lint: setup
-	$(VENV)/bin/ruff check loratools tests benchmarks fixtures
+	$(VENV)/bin/ruff check loratools tests fixtures $(wildcard benchmarks)
 	$(VENV)/bin/ruff format --check loratools tests
 	$(VENV)/bin/mypy loratools
 
