@@ -275,8 +275,16 @@ class Module:
     def delta(self, dtype: torch.dtype | None = None, device: str | torch.device | None = None) -> torch.Tensor:
         """The module's contribution to its base weight, scale included, in the weight's stored layout.
 
-        Computed in float32 (float64 if asked) whatever the stored dtype.
+        Computed in float32 (or ``dtype``) whatever the stored dtype.
         """
+        d = self.delta_matrix(dtype, device).reshape(self.delta_shape())
+        if self.layer == "embedding" or self.fan_in_fan_out:
+            d = d.transpose(0, 1)
+        return d
+
+    def delta_matrix(self, dtype: torch.dtype | None = None, device: str | torch.device | None = None) -> torch.Tensor:
+        """The delta as an ``out x in*kh*kw`` matrix, scale included, before any layout transpose: the
+        orientation of ``up @ down``, in which factors are mixed and re-compressed."""
         import torch
 
         problems = self.check()
@@ -284,14 +292,10 @@ class Module:
             raise ShapeError(f"{self.name}: {problems[0]}")
         work = dtype or torch.float32
         f = {k: v.load().to(device=device, dtype=work) for k, v in self.factors.items()}
-        s = self.scale
         if self.kind == "lora":
             up = f["up"].reshape(f["up"].shape[0], -1)
-            if "mid" in f:
-                down = f["down"].reshape(f["down"].shape[0], -1)
-                d = torch.einsum("pi,ijhw,jq->pqhw", up, f["mid"], down)
-            else:
-                d = up @ f["down"].reshape(f["down"].shape[0], -1)
+            down = f["down"].reshape(f["down"].shape[0], -1)
+            d = torch.einsum("pi,ijhw,jq->pqhw", up, f["mid"], down) if "mid" in f else up @ down
         elif self.kind == "loha":
             d = _loha_half(f, "1") * _loha_half(f, "2")
         elif self.kind == "lokr":
@@ -308,10 +312,22 @@ class Module:
             d = torch.kron(w1, w2)
         else:
             d = f["diff"]
-        d = d.reshape(self.delta_shape()) * s
-        if self.layer == "embedding" or self.fan_in_fan_out:
-            d = d.transpose(0, 1)
-        return d
+        d = d.reshape(self.delta_shape())
+        return d.reshape(d.shape[0], -1) * self.scale
+
+    def lora_factors(
+        self, dtype: torch.dtype | None = None, device: str | torch.device | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """``(up, down)`` as ``out x r`` and ``r x in*kh*kw`` with ``up @ down == delta_matrix()``, the scale
+        folded into ``down``; None for modules that are not a plain product of two factors."""
+        import torch
+
+        if self.kind != "lora" or "mid" in self.factors or self.check():
+            return None
+        work = dtype or torch.float32
+        up = self.factors["up"].load().to(device=device, dtype=work)
+        down = self.factors["down"].load().to(device=device, dtype=work)
+        return up.reshape(up.shape[0], -1), down.reshape(down.shape[0], -1) * self.scale
 
     def apply(self, weight: torch.Tensor, multiplier: float = 1.0, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The merged weight ``W + multiplier * delta`` (DoRA: rescaled to the magnitude), computed in fp32.

@@ -34,10 +34,12 @@ def cli() -> None:
 
 
 def _register() -> None:
-    from . import inspect, validate
+    from . import inspect, mix, resize, validate
 
     cli.add_command(inspect.inspect_cmd)
     cli.add_command(validate.validate_cmd)
+    cli.add_command(mix.mix_cmd)
+    cli.add_command(resize.resize_cmd)
 
 
 _register()

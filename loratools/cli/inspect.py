@@ -41,6 +41,10 @@ def inspect_cmd(source: str, fmt: str | None, fast: bool, show_metadata: bool, a
     summary.add_row("Size on disk", human_bytes(rep.size_on_disk))
     summary.add_row("Dtypes", ", ".join(f"{k} x{v}" for k, v in rep.dtypes.items()))
     summary.add_row("Targets", ", ".join(f"{k} x{v}" for k, v in rep.target_modules.items()))
+    if rep.made_by:
+        from ..ops.provenance import describe
+
+        summary.add_row("Made by", describe(rep.made_by))
     if rep.extras:
         summary.add_row("Extras", ", ".join(f"{e.name} ({e.role})" for e in rep.extras))
     con.print(summary)

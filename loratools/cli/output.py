@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import math
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
 import click
@@ -73,3 +74,45 @@ def num(x: float | None) -> str:
     if isinstance(x, float) and x.is_integer() and abs(x) < 1e15:
         return str(int(x))
     return f"{x:.4g}"
+
+
+@contextlib.contextmanager
+def progress_bar(description: str, total: int) -> Iterator[Callable[[str], None]]:
+    """A Rich progress bar on stderr, advanced once per call of the yielded callback; silent when stderr is
+    not a terminal (pipes, CI, tests)."""
+    con = err_console()
+    if not con.is_terminal or total <= 1:
+        yield lambda _name: None
+        return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    with Progress(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+        console=con, transient=True,
+    ) as bar:  # fmt: skip
+        task = bar.add_task(description, total=total)
+        yield lambda _name: bar.advance(task)
+
+
+def warn(message: str) -> None:
+    err_console().print(f"[yellow]Warning:[/] {message}", highlight=False)
+
+
+def dtype_option(f: F) -> F:
+    return click.option(
+        "--dtype", type=click.Choice(["fp32", "fp16", "bf16"]), default=None,
+        help="Stored dtype of the result (default: each module's own).",
+    )(f)  # fmt: skip
+
+
+def device_option(f: F) -> F:
+    return click.option(
+        "--device", default="cpu", show_default=True, help="Where the linear algebra runs: cpu or cuda."
+    )(f)
+
+
+def to_option(f: F) -> F:
+    return click.option(
+        "--to", "to", type=click.Choice(["peft", "kohya", "diffusers"]), default=None,
+        help="Output format (default: the first input's).",
+    )(f)  # fmt: skip

@@ -12,7 +12,7 @@ from typing import Any
 
 from ..errors import FileFormatError, ShapeError, UnknownKeysError
 from ..io.safetensors import Header, read_header
-from ..model import Kind, Module, TensorRef
+from ..model import Adapter, Kind, Module, TensorRef
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 SHARED_ROLES = ("alpha", "magnitude", "bias")
@@ -173,3 +173,13 @@ def json_safe(value: Any) -> Any:
     if isinstance(value, (list, tuple, set)):
         return [json_safe(v) for v in value]
     return value
+
+
+def carried_metadata(adapter: Adapter, fmt: str) -> dict[str, str]:
+    """Header metadata a writer keeps: all of it in the source's own format; across formats only loratools'
+    own provenance record (kohya ``ss_*`` keys mean nothing in a PEFT file, and vice versa)."""
+    from ..ops.provenance import KEY
+
+    if adapter.format == fmt:
+        return dict(adapter.metadata)
+    return {k: v for k, v in adapter.metadata.items() if k == KEY}

@@ -19,7 +19,7 @@ from ..errors import FileFormatError, IncompatibleAdaptersError
 from ..io.safetensors import write_safetensors
 from ..model import Adapter, TensorRef
 from . import peft
-from .common import KeyTable, Rule, build_module, check_leftovers, group_keys, open_raw, scalar
+from .common import KeyTable, Rule, build_module, carried_metadata, check_leftovers, group_keys, open_raw, scalar
 
 NAME = "diffusers"
 FILENAME = "pytorch_lora_weights.safetensors"
@@ -129,7 +129,7 @@ def tensors_for(adapter: Adapter) -> tuple[dict[str, TensorRef], dict[str, str]]
             tensors[f"{comp}.{key[len(peft.PREFIX) :]}"] = ref
     for key, extra in adapter.extras.items():
         tensors[key] = extra.ref
-    meta = dict(adapter.metadata) if adapter.format == NAME else {}
+    meta = carried_metadata(adapter, NAME)
     if component_configs(meta) != {c: {k[len(c) + 1 :]: v for k, v in flat.items() if k.startswith(c + ".")}
                                    for c in comps}:  # fmt: skip
         meta[META_KEY] = json.dumps(flat, sort_keys=True)

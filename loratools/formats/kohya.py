@@ -16,7 +16,7 @@ from pathlib import Path
 from ..errors import IncompatibleAdaptersError
 from ..io.safetensors import write_safetensors
 from ..model import Adapter, TensorRef, torch_dtype
-from .common import KeyTable, Rule, build_module, check_leftovers, group_keys, open_raw, scalar
+from .common import KeyTable, Rule, build_module, carried_metadata, check_leftovers, group_keys, open_raw, scalar
 
 NAME = "kohya"
 PREFIX_RE = re.compile(r"^(lora_(unet|te\d?|transformer|prior|text_encoder\w*)|lycoris)_")
@@ -140,7 +140,7 @@ STALE_HASHES = ("sshs_model_hash", "sshs_legacy_hash")
 
 
 def write(adapter: Adapter, out: str | os.PathLike[str], *, force: bool = False) -> Path:
-    metadata = dict(adapter.metadata) if adapter.format == NAME else {}
+    metadata = carried_metadata(adapter, NAME)
     for key in STALE_HASHES:
         metadata.pop(key, None)
     write_safetensors(out, tensors_for(adapter), metadata, force=force)

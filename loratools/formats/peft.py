@@ -21,7 +21,7 @@ from ..errors import FileFormatError, IncompatibleAdaptersError
 from ..io.atomic import atomic_dir
 from ..io.safetensors import write_safetensors
 from ..model import Adapter, Extra, Module, TensorRef
-from .common import KeyTable, Rule, build_module, check_leftovers, group_keys, open_raw
+from .common import KeyTable, Rule, build_module, carried_metadata, check_leftovers, group_keys, open_raw
 
 NAME = "peft"
 PREFIX = "base_model.model."
@@ -253,9 +253,7 @@ def write(adapter: Adapter, out: str | os.PathLike[str], *, force: bool = False)
         )
     config = make_config(adapter)
     tensors = tensors_for(adapter)
-    metadata = {"format": "pt"}
-    if adapter.format == NAME:
-        metadata.update(adapter.metadata)
+    metadata = {"format": "pt", **carried_metadata(adapter, NAME)}
     target = Path(out)
     with atomic_dir(target, force=force) as tmp:
         (tmp / CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")

@@ -9,6 +9,7 @@ from typing import Any
 
 from ..formats import detect, load_adapter
 from ..model import Adapter
+from . import provenance
 
 
 @dataclass
@@ -46,6 +47,7 @@ class InspectReport:
     extras: list[ExtraInfo] = field(default_factory=list)
     metadata: dict[str, str] = field(default_factory=dict)
     config: dict[str, Any] = field(default_factory=dict)
+    made_by: dict[str, Any] | None = None  # loratools' provenance record, when loratools wrote the file
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -89,6 +91,7 @@ def report(adapter: Adapter, source: str | os.PathLike[str], *, norms: bool = Tr
         extras=[ExtraInfo(k, e.role, list(e.ref.shape), e.ref.dtype) for k, e in adapter.extras.items()],
         metadata=dict(adapter.metadata),
         config=dict(adapter.config),
+        made_by=provenance.parse(adapter.metadata),
     )
 
 

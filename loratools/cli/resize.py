@@ -1,0 +1,61 @@
+from __future__ import annotations
+
+import click
+
+from .output import device_option, dtype_option, json_option, num, out_console, print_json, progress_bar, to_option
+
+
+@click.command("resize")
+@click.argument("source", type=click.Path(exists=True))
+@click.option("-o", "--output", "out", required=True, type=click.Path(), help="Where to write the result.")
+@click.option("--rank", type=click.IntRange(min=1), help="Re-compress every module to this rank.")
+@click.option(
+    "--energy",
+    type=click.FloatRange(0, 1, min_open=True),
+    help="Per module, the smallest rank keeping this fraction of the delta's Frobenius energy (e.g. 0.99).",
+)
+@to_option
+@dtype_option
+@device_option
+@click.option("--force", is_flag=True, help="Overwrite the output if it exists.")
+@json_option
+def resize_cmd(
+    source: str,
+    out: str,
+    rank: int | None,
+    energy: float | None,
+    to: str | None,
+    dtype: str | None,
+    device: str,
+    force: bool,
+    as_json: bool,
+) -> None:
+    """Shrink an adapter: optimal rank-K re-compression of every module (Eckart-Young), from its factors.
+
+    A module already at or below the target rank is kept exactly. LoHa/LoKr modules become LoRA through
+    their dense delta. DoRA modules that would need truncating are refused.
+
+    \b
+    Example:
+      loratools resize fixtures/peft_llama_patterns --rank 2 -o small
+      loratools resize fixtures/kohya_sd/lora.safetensors --energy 0.95 -o slim.safetensors
+    """
+    from ..ops.resize import resize
+
+    if (rank is None) == (energy is None):
+        raise click.UsageError("give exactly one of --rank and --energy")
+    with progress_bar("resizing", 0) as tick:
+        report = resize(source, out, rank, energy, to=to, dtype=dtype, device=device, force=force, progress=tick)
+    if as_json:
+        print_json(report.to_dict())
+        return
+    from rich.table import Table
+
+    table = Table(show_edge=False, header_style="bold")
+    for col in ("module", "old rank", "new rank", "energy kept"):
+        table.add_column(col, justify="left" if col == "module" else "right")
+    for m in report.modules:
+        table.add_row(m.name, num(m.old_rank), str(m.new_rank), "exact" if m.kept else f"{m.energy:.6f}")
+    con = out_console()
+    con.print(table)
+    con.print(f"wrote {report.output} ({report.format}), {len(report.modules)} modules", highlight=False)

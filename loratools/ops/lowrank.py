@@ -1,0 +1,83 @@
+"""What mix and resize share: a module as two factors, a working device, and LoRA modules built from factors."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from ..errors import IncompatibleAdaptersError, LoratoolsError
+from ..model import Module, TensorRef, torch_dtype
+from .linalg import dense_factors
+
+if TYPE_CHECKING:
+    import torch
+
+#: --dtype names -> safetensors dtype names
+DTYPES = {"fp32": "F32", "fp16": "F16", "bf16": "BF16", "float32": "F32", "float16": "F16", "bfloat16": "BF16"}
+
+Progress = Callable[[str], None]
+
+
+def work_device(device: str | None) -> tuple[str, torch.dtype]:
+    """The device to compute on, and the working dtype: float64 on CPU (cheap at these sizes, and the
+    re-compression error then is the math's, not the rounding's), float32 on a GPU."""
+    import torch
+
+    dev = device or "cpu"
+    if dev.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise LoratoolsError("--device cuda: no CUDA device is available here", "leave --device out to use the CPU")
+        return dev, torch.float32
+    if dev != "cpu":
+        raise LoratoolsError(f"unknown device {dev!r}", "use cpu or cuda")
+    return dev, torch.float64
+
+
+def refuse_dora(m: Module, what: str) -> None:
+    if m.magnitude is not None:
+        raise IncompatibleAdaptersError(
+            f"{m.name}: is a DoRA module; {what} would change the norm its magnitude was trained against",
+            "merge the DoRA adapter into its base (loratools merge) instead, or drop it from the inputs",
+        )
+
+
+def factors(m: Module, device: str, work: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(up, down)`` with ``up @ down == m.delta_matrix()``, scale folded in. LoHa, LoKr, Tucker and full
+    modules go through their dense delta (small by construction) and an exact SVD."""
+    got = m.lora_factors(dtype=work, device=device)
+    if got is not None:
+        return got
+    return dense_factors(m.delta_matrix(dtype=work, device=device))
+
+
+def lora_module(template: Module, up: torch.Tensor, down: torch.Tensor, dtype: str) -> Module:
+    """A plain LoRA module with ``up @ down`` as its delta matrix (scale 1: alpha = rank), in the layout of
+    ``template`` (conv kernels, embedding, fan_in_fan_out)."""
+    shape = template.delta_shape()
+    k = up.shape[1]
+    kernel = tuple(shape[2:])
+    if kernel:
+        up = up.reshape(up.shape[0], k, *([1] * len(kernel)))
+        down = down.reshape(k, shape[1], *kernel)
+    target = torch_dtype(dtype)
+    return Module(
+        name=template.name,
+        kind="lora",
+        factors={
+            "down": TensorRef.of(down.to("cpu", target).contiguous()),
+            "up": TensorRef.of(up.to("cpu", target).contiguous()),
+        },
+        alpha=float(k),
+        layer=template.layer,
+        fan_in_fan_out=template.fan_in_fan_out,
+    )
+
+
+def stored_dtype(m: Module, requested: str | None) -> str:
+    """The dtype a result is stored in: the one asked for, else the module's own float dtype."""
+    if requested:
+        if requested not in DTYPES:
+            raise LoratoolsError(f"unknown dtype {requested!r}", "use fp32, fp16 or bf16")
+        return DTYPES[requested]
+    dt = next(iter(m.factors.values())).dtype
+    return dt if dt in ("F32", "F16", "BF16", "F64") else "F32"

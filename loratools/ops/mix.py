@@ -1,0 +1,210 @@
+"""Combine adapters: ``cat`` (exact), ``svd`` (the exact weighted sum re-compressed to rank K, optimal in
+Frobenius norm), or ``linear`` (PEFT's combination of A and B separately, which is NOT the weighted sum).
+
+For one module, with input i contributing ``w_i * delta_i = w_i * s_i * B_i @ A_i``:
+
+* cat:    ``up = [B_1 .. B_n]``, ``down = [w_1 s_1 A_1; ..; w_n s_n A_n]``, rank = sum of ranks, scale 1.
+* svd:    the SVD of that stacked product from two thin QRs and one R x R SVD, truncated to rank K.
+* linear: ``A = sum_i sign_i sqrt(|w_i s_i|) A_i``, ``B = sum_i sqrt(|w_i s_i|) B_i`` (equal ranks only).
+
+A module missing from an input counts as zero there. LoHa / LoKr / Tucker modules take part through exact
+factors of their (small) dense delta.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+from ..errors import IncompatibleAdaptersError, LoratoolsError, ShapeError
+from ..formats import load_adapter, save_adapter
+from ..formats.kohya import kohya_name
+from ..model import Adapter, Module
+from . import provenance
+from .linalg import lowrank_svd
+from .lowrank import Progress, factors, lora_module, refuse_dora, stored_dtype, work_device
+
+Method = Literal["cat", "svd", "linear"]
+METHODS = ("cat", "svd", "linear")
+
+
+@dataclass
+class MixedModule:
+    name: str
+    inputs: int  # how many inputs have this module
+    rank: int
+    energy: float | None = None  # svd: fraction of the weighted sum's energy the result keeps
+
+
+@dataclass
+class MixReport:
+    output: str | None
+    format: str
+    method: str
+    weights: list[float]
+    rank: int | None
+    modules: list[MixedModule] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _key(name: str, cross: bool) -> str:
+    """The name modules are matched by: their own, or across formats the kohya spelling both sides share."""
+    if cross and "." in name:
+        try:
+            return kohya_name(name)
+        except LoratoolsError:
+            return name
+    return name
+
+
+def mix_adapters(
+    adapters: list[Adapter],
+    weights: list[float],
+    method: Method = "cat",
+    rank: int | None = None,
+    *,
+    dtype: str | None = None,
+    device: str | None = None,
+    strict: bool = False,
+    progress: Progress | None = None,
+) -> tuple[Adapter, MixReport]:
+    """The weighted combination of ``adapters`` as a new adapter (format and naming of the first)."""
+    import torch
+
+    if len(adapters) != len(weights):
+        raise LoratoolsError(f"{len(weights)} weight(s) for {len(adapters)} adapter(s)", "give one weight per input")
+    if method not in METHODS:
+        raise LoratoolsError(f"unknown method {method!r}", "use cat, svd or linear")
+    if method == "svd" and (rank is None or rank < 1):
+        raise LoratoolsError("--method svd needs --rank K (K >= 1)")
+    dev, work = work_device(device)
+    first = adapters[0]
+    report = MixReport(None, first.format, method, list(weights), rank)
+    bases = {a.base_model for a in adapters if a.base_model}
+    if len(bases) > 1:
+        msg = f"the inputs were made for different base models: {', '.join(sorted(bases))}"
+        if strict:
+            raise IncompatibleAdaptersError(msg, "leave out --strict to mix them anyway")
+        report.warnings.append(msg)
+    for i, a in enumerate(adapters):
+        if a.extras:
+            raise IncompatibleAdaptersError(
+                f"input {i + 1} carries full replacement tensors ({', '.join(sorted(a.extras)[:3])}): "
+                "a weighted mix of whole weights has no exact meaning",
+                "mix adapters without modules_to_save / saved embeddings",
+            )
+    cross = len({a.format for a in adapters}) > 1
+    order: dict[str, list[tuple[float, Module]]] = {}
+    for a, w in zip(adapters, weights, strict=True):
+        for name, m in a.modules.items():
+            refuse_dora(m, "mixing it")
+            order.setdefault(_key(name, cross), []).append((w, m))
+    out = Adapter(format=first.format, config=dict(first.config), base_model=first.base_model)
+    for key in ("ss_base_model_version", "modelspec.architecture", "ss_sd_model_name"):
+        values = {a.metadata.get(key) for a in adapters}
+        if len(values) == 1 and None not in values:
+            out.metadata[key] = values.pop()  # type: ignore[assignment]
+    for parts in order.values():
+        template = parts[0][1]
+        shape = template.weight_shape()
+        for _, m in parts[1:]:
+            if m.weight_shape() != shape and math.prod(m.weight_shape()) != math.prod(shape):
+                raise ShapeError(
+                    f"{template.name}: shapes differ between inputs ({list(shape)} and {list(m.weight_shape())})",
+                    "are the adapters made for the same base model?",
+                )
+            if (m.layer == "embedding") != (
+                template.layer == "embedding"
+            ) or m.fan_in_fan_out != template.fan_in_fan_out:
+                raise ShapeError(
+                    f"{template.name}: the inputs disagree on the layer's layout (embedding / fan_in_fan_out)"
+                )
+        target = stored_dtype(template, dtype)
+        if method == "linear":
+            up, down = _linear(parts, dev, work)
+        else:
+            ups, downs = [], []
+            for w, m in parts:
+                u, d = factors(m, dev, work)
+                ups.append(u)
+                downs.append(d * w)
+            up, down = torch.cat(ups, dim=1), torch.cat(downs, dim=0)
+        energy = None
+        if method == "svd":
+            assert rank is not None
+            svd = lowrank_svd(up, down)
+            k = min(rank, svd.s.shape[0])
+            energy = float(svd.energy()[k - 1]) if k else 1.0
+            up, down = svd.truncate(k)
+        module = lora_module(template, up, down, target)
+        out.modules[template.name] = module
+        report.modules.append(MixedModule(template.name, len(parts), up.shape[1], energy))
+        if progress:
+            progress(template.name)
+    return out, report
+
+
+def _linear(parts: list[tuple[float, Module]], dev: str, work: Any) -> tuple[Any, Any]:
+    ranks = {m.rank for _, m in parts}
+    if len(ranks) != 1 or any(m.lora_factors() is None for _, m in parts):
+        raise IncompatibleAdaptersError(
+            f"{parts[0][1].name}: --method linear needs plain LoRA modules of one rank (found ranks {sorted(map(str, ranks))})",
+            "use --method cat (exact) or svd",
+        )
+    up = down = None
+    for w, m in parts:
+        u = m.factors["up"].load().to(dev, work).reshape(m.factors["up"].shape[0], -1)
+        d = m.factors["down"].load().to(dev, work).reshape(m.factors["down"].shape[0], -1)
+        ws = w * m.scale
+        root = math.sqrt(abs(ws))
+        u, d = u * root, d * (root if ws >= 0 else -root)
+        up = u if up is None else up + u
+        down = d if down is None else down + d
+    return up, down
+
+
+def mix(
+    sources: list[str | os.PathLike[str]],
+    out: str | os.PathLike[str],
+    weights: list[float] | None = None,
+    method: Method | None = None,
+    rank: int | None = None,
+    *,
+    to: str | None = None,
+    dtype: str | None = None,
+    device: str | None = None,
+    strict: bool = False,
+    force: bool = False,
+    progress: Progress | None = None,
+) -> MixReport:
+    """Read, mix, and write atomically. The default method is ``cat`` without ``rank``, ``svd`` with it."""
+    from ..io.atomic import check_output
+
+    if len(sources) < 1:
+        raise LoratoolsError("mix needs at least one input")
+    check_output(out, force=force, inputs=sources)
+    weights = weights if weights is not None else [1.0] * len(sources)
+    method = method or ("svd" if rank is not None else "cat")
+    if method == "cat" and rank is not None:
+        raise LoratoolsError("--rank applies to --method svd", "leave out --rank for an exact cat mix")
+    adapters = [load_adapter(s) for s in sources]
+    mixed, report = mix_adapters(
+        adapters, weights, method, rank, dtype=dtype, device=device, strict=strict, progress=progress
+    )
+    mixed.metadata[provenance.KEY] = provenance.record(
+        "mix",
+        [(str(s), a.format) for s, a in zip(sources, adapters, strict=True)],
+        method=method,
+        weights=weights,
+        rank=rank,
+        dtype=dtype,
+    )
+    fmt = to or mixed.format
+    written = save_adapter(mixed, out, fmt, force=force)
+    report.output, report.format = str(written), fmt
+    return report

@@ -1,0 +1,66 @@
+"""What made a file: every file loratools writes records the command, its parameters and each input's sha256
+under one header metadata key, and ``inspect`` shows it."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+KEY = "loratools"
+
+
+def weights_file(source: str | os.PathLike[str]) -> Path:
+    """The file whose bytes stand for an adapter (a folder's weights file)."""
+    from ..formats import diffusers, peft, resolve_source
+
+    p = resolve_source(source)
+    if p.is_dir():
+        if peft.is_peft_folder(p):
+            return peft.find_weights(p)
+        return p / diffusers.FILENAME
+    return p
+
+
+def sha256(path: str | os.PathLike[str]) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def record(command: str, inputs: list[tuple[str, str]], **params: Any) -> str:
+    """JSON for the header: ``inputs`` are (source, format) pairs."""
+    from .. import __version__
+
+    entry: dict[str, Any] = {"tool": "loratools", "version": __version__, "command": command}
+    entry.update({k: v for k, v in params.items() if v is not None})
+    entry["inputs"] = [{"source": str(src), "format": fmt, "sha256": sha256(weights_file(src))} for src, fmt in inputs]
+    return json.dumps(entry, sort_keys=True)
+
+
+def parse(metadata: dict[str, str]) -> dict[str, Any] | None:
+    raw = metadata.get(KEY)
+    if not raw:
+        return None
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError:
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def describe(entry: dict[str, Any]) -> str:
+    """One line for people: ``loratools 0.1.0 mix (svd, rank 16, weights 0.7,0.3) of a (sha256 1a2b..), b (..)``."""
+    params = []
+    for key in ("method", "rank", "energy", "weights", "dtype"):
+        if key in entry:
+            value = entry[key]
+            if isinstance(value, list):
+                value = ",".join(f"{v:g}" if isinstance(v, float) else str(v) for v in value)
+            params.append(f"{key} {value}")
+    inputs = ", ".join(f"{Path(i['source']).name} (sha256 {i['sha256'][:12]})" for i in entry.get("inputs", []))
+    return f"loratools {entry.get('version', '?')} {entry.get('command', '?')} ({', '.join(params)}) of {inputs}"

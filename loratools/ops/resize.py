@@ -1,0 +1,119 @@
+"""Re-compress an adapter: to a fixed rank, or per module to the smallest rank that keeps a fraction of the
+delta's Frobenius energy. The SVD comes from the factors (two thin QRs and an r x r SVD), never the dense delta;
+a module already at or below the target is kept exactly."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from ..errors import LoratoolsError
+from ..formats import load_adapter, save_adapter
+from ..model import Adapter
+from . import provenance
+from .linalg import lowrank_svd
+from .lowrank import Progress, factors, lora_module, refuse_dora, stored_dtype, work_device
+
+
+@dataclass
+class ResizedModule:
+    name: str
+    old_rank: int | None
+    new_rank: int
+    energy: float  # fraction of the delta's squared Frobenius norm kept
+    kept: bool  # True: the module was carried over exactly
+
+
+@dataclass
+class ResizeReport:
+    output: str | None
+    format: str
+    rank: int | None
+    energy: float | None
+    modules: list[ResizedModule] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def resize_adapter(
+    adapter: Adapter,
+    rank: int | None = None,
+    energy: float | None = None,
+    *,
+    dtype: str | None = None,
+    device: str | None = None,
+    progress: Progress | None = None,
+) -> tuple[Adapter, ResizeReport]:
+    if (rank is None) == (energy is None):
+        raise LoratoolsError("give exactly one of --rank and --energy")
+    if rank is not None and rank < 1:
+        raise LoratoolsError(f"--rank must be at least 1, not {rank}")
+    if energy is not None and not 0 < energy <= 1:
+        raise LoratoolsError(f"--energy must be a fraction in (0, 1], not {energy}")
+    dev, work = work_device(device)
+    out = Adapter(
+        format=adapter.format,
+        extras=dict(adapter.extras),
+        metadata=dict(adapter.metadata),
+        config=dict(adapter.config),
+        base_model=adapter.base_model,
+    )
+    report = ResizeReport(None, adapter.format, rank, energy)
+    for name, m in adapter.modules.items():
+        old = m.rank
+        plain = m.lora_factors() is not None
+        if plain and rank is not None and old is not None and old <= rank and dtype is None:
+            out.modules[name] = m
+            report.modules.append(ResizedModule(name, old, old, 1.0, True))
+            if progress:
+                progress(name)
+            continue
+        up, down = factors(m, dev, work)
+        svd = lowrank_svd(up, down)
+        cum = svd.energy()
+        n = svd.s.shape[0]
+        if rank is not None:
+            k = min(rank, n)
+        else:
+            assert energy is not None
+            # smallest k whose cumulative energy reaches F (a hair of slack for the rounding of the sum)
+            k = int((cum < energy - 1e-12).sum().item()) + 1
+            k = min(max(k, 1), n)
+        if plain and old is not None and k >= old and dtype is None:
+            out.modules[name] = m
+            report.modules.append(ResizedModule(name, old, old, 1.0, True))
+        else:
+            refuse_dora(m, "re-compressing it")
+            out.modules[name] = lora_module(m, *svd.truncate(k), stored_dtype(m, dtype))
+            report.modules.append(ResizedModule(name, old, k, float(cum[k - 1]), False))
+        if progress:
+            progress(name)
+    return out, report
+
+
+def resize(
+    source: str | os.PathLike[str],
+    out: str | os.PathLike[str],
+    rank: int | None = None,
+    energy: float | None = None,
+    *,
+    to: str | None = None,
+    dtype: str | None = None,
+    device: str | None = None,
+    force: bool = False,
+    progress: Progress | None = None,
+) -> ResizeReport:
+    from ..io.atomic import check_output
+
+    check_output(out, force=force, inputs=[source])
+    adapter = load_adapter(source)
+    resized, report = resize_adapter(adapter, rank, energy, dtype=dtype, device=device, progress=progress)
+    resized.metadata[provenance.KEY] = provenance.record(
+        "resize", [(str(source), adapter.format)], rank=rank, energy=energy, dtype=dtype
+    )
+    fmt = to or resized.format
+    written = save_adapter(resized, out, fmt, force=force)
+    report.output, report.format = str(written), fmt
+    return report

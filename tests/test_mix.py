@@ -1,0 +1,265 @@
+"""mix and resize against independent dense computations, and against PEFT's own cat combination."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+from conftest import FIXTURES
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from loratools import load_adapter
+from loratools.cli import cli
+from loratools.errors import IncompatibleAdaptersError, LoratoolsError
+from loratools.model import Adapter, Module, TensorRef
+from loratools.ops.mix import mix, mix_adapters
+from loratools.ops.resize import resize, resize_adapter
+
+F64 = torch.float64
+
+
+def dense_sum(adapters: list[Adapter], weights: list[float], name: str, key: str | None = None) -> torch.Tensor:
+    """The weighted sum of the deltas of one module, computed densely (the reference)."""
+    total = None
+    for a, w in zip(adapters, weights, strict=True):
+        m = a.modules.get(key or name) or a.modules.get(name)
+        if m is None:
+            continue
+        d = m.delta(dtype=F64) * w
+        total = d if total is None else total + d.reshape(total.shape)
+    assert total is not None
+    return total
+
+
+def optimal_error(d: torch.Tensor, k: int) -> float:
+    s = torch.linalg.svdvals(d.reshape(d.shape[0], -1) if d.dim() > 2 else d)
+    return float(s[k:].pow(2).sum().sqrt())
+
+
+def test_cat_is_the_exact_weighted_sum_across_ranks_alphas_rslora_and_targets() -> None:
+    a, b = load_adapter(FIXTURES / "peft_llama"), load_adapter(FIXTURES / "peft_llama_patterns")
+    weights = [0.7, -0.3]
+    mixed, rep = mix_adapters([a, b], weights, "cat", dtype="fp32")
+    assert set(mixed.modules) == set(a.modules) | set(b.modules)
+    for name, m in mixed.modules.items():
+        want = dense_sum([a, b], weights, name)
+        torch.testing.assert_close(m.delta(dtype=F64), want, rtol=1e-6, atol=1e-6)
+        ranks = sum(x.modules[name].rank for x in (a, b) if name in x.modules)  # type: ignore[misc]
+        assert m.rank == ranks and m.scale == 1.0
+
+
+def test_cat_written_and_read_back_in_every_format(tmp_path: Path) -> None:
+    a, b = FIXTURES / "peft_llama", FIXTURES / "peft_llama_patterns"
+    rep = mix([a, b], tmp_path / "mixed", [0.5, 0.5])
+    assert rep.method == "cat" and rep.format == "peft"
+    back = load_adapter(tmp_path / "mixed")
+    ins = [load_adapter(a), load_adapter(b)]
+    for name, m in back.modules.items():
+        torch.testing.assert_close(m.delta(dtype=F64), dense_sum(ins, [0.5, 0.5], name), rtol=1e-5, atol=1e-6)
+    made = json.loads(back.metadata["loratools"])
+    assert made["command"] == "mix" and made["weights"] == [0.5, 0.5] and len(made["inputs"]) == 2
+    assert all(len(i["sha256"]) == 64 for i in made["inputs"])
+
+
+def test_mix_across_formats_and_module_kinds(tmp_path: Path) -> None:
+    """A kohya LoCon file and a LyCORIS LoHa file (same naming): the LoHa takes part through its dense delta."""
+    k, h = FIXTURES / "kohya_sd" / "lora.safetensors", FIXTURES / "lycoris_loha.safetensors"
+    mix([k, h], tmp_path / "m.safetensors", [1.0, 0.5])
+    ka, ha, m = load_adapter(k), load_adapter(h), load_adapter(tmp_path / "m.safetensors")
+    assert set(m.modules) == set(ka.modules) | set(ha.modules)
+    for name in ha.modules:
+        want = dense_sum([ka, ha], [1.0, 0.5], name)
+        got = m.modules[name].delta(dtype=F64)
+        torch.testing.assert_close(got.reshape(want.shape), want, rtol=1e-5, atol=1e-6)
+    # and into diffusers' format, from a diffusers input and a PEFT-named one
+    d = FIXTURES / "diffusers_sd"
+    mix([d, d], tmp_path / "dd.safetensors", [1.0, -1.0], to="diffusers")
+    zero = load_adapter(tmp_path / "dd.safetensors")
+    assert max(float(x.delta().abs().max()) for x in zero.modules.values()) < 1e-6
+
+
+@pytest.mark.parametrize("k", [1, 3, 6])
+def test_svd_error_is_the_optimal_rank_k_error(k: int) -> None:
+    a, b = load_adapter(FIXTURES / "peft_llama"), load_adapter(FIXTURES / "peft_llama_patterns")
+    mixed, rep = mix_adapters([a, b], [0.7, 0.3], "svd", k, dtype="fp32")
+    for mm in rep.modules:
+        want = dense_sum([a, b], [0.7, 0.3], mm.name)
+        got = mixed.modules[mm.name].delta(dtype=F64)
+        err = float((got - want).norm())
+        best = optimal_error(want, k)
+        assert err == pytest.approx(best, rel=1e-4, abs=1e-5), mm.name
+        assert mixed.modules[mm.name].rank == min(k, mm.rank)
+        total = float(want.norm() ** 2)
+        assert mm.energy == pytest.approx(1 - best**2 / total, abs=1e-6)
+
+
+def test_resize_rank_is_optimal_and_keeps_small_modules_exactly(tmp_path: Path) -> None:
+    src = load_adapter(FIXTURES / "peft_llama_patterns")
+    out, rep = resize_adapter(src, rank=4)
+    for r in rep.modules:
+        m, orig = out.modules[r.name], src.modules[r.name]
+        if orig.rank <= 4:  # type: ignore[operator]
+            assert r.kept and m is orig
+        else:
+            d = orig.delta(dtype=F64)
+            assert float((m.delta(dtype=F64) - d).norm()) == pytest.approx(optimal_error(d, 4), rel=1e-5)
+            assert m.rank == 4 and not r.kept
+    # through the CLI and a file
+    code = CliRunner().invoke(
+        cli, ["resize", str(FIXTURES / "peft_llama_patterns"), "--rank", "4", "-o", str(tmp_path / "r"), "--json"]
+    )
+    data = json.loads(code.stdout)
+    assert code.exit_code == 0 and {m["new_rank"] for m in data["modules"]} == {2, 4}
+    back = load_adapter(tmp_path / "r")
+    for name, m in back.modules.items():
+        torch.testing.assert_close(m.delta(), out.modules[name].delta(), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("f", [0.5, 0.9, 0.99])
+def test_resize_energy_keeps_at_least_f_with_minimal_rank(f: float) -> None:
+    src = load_adapter(FIXTURES / "peft_llama_patterns")
+    _, rep = resize_adapter(src, energy=f)
+    for r in rep.modules:
+        d = src.modules[r.name].delta(dtype=F64)
+        s2 = torch.linalg.svdvals(d).pow(2)
+        cum = s2.cumsum(0) / s2.sum()
+        assert cum[r.new_rank - 1] >= f - 1e-9
+        if r.new_rank > 1:
+            assert cum[r.new_rank - 2] < f  # one less would not do
+        assert r.energy >= f - 1e-9
+
+
+def test_resize_lycoris_to_lora(tmp_path: Path) -> None:
+    for name in ("lycoris_loha.safetensors", "lycoris_lokr.safetensors", "lycoris_loha_tucker.safetensors"):
+        src = load_adapter(FIXTURES / name)
+        out, rep = resize_adapter(src, rank=2)
+        for r in rep.modules:
+            d = src.modules[r.name].delta_matrix(dtype=F64)
+            got = out.modules[r.name].delta_matrix(dtype=F64)
+            assert out.modules[r.name].kind == "lora"
+            assert float((got - d).norm()) == pytest.approx(optimal_error(d, 2), rel=1e-4, abs=1e-6), (name, r.name)
+
+
+def test_dora_is_refused_not_dropped(tmp_path: Path) -> None:
+    dora = FIXTURES / "peft_llama_dora"
+    with pytest.raises(IncompatibleAdaptersError, match="DoRA"):
+        mix([dora, FIXTURES / "peft_llama"], tmp_path / "x")
+    with pytest.raises(IncompatibleAdaptersError, match="DoRA"):
+        resize(dora, tmp_path / "y", rank=2)
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+    # a DoRA module that needs no truncation is carried over exactly, magnitude included
+    out, rep = resize_adapter(load_adapter(dora), rank=8)
+    assert all(r.kept for r in rep.modules) and all(m.magnitude is not None for m in out.modules.values())
+
+
+def test_mix_errors(tmp_path: Path) -> None:
+    llama = FIXTURES / "peft_llama"
+    with pytest.raises(LoratoolsError, match="2 weight"):
+        mix([llama], tmp_path / "a", [1.0, 2.0])
+    with pytest.raises(LoratoolsError, match="full replacement"):
+        mix([FIXTURES / "peft_llama_embed", llama], tmp_path / "b")
+    with pytest.raises(LoratoolsError, match="linear needs plain LoRA modules of one rank"):
+        mix([llama, FIXTURES / "peft_llama_patterns"], tmp_path / "c", method="linear")
+    r = CliRunner().invoke(cli, ["mix", str(llama), "-o", str(llama)])
+    assert r.exit_code == 1 and "is one of the inputs" in r.stderr
+    r = CliRunner().invoke(cli, ["mix", str(llama), "--weights", "a,b", "-o", str(tmp_path / "e")])
+    assert r.exit_code == 2
+
+
+def test_different_base_models_warn_and_only_one_input_keeps_its_module(tmp_path: Path) -> None:
+    llama = FIXTURES / "peft_llama"
+    other = tmp_path / "other"
+    shutil.copytree(FIXTURES / "peft_llama_patterns", other)
+    cfg = json.loads((other / "adapter_config.json").read_text())
+    cfg["base_model_name_or_path"] = "some-other-model"
+    (other / "adapter_config.json").write_text(json.dumps(cfg))
+    r = CliRunner().invoke(cli, ["mix", str(llama), str(other), "-o", str(tmp_path / "m"), "--json"])
+    assert r.exit_code == 0 and "Warning: the inputs were made for different base models" in r.stderr
+    out, o = load_adapter(tmp_path / "m"), load_adapter(other)
+    name = "model.layers.0.mlp.up_proj"  # only in the second input
+    torch.testing.assert_close(out.modules[name].delta(), o.modules[name].delta(), rtol=1e-6, atol=1e-7)
+    r = CliRunner().invoke(cli, ["mix", str(llama), str(other), "-o", str(tmp_path / "n"), "--strict"])
+    assert r.exit_code == 1 and "different base models" in r.stderr and not (tmp_path / "n").exists()
+    # GPT-2's Conv1D modules and Llama's Linear ones cannot share one PEFT adapter: a clear error, no output
+    r = CliRunner().invoke(cli, ["mix", str(llama), str(FIXTURES / "peft_gpt2"), "-o", str(tmp_path / "g")])
+    assert r.exit_code == 1 and "fan_in_fan_out" in r.stderr and not (tmp_path / "g").exists()
+
+
+def test_linear_is_peft_s_a_b_combination() -> None:
+    a = load_adapter(FIXTURES / "peft_llama")
+    mixed, _ = mix_adapters([a, a], [0.25, 0.25], "linear")
+    for name, m in mixed.modules.items():
+        # same adapter twice: A and B each get 2*sqrt(0.25*s) = sqrt(s), so the delta is s * B @ A: x2 of 0.5
+        torch.testing.assert_close(m.delta(), a.modules[name].delta(), rtol=1e-5, atol=1e-6)
+
+
+def _lora(r: int, o: int, i: int, alpha: float, seed: int, rslora: bool = False) -> Module:
+    g = torch.Generator().manual_seed(seed)
+    return Module(
+        "m", "lora",
+        {"down": TensorRef.of(torch.randn(r, i, generator=g)), "up": TensorRef.of(torch.randn(o, r, generator=g))},
+        alpha=alpha, rslora=rslora,
+    )  # fmt: skip
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    o=st.integers(1, 24), i=st.integers(1, 24), ranks=st.lists(st.integers(1, 8), min_size=1, max_size=4),
+    weights=st.lists(st.floats(-2, 2), min_size=4, max_size=4), k=st.integers(1, 10), seed=st.integers(0, 999),
+)  # fmt: skip
+def test_properties_cat_exact_svd_optimal(
+    o: int, i: int, ranks: list[int], weights: list[float], k: int, seed: int
+) -> None:
+    adapters = [
+        Adapter("peft", modules={"m": _lora(r, o, i, alpha=float(j + 1), seed=seed + j, rslora=j % 2 == 1)})
+        for j, r in enumerate(ranks)
+    ]
+    w = weights[: len(ranks)]
+    want = dense_sum(adapters, w, "m")
+    cat, _ = mix_adapters(adapters, w, "cat", dtype="fp32")
+    torch.testing.assert_close(cat.modules["m"].delta(dtype=F64), want, rtol=1e-5, atol=1e-5)
+    svd, _ = mix_adapters(adapters, w, "svd", k, dtype="fp32")
+    err = float((svd.modules["m"].delta(dtype=F64) - want).norm())
+    assert err <= optimal_error(want, k) * (1 + 1e-4) + 1e-4 * float(want.norm()) + 1e-6
+
+
+def test_peft_loads_a_cat_mix_with_the_logits_of_its_own_cat(tmp_path: Path) -> None:
+    """PEFT's add_weighted_adapter(cat) and loratools' cat mix, loaded by PEFT, give the same logits."""
+    peft = pytest.importorskip("peft")
+    sys.path.insert(0, str(FIXTURES))
+    try:
+        from make_fixtures import tiny_llama
+    finally:
+        sys.path.remove(str(FIXTURES))
+    # a second plain (non-rsLoRA) adapter of another rank and alpha, made by PEFT itself
+    second = tmp_path / "second"
+    model = peft.get_peft_model(
+        tiny_llama(), peft.LoraConfig(r=2, lora_alpha=6, target_modules=["q_proj", "v_proj", "up_proj"])
+    )
+    g = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_" in n:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+    model.save_pretrained(second)
+    weights = [0.7, -0.4]
+    ids = torch.arange(12).reshape(2, 6)
+    ref_model = peft.PeftModel.from_pretrained(tiny_llama(), FIXTURES / "peft_llama", adapter_name="a")
+    ref_model.load_adapter(second, adapter_name="b")
+    ref_model.add_weighted_adapter(["a", "b"], weights, "cat", combination_type="cat")
+    ref_model.set_adapter("cat")
+    with torch.no_grad():
+        want = ref_model(ids).logits
+    mix([FIXTURES / "peft_llama", second], tmp_path / "ours", weights)
+    ours = peft.PeftModel.from_pretrained(tiny_llama(), tmp_path / "ours")
+    with torch.no_grad():
+        got = ours(ids).logits
+        base = tiny_llama()(ids).logits
+    assert not torch.allclose(want, base, atol=1e-3)  # the mix changes the model
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
