@@ -23,6 +23,11 @@ demo: setup
 	$(VENV)/bin/loratools inspect fixtures/kohya_sd/lora.safetensors --fast
 	$(VENV)/bin/loratools validate fixtures/peft_llama_dora
 	$(VENV)/bin/loratools validate fixtures/diffusers_sd --strict
+	$(VENV)/bin/loratools mix fixtures/peft_llama fixtures/peft_llama_patterns --weights 0.7,0.3 -o $(OUT)/mixed
+	$(VENV)/bin/loratools mix fixtures/kohya_sd/lora.safetensors fixtures/lycoris_loha.safetensors --rank 4 -o $(OUT)/svd.safetensors
+	$(VENV)/bin/loratools resize fixtures/peft_llama_patterns --energy 0.9 -o $(OUT)/small --json > $(OUT)/resize.json
+	$(VENV)/bin/loratools validate $(OUT)/mixed
+	$(VENV)/bin/loratools inspect $(OUT)/small --spectrum
 	@echo "demo: all commands ran; JSON written to $(OUT)/"
 
 test: setup lint pytest

@@ -263,3 +263,21 @@ def test_peft_loads_a_cat_mix_with_the_logits_of_its_own_cat(tmp_path: Path) -> 
         base = tiny_llama()(ids).logits
     assert not torch.allclose(want, base, atol=1e-3)  # the mix changes the model
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_inspect_spectrum_matches_dense_singular_values() -> None:
+    from loratools.ops.inspect import inspect_adapter
+
+    for fx in ("peft_llama_patterns", "lycoris_lokr.safetensors", "kohya_sd/lora.safetensors"):
+        rep = inspect_adapter(FIXTURES / fx, spectra=True)
+        a = load_adapter(FIXTURES / fx)
+        for mi in rep.modules:
+            assert mi.spectrum is not None
+            want = torch.linalg.svdvals(a.modules[mi.name].delta_matrix(dtype=F64))
+            got = torch.tensor(mi.spectrum.singular_values, dtype=F64)
+            n = got.shape[0]
+            torch.testing.assert_close(got, want[:n], rtol=1e-7, atol=1e-9)
+            beyond = want[n:]  # nothing beyond the rank
+            assert beyond.numel() == 0 or float(beyond.max()) <= 1e-9 * float(want[0])
+            cum = (want**2).cumsum(0) / (want**2).sum()
+            assert cum[mi.spectrum.rank_90 - 1] >= 0.9 - 1e-9 and 1 <= mi.spectrum.effective_rank <= n

@@ -9,9 +9,12 @@ from .output import format_option, human_bytes, json_option, num, out_console, p
 @click.argument("source", type=click.Path(exists=True))
 @format_option
 @click.option("--fast", is_flag=True, help="Header only: skip the delta norms (reads no tensor data).")
+@click.option(
+    "--spectrum", is_flag=True, help="Add each module's singular values, effective rank and 90%/99% energy ranks."
+)
 @click.option("--metadata", "show_metadata", is_flag=True, help="Also print the header metadata and config.")
 @json_option
-def inspect_cmd(source: str, fmt: str | None, fast: bool, show_metadata: bool, as_json: bool) -> None:
+def inspect_cmd(source: str, fmt: str | None, fast: bool, spectrum: bool, show_metadata: bool, as_json: bool) -> None:
     """Show what an adapter holds: format, base model, sizes, dtypes, and every module.
 
     SOURCE is an adapter file or folder (PEFT folder, kohya/LyCORIS .safetensors, diffusers file).
@@ -22,10 +25,13 @@ def inspect_cmd(source: str, fmt: str | None, fast: bool, show_metadata: bool, a
     Example:
       loratools inspect fixtures/peft_llama
       loratools inspect fixtures/kohya_sd/lora.safetensors --json
+      loratools inspect fixtures/peft_llama_patterns --spectrum
     """
     from ..ops.inspect import inspect_adapter
 
-    rep = inspect_adapter(source, fmt, norms=not fast)
+    if fast and spectrum:
+        raise click.UsageError("--spectrum reads the tensors; it cannot go with --fast")
+    rep = inspect_adapter(source, fmt, norms=not fast, spectra=spectrum)
     if as_json:
         print_json(rep.to_dict())
         return
@@ -54,11 +60,19 @@ def inspect_cmd(source: str, fmt: str | None, fast: bool, show_metadata: bool, a
         ("shape", "left"), ("dtype", "left"), ("norm", "right"),
     ]:  # fmt: skip
         table.add_column(col, justify=justify)  # type: ignore[arg-type]
+    if spectrum:
+        for col in ("eff. rank", "r90", "r99", "singular values"):
+            table.add_column(col, justify="left" if col == "singular values" else "right")
     for m in rep.modules:
-        table.add_row(
+        row = [
             m.name, m.type, num(m.rank), num(m.alpha), num(m.scale), "x".join(map(str, m.shape)), m.dtype,
             "-" if m.norm is None else f"{m.norm:.4g}",
-        )  # fmt: skip
+        ]  # fmt: skip
+        if m.spectrum is not None:
+            sv = m.spectrum.singular_values
+            shown = " ".join(f"{x:.3g}" for x in sv[:6]) + (" ..." if len(sv) > 6 else "")
+            row += [f"{m.spectrum.effective_rank:.2f}", str(m.spectrum.rank_90), str(m.spectrum.rank_99), shown]
+        table.add_row(*row)
     con.print(table)
     if show_metadata:
         meta = Table.grid(padding=(0, 2))

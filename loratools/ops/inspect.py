@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from ..formats import detect, load_adapter
-from ..model import Adapter
+from ..model import Adapter, Module
 from . import provenance
 
 
@@ -22,6 +22,32 @@ class ModuleInfo:
     shape: list[int]
     dtype: str
     norm: float | None = None
+    spectrum: Spectrum | None = None
+
+
+@dataclass
+class Spectrum:
+    """Singular values of the delta (from its factors), and how many carry the energy."""
+
+    singular_values: list[float]
+    effective_rank: float  # exp of the entropy of the normalised singular values (Roy & Vetterli)
+    rank_90: int  # smallest rank keeping 90% of the Frobenius energy
+    rank_99: int
+
+
+def spectrum(m: Module) -> Spectrum:
+    import torch
+
+    from .linalg import effective_rank, lowrank_svd
+    from .lowrank import factors
+
+    svd = lowrank_svd(*factors(m, "cpu", torch.float64))
+    cum = svd.energy()
+
+    def rank_for(f: float) -> int:
+        return min(int((cum < f - 1e-12).sum()) + 1, svd.s.shape[0])
+
+    return Spectrum([float(x) for x in svd.s], effective_rank(svd.s), rank_for(0.9), rank_for(0.99))
 
 
 @dataclass
@@ -60,7 +86,9 @@ def size_on_disk(source: str | os.PathLike[str]) -> int:
     return p.stat().st_size
 
 
-def report(adapter: Adapter, source: str | os.PathLike[str], *, norms: bool = True) -> InspectReport:
+def report(
+    adapter: Adapter, source: str | os.PathLike[str], *, norms: bool = True, spectra: bool = False
+) -> InspectReport:
     modules = [
         ModuleInfo(
             name=m.name,
@@ -71,6 +99,7 @@ def report(adapter: Adapter, source: str | os.PathLike[str], *, norms: bool = Tr
             shape=list(m.weight_shape()),
             dtype=m.dtype,
             norm=m.delta_norm() if norms else None,
+            spectrum=spectrum(m) if spectra else None,
         )
         for m in adapter.modules.values()
     ]
@@ -95,7 +124,10 @@ def report(adapter: Adapter, source: str | os.PathLike[str], *, norms: bool = Tr
     )
 
 
-def inspect_adapter(source: str | os.PathLike[str], format: str | None = None, *, norms: bool = True) -> InspectReport:
-    """Inspect a file or folder. With ``norms=False`` only the header is read (no tensor data, no torch)."""
+def inspect_adapter(
+    source: str | os.PathLike[str], format: str | None = None, *, norms: bool = True, spectra: bool = False
+) -> InspectReport:
+    """Inspect a file or folder. With ``norms=False`` only the header is read (no tensor data, no torch);
+    ``spectra`` adds each module's singular values, computed from its factors."""
     adapter = load_adapter(source, format or detect(source))
-    return report(adapter, source, norms=norms)
+    return report(adapter, source, norms=norms, spectra=spectra)
