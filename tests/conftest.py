@@ -1,6 +1,9 @@
 from __future__ import annotations
 
+import importlib
+import sys
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 
@@ -29,3 +32,13 @@ ADAPTERS = {
 @pytest.fixture(params=sorted(ADAPTERS))
 def adapter_fixture(request: pytest.FixtureRequest) -> tuple[Path, str]:
     return FIXTURES / request.param, ADAPTERS[request.param]
+
+
+@pytest.fixture(scope="session")
+def mf() -> ModuleType:
+    """The fixture script, imported as a module: the seeded base-model builders the fixtures were made on."""
+    sys.path.insert(0, str(FIXTURES))
+    try:
+        return importlib.import_module("make_fixtures")
+    finally:
+        sys.path.remove(str(FIXTURES))

@@ -19,9 +19,7 @@ does, so they use ``atol=1e-5`` (outputs are O(1); the worst observed difference
 
 from __future__ import annotations
 
-import importlib
 import os
-import sys
 from types import ModuleType
 from typing import Any
 
@@ -56,16 +54,6 @@ LYCORIS_FIXTURES = [
     "lycoris_lokr_full.safetensors",
     "lycoris_dora.safetensors",
 ]
-
-
-@pytest.fixture(scope="module")
-def mf() -> ModuleType:
-    """The fixture script, imported as a module (its seeded base-model builders)."""
-    sys.path.insert(0, str(FIXTURES))
-    try:
-        return importlib.import_module("make_fixtures")
-    finally:
-        sys.path.remove(str(FIXTURES))
 
 
 def _snapshot(model: torch.nn.Module, prefix: str = "") -> dict[str, torch.Tensor]:

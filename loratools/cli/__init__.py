@@ -34,12 +34,13 @@ def cli() -> None:
 
 
 def _register() -> None:
-    from . import inspect, mix, resize, validate
+    from . import inspect, merge, mix, resize, validate
 
     cli.add_command(inspect.inspect_cmd)
     cli.add_command(validate.validate_cmd)
     cli.add_command(mix.mix_cmd)
     cli.add_command(resize.resize_cmd)
+    cli.add_command(merge.merge_cmd)
 
 
 _register()

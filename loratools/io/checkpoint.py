@@ -101,5 +101,8 @@ def kohya_index(names: list[str]) -> dict[str, str]:
                     rest = module[len(prefix) :].replace(".", "_")
                     for k in (kohya,) if isinstance(kohya, str) else kohya:
                         out.setdefault(k + rest, module)
+                        if k.startswith("lora_te") and not rest.startswith("text_model"):
+                            # transformers 5 CLIP text models lost their `text_model.` level; kohya names keep it
+                            out.setdefault(k + "text_model_" + rest, module)
         out.setdefault("lora_unet_" + flat, module)
     return out

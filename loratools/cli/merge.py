@@ -1,0 +1,132 @@
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import click
+
+from .output import dtype_option, err_console, out_console, warn
+
+
+@click.command("merge")
+@click.argument("base", type=click.Path(exists=True))
+@click.argument("adapters", nargs=-1, required=True, type=click.Path(exists=True))
+@click.option("-o", "--output", "out", required=True, type=click.Path(), help="Where to write the merged checkpoint.")
+@click.option("--weights", help="One weight per adapter, comma-separated (default 1 each).")
+@click.option("--device", default="cpu", show_default=True, help="cpu, cuda or auto (cuda when present).")
+@dtype_option
+@click.option("--report", "report_path", type=click.Path(), help="Also write the numerical report (.json or .html).")
+@click.option("--all", "show_all", is_flag=True, help="Print every merged tensor, not only the 20 least retained.")
+@click.option("--force", is_flag=True, help="Overwrite the output if it exists.")
+def merge_cmd(
+    base: str,
+    adapters: tuple[str, ...],
+    out: str,
+    weights: str | None,
+    device: str,
+    dtype: str | None,
+    report_path: str | None,
+    show_all: bool,
+    force: bool,
+) -> None:
+    """Merge adapters into a base checkpoint, streaming, in the base's own layout.
+
+    BASE is a model folder (single or sharded safetensors with its index), a diffusers pipeline or component
+    folder, or one .safetensors file. The output has the same tensor names, dtypes and shards, a correct index,
+    and the other files (config, tokenizer, ...) copied, so it loads as the base did. Each targeted weight
+    becomes W + sum_i weight_i * delta_i in float32, cast once to its dtype (DoRA: re-scaled to its magnitude;
+    modules_to_save tensors replace the base's). The report shows how much of each delta survived that cast.
+
+    \b
+    Example:
+      loratools merge ./Llama-3.2-1B fixtures/peft_llama -o merged --report merged.html
+      loratools merge base.safetensors a.safetensors b.safetensors --weights 1,0.5 -o out.safetensors
+    """
+    from ..cli.mix import _weights
+    from ..ops.merge import merge
+
+    report = merge(
+        base, list(adapters), out, _weights(weights), device=device, dtype=dtype, force=force,
+        progress=_progress_factory(),
+    )  # fmt: skip
+    for w in report.warnings:
+        warn(w)
+    if report_path:
+        _write_report(report, Path(report_path))
+    _print(report, show_all)
+
+
+def _progress_factory() -> Any:
+    con = err_console()
+    if not con.is_terminal:
+        return None
+    from rich.progress import (
+        BarColumn,
+        DownloadColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+        TransferSpeedColumn,
+    )
+
+    state: dict[str, Any] = {}
+
+    def factory(total_bytes: int, total_tensors: int, *_: int) -> Any:
+        bar = Progress(
+            TextColumn("merging"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+            TextColumn("{task.fields[tensors]}/" + str(total_tensors) + " tensors"), TimeRemainingColumn(),
+            console=con, transient=True,
+        )  # fmt: skip
+        bar.start()
+        task = bar.add_task("merge", total=total_bytes, tensors=0)
+        state["done"] = 0
+
+        def tick(nbytes: int, ntensors: int) -> None:
+            state["done"] += ntensors
+            bar.update(task, advance=nbytes, tensors=state["done"])
+            if bar.finished and state["done"] >= total_tensors:
+                bar.stop()
+
+        return tick
+
+    return factory
+
+
+def _write_report(report: Any, path: Path) -> None:
+    from ..io.atomic import atomic_write
+
+    if path.suffix.lower() in (".html", ".htm"):
+        from ..ops.merge_html import render
+
+        text = render(report)
+    else:
+        text = json.dumps(report.to_dict(), indent=2, default=str)
+    with atomic_write(path, force=True) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+
+
+def _print(report: Any, show_all: bool) -> None:
+    from rich.table import Table
+
+    con = out_console()
+    tensors = sorted(report.tensors, key=lambda t: t.retained)
+    shown = tensors if show_all or len(tensors) <= 20 else tensors[:20]
+    table = Table(show_edge=False, header_style="bold")
+    for col in ("tensor", "dtype", "|delta|", "rel. change", "max |delta|", "retained", "inf"):
+        table.add_column(col, justify="left" if col in ("tensor", "dtype") else "right")
+    for t in shown:
+        table.add_row(
+            t.name + (" (replaced)" if t.replaced else ""), t.dtype, f"{t.delta_norm:.4g}",
+            f"{t.relative_change:.2e}", f"{t.max_abs_delta:.2e}", f"{t.retained:.4f}", str(t.overflow),
+        )  # fmt: skip
+    con.print(table)
+    if len(shown) < len(tensors):
+        con.print(f"({len(tensors) - len(shown)} more; --all shows every tensor, --report writes them all)")
+    s = report.summary
+    kept = "-" if s["retained_min"] is None else f"min {s['retained_min']:.4f}, median {s['retained_median']:.4f}"
+    con.print(
+        f"wrote {report.output}: {s['merged']} tensors merged, {s['copied']} copied; delta retained {kept}; "
+        f"{s['overflow']} overflowed to inf",
+        highlight=False,
+    )

@@ -1,0 +1,591 @@
+"""Merge adapters into a base checkpoint, streaming: read a tensor (in row chunks), add its delta, write it.
+
+The output keeps the base's layout: tensor names, order, dtypes, shard split, a correct index, and the other
+files of the folder (config, tokenizer, ...). Per targeted weight: ``W + sum_i w_i * delta_i`` in float32 on the
+chosen device, cast once to the stored dtype; DoRA, LoHa and LoKr modules are applied in turn on the whole tensor
+(``Module.apply``). ``modules_to_save`` tensors replace the base's. Memory stays near one chunk (plain LoRA) or one
+tensor (the rest), never a shard.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shutil
+import struct
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from queue import Queue
+from typing import TYPE_CHECKING, Any
+
+from ..errors import FileFormatError, IncompatibleAdaptersError, LoratoolsError, ShapeError
+from ..formats import load_adapter
+from ..io.atomic import atomic_dir, atomic_write, check_output
+from ..io.checkpoint import COMPONENTS, INDEX_SUFFIX, kohya_index
+from ..io.safetensors import Header, TensorInfo, read_header
+from ..model import DTYPE_SIZES, Adapter, Module, TensorRef, torch_dtype
+from . import provenance
+from .lowrank import DTYPES
+
+if TYPE_CHECKING:
+    import torch
+
+#: bytes of float32 work per chunk of rows
+CHUNK_BYTES = 32 << 20
+#: files in a model folder that hold weights in another form: copying them would ship the unmerged model
+STALE_WEIGHTS = (".bin", ".pt", ".pth", ".ckpt", ".msgpack", ".h5", ".onnx", ".gguf")
+
+Progress = Callable[[int, int], None]  # (bytes done in this step, tensors done in this step)
+
+
+# ---- the base's layout ----------------------------------------------------------------------------------
+
+
+@dataclass
+class WeightFile:
+    rel: Path  # relative to the base root (the file name itself for a single-file base)
+    prefix: str  # name prefix of its tensors for resolution ("unet." in a pipeline)
+    header: Header
+
+
+@dataclass
+class Layout:
+    root: Path  # the base folder, or the single file
+    single_file: bool
+    files: list[WeightFile]
+    indexes: list[Path]  # index files to regenerate, relative to root
+
+    def names(self) -> dict[str, tuple[int, str]]:
+        """Full tensor name (with prefix) -> (file number, key in that file)."""
+        out: dict[str, tuple[int, str]] = {}
+        for i, wf in enumerate(self.files):
+            for key in wf.header.tensors:
+                out[wf.prefix + key] = (i, key)
+        return out
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(wf.header.file_size for wf in self.files)
+
+
+def layout_of(base: str | os.PathLike[str]) -> Layout:
+    p = Path(base)
+    if not p.exists():
+        raise FileFormatError(f"{p}: no such file or folder")
+    if p.is_file():
+        if p.name.endswith(INDEX_SUFFIX):
+            p = p.parent
+        else:
+            return Layout(p, True, [WeightFile(Path(p.name), "", read_header(p))], [])
+    comps = [c for c in COMPONENTS if (p / c).is_dir()]
+    files: list[WeightFile] = []
+    indexes: list[Path] = []
+    if comps and ((p / "model_index.json").is_file() or not _folder_weights(p, Path("."))[0]):
+        for comp in comps:
+            found, idx = _folder_weights(p, Path(comp))
+            files += [WeightFile(rel, f"{comp}.", read_header(p / rel)) for rel in found]
+            indexes += idx
+    else:
+        found, idx = _folder_weights(p, Path("."))
+        files = [WeightFile(rel, "", read_header(p / rel)) for rel in found]
+        indexes = idx
+    if not files:
+        raise FileFormatError(f"{p}: no .safetensors weights found", "loratools merges into safetensors checkpoints")
+    return Layout(p, False, files, indexes)
+
+
+def _folder_weights(root: Path, sub: Path) -> tuple[list[Path], list[Path]]:
+    folder = root / sub
+    indexes = sorted(folder.glob("*" + INDEX_SUFFIX))
+    if indexes:
+        if len(indexes) > 1:
+            raise FileFormatError(f"{folder}: several safetensors index files", "keep one")
+        try:
+            weight_map = json.loads(indexes[0].read_text(encoding="utf-8"))["weight_map"]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise FileFormatError(f"{indexes[0]}: not a safetensors index ({e})") from None
+        shards = sorted(set(weight_map.values()))
+        missing = [s for s in shards if not (folder / s).is_file()]
+        if missing:
+            raise FileFormatError(f"{indexes[0].name} names shard(s) that are missing: {', '.join(missing)}")
+        return [sub / s for s in shards], [sub / indexes[0].name]
+    found = sorted(folder.glob("*.safetensors"))
+    if len(found) > 1:
+        raise FileFormatError(f"{folder}: several .safetensors files and no index", "name the file to merge into")
+    return [sub / f.name for f in found], []
+
+
+# ---- which module goes where ------------------------------------------------------------------------------
+
+
+@dataclass
+class Target:
+    contributions: list[tuple[float, Module]] = field(default_factory=list)
+    replacement: TensorRef | None = None  # modules_to_save / saved base layer
+    adapters: list[int] = field(default_factory=list)
+
+
+def _candidates(full: str, names: dict[str, tuple[int, str]]) -> list[str]:
+    """Base tensor names that an adapter's tensor name can mean: itself; without a diffusers component prefix
+    (adapter ``unet.x``, base a UNet folder); or the one base name it ends (adapter trained on a sub-model)."""
+    if full in names:
+        return [full]
+    comp, dot, rel = full.partition(".")
+    if dot and comp in COMPONENTS and rel in names:
+        return [rel]
+    return [n for n in names if n.endswith("." + full)]
+
+
+def resolve(adapters: list[Adapter], weights: list[float], layout: Layout) -> dict[str, Target]:
+    """Base tensor name -> what to do to it. Every module must map to exactly one base tensor."""
+    names = layout.names()
+    kohya = kohya_index(list(names))  # flattened kohya name -> dotted base module
+    targets: dict[str, Target] = {}
+    unresolved: list[str] = []
+    ambiguous: list[str] = []
+
+    def place(found: list[str], what: str) -> Target | None:
+        if len(found) == 1:
+            return targets.setdefault(found[0], Target())
+        if found:
+            ambiguous.append(f"{what} -> {', '.join(sorted(found)[:4])}")
+        else:
+            unresolved.append(what)
+        return None
+
+    for i, (a, w) in enumerate(zip(adapters, weights, strict=True)):
+        for name, m in a.modules.items():
+            if a.format == "kohya" and "." not in name:
+                module = kohya.get(name)
+                found = [module + ".weight"] if module and module + ".weight" in names else []
+            else:
+                found = _candidates(name + ".weight", names)
+            t = place(found, name)
+            if t is not None:
+                t.contributions.append((w, m))
+                t.adapters.append(i)
+        for key, extra in a.extras.items():
+            if extra.role == "trainable_tokens":
+                raise IncompatibleAdaptersError(
+                    f"{key}: trainable-token deltas cannot be merged yet", "merge the adapter with PEFT instead"
+                )
+            t = place(_candidates(key.replace(".base_layer.", "."), names), key)
+            if t is not None:
+                if t.replacement is not None:
+                    raise IncompatibleAdaptersError(f"{key}: the same base tensor is replaced by two adapters")
+                t.replacement = extra.ref
+    if unresolved or ambiguous:
+        parts = []
+        if unresolved:
+            parts.append(f"{len(unresolved)} module(s) match no base tensor: {', '.join(unresolved[:6])}")
+        if ambiguous:
+            parts.append(f"{len(ambiguous)} match several: {'; '.join(ambiguous[:4])}")
+        raise ShapeError("; ".join(parts), "is the adapter made for this base model?")
+    for name, t in targets.items():
+        i, key = names[name]
+        info = layout.files[i].header.tensors[key]
+        if t.replacement is not None and tuple(t.replacement.shape) != info.shape:
+            raise ShapeError(
+                f"{name}: the adapter's saved tensor is {list(t.replacement.shape)}, the base's {list(info.shape)}",
+                "a resized vocabulary cannot be merged into this base",
+            )
+        for _, m in t.contributions:
+            ws = m.weight_shape()
+            if tuple(ws) != info.shape and not (ws[0] == info.shape[0] and math.prod(ws) == math.prod(info.shape)):
+                raise ShapeError(f"{m.name}: delta is {list(ws)}, base tensor {name} is {list(info.shape)}")
+        if not info.dtype.startswith(("F", "BF")):
+            raise ShapeError(f"{name}: stored as {info.dtype}; only float weights can take a delta")
+    return targets
+
+
+# ---- the report -------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TensorReport:
+    name: str
+    shape: list[int]
+    dtype: str
+    adapters: int
+    delta_norm: float  # ||intended delta||, float32 arithmetic
+    base_norm: float
+    relative_change: float  # delta_norm / base_norm
+    max_abs_delta: float
+    retained: float  # 1 - ||(stored - base) - delta|| / ||delta||: how much of the delta survived storage
+    overflow: int  # elements that became inf in storage
+    replaced: bool = False
+
+
+@dataclass
+class MergeReport:
+    base: str
+    output: str | None
+    adapters: list[str]
+    weights: list[float]
+    device: str
+    dtype: str | None
+    tensors: list[TensorReport] = field(default_factory=list)
+    copied: int = 0  # tensors copied unchanged
+    files_copied: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def summary(self) -> dict[str, Any]:
+        merged = [t for t in self.tensors if t.delta_norm > 0]
+        kept = sorted(t.retained for t in merged)
+        return {
+            "merged": len(self.tensors),
+            "copied": self.copied,
+            "overflow": sum(t.overflow for t in self.tensors),
+            "retained_min": kept[0] if kept else None,
+            "retained_median": kept[len(kept) // 2] if kept else None,
+            "relative_change_max": max((t.relative_change for t in merged), default=None),
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["summary"] = self.summary
+        return d
+
+
+class _Stats:
+    def __init__(self) -> None:
+        self.delta_sq = self.base_sq = self.lost_sq = self.max_abs = 0.0
+        self.overflow = 0
+
+    def add(self, base: torch.Tensor, merged: torch.Tensor, stored: torch.Tensor) -> None:
+        import torch
+
+        d = merged - base
+        self.delta_sq += float(d.double().pow(2).sum())
+        self.base_sq += float(base.double().pow(2).sum())
+        if d.numel():
+            self.max_abs = max(self.max_abs, float(d.abs().max()))
+        s = stored.float()
+        finite = torch.isfinite(s)
+        self.overflow += int((~finite & torch.isfinite(merged)).sum())
+        lost = torch.where(finite, (s - base) - d, torch.zeros_like(d))
+        self.lost_sq += float(lost.double().pow(2).sum())
+
+    def report(self, name: str, info: TensorInfo, dtype: str, adapters: int, replaced: bool) -> TensorReport:
+        dn, bn = math.sqrt(self.delta_sq), math.sqrt(self.base_sq)
+        return TensorReport(
+            name=name, shape=list(info.shape), dtype=dtype, adapters=adapters, delta_norm=dn, base_norm=bn,
+            relative_change=dn / bn if bn else math.inf if dn else 0.0, max_abs_delta=self.max_abs,
+            retained=1.0 - math.sqrt(self.lost_sq) / dn if dn else 1.0, overflow=self.overflow, replaced=replaced,
+        )  # fmt: skip
+
+
+# ---- streaming --------------------------------------------------------------------------------------------
+
+
+def _read(fh: Any, start: int, n: int) -> bytearray:
+    buf = bytearray(n)
+    fh.seek(start)
+    view = memoryview(buf)
+    got = 0
+    while got < n:
+        k = fh.readinto(view[got:])
+        if not k:
+            raise FileFormatError(f"{getattr(fh, 'name', 'base')}: cut short while reading", "is the file truncated?")
+        got += k
+    return buf
+
+
+def _as_tensor(buf: bytearray, dtype: str, shape: tuple[int, ...]) -> torch.Tensor:
+    import torch
+
+    if not buf:
+        return torch.empty(shape, dtype=torch_dtype(dtype))
+    return torch.frombuffer(buf, dtype=torch_dtype(dtype)).reshape(shape)
+
+
+def _to_bytes(t: torch.Tensor) -> bytes | memoryview:
+    import torch
+
+    t = t.contiguous()
+    if t.numel() == 0:
+        return b""
+    return t.reshape(-1).view(torch.uint8).numpy().data
+
+
+class _Writer:
+    """Writes in a thread so that reading and computing the next chunk overlap with the disk."""
+
+    def __init__(self, fh: Any) -> None:
+        self.fh = fh
+        self.q: Queue[Any] = Queue(maxsize=2)
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while True:
+            item = self.q.get()
+            if item is None:
+                return
+            if self.error is None:
+                try:
+                    self.fh.write(item)
+                except BaseException as e:  # surfaced in write()/close()
+                    self.error = e
+
+    def write(self, data: Any) -> None:
+        if self.error is not None:
+            raise self.error
+        self.q.put(data)
+
+    def close(self) -> None:
+        self.q.put(None)
+        self.thread.join()
+        if self.error is not None:
+            raise self.error
+
+
+def _plain(parts: list[tuple[float, Module]]) -> bool:
+    return all(m.magnitude is None and m.lora_factors() is not None for _, m in parts)
+
+
+def _merge_tensor(
+    fh: Any,
+    info: TensorInfo,
+    out_dtype: str,
+    target: Target,
+    device: str,
+    writer: _Writer,
+    tick: Progress | None,
+) -> _Stats:
+    import torch
+
+    stats = _Stats()
+    shape = info.shape
+    rows = shape[0] if shape else 1
+    per_row = math.prod(shape[1:]) if len(shape) > 1 else 1
+    store = torch_dtype(out_dtype)
+    if target.replacement is not None:
+        base_full = _as_tensor(_read(fh, info.start, info.nbytes), info.dtype, shape).to(device, torch.float32)
+        start = target.replacement.load().to(device, torch.float32).reshape(shape)
+    else:
+        base_full, start = None, None
+    if _plain(target.contributions) and start is None:
+        # row chunks: W[r0:r1] + sum_i U_i[r0:r1] @ D_i (or the transposed forms), never the whole tensor in fp32
+        pieces = []
+        for w, m in target.contributions:
+            up, down = m.lora_factors(dtype=torch.float32, device=device)  # type: ignore[misc]
+            pieces.append((up, down * w, m.layer == "embedding" or m.fan_in_fan_out))
+        step = max(1, CHUNK_BYTES // max(1, per_row * 4))
+        row_bytes = per_row * DTYPE_SIZES[info.dtype]
+        for r0 in range(0, rows, step):
+            r1 = min(rows, r0 + step)
+            raw = _read(fh, info.start + r0 * row_bytes, (r1 - r0) * row_bytes)
+            base = _as_tensor(raw, info.dtype, (r1 - r0, per_row)).to(device, torch.float32)
+            merged = base.clone()
+            for up, down, transposed in pieces:
+                d = (up @ down[:, r0:r1]).T if transposed else up[r0:r1] @ down
+                merged += d.reshape(merged.shape)
+            stored = merged.to(store)
+            stats.add(base, merged, stored)
+            writer.write(_to_bytes(stored.cpu()))
+            if tick:
+                tick(len(raw), 0)
+        return stats
+    # whole tensor: DoRA (needs whole-row norms of the merged weight), LoHa, LoKr, Tucker, replacements
+    if base_full is None:
+        base_full = _as_tensor(_read(fh, info.start, info.nbytes), info.dtype, shape).to(device, torch.float32)
+    merged = base_full.clone() if start is None else start
+    for w, m in target.contributions:
+        merged = m.apply(merged, multiplier=w).reshape(shape)
+    stored = merged.to(store)
+    stats.add(base_full, merged, stored)
+    writer.write(_to_bytes(stored.cpu()))
+    if tick:
+        tick(info.nbytes, 0)
+    return stats
+
+
+def _copy_tensor(fh: Any, info: TensorInfo, out_dtype: str, writer: _Writer, tick: Progress | None) -> None:
+    if out_dtype == info.dtype:
+        left, pos = info.nbytes, info.start
+        while left:
+            n = min(left, CHUNK_BYTES)
+            writer.write(_read(fh, pos, n))
+            pos += n
+            left -= n
+            if tick:
+                tick(n, 0)
+        return
+
+    t = _as_tensor(_read(fh, info.start, info.nbytes), info.dtype, info.shape)
+    writer.write(_to_bytes(t.to(torch_dtype(out_dtype))))
+    if tick:
+        tick(info.nbytes, 0)
+
+
+def _out_dtype(info: TensorInfo, dtype: str | None) -> str:
+    if dtype and info.dtype.startswith(("F", "BF")):
+        return dtype
+    return info.dtype
+
+
+def _write_file(
+    src: Path, header: Header, dest: Path, prefix: str, targets: dict[str, Target], dtype: str | None,
+    device: str, report: MergeReport, tick: Progress | None,
+) -> int:  # fmt: skip
+    """One safetensors file: same tensors in the same order, merged where targeted. Returns bytes of data."""
+    order = sorted(header.tensors.values(), key=lambda t: (t.start, t.name))
+    entries: dict[str, Any] = {}
+    if header.metadata:
+        entries["__metadata__"] = header.metadata
+    offset = 0
+    for info in order:
+        dt = _out_dtype(info, dtype)
+        n = math.prod(info.shape) * DTYPE_SIZES[dt]
+        entries[info.name] = {"dtype": dt, "shape": list(info.shape), "data_offsets": [offset, offset + n]}
+        offset += n
+    raw = json.dumps(entries, separators=(",", ":")).encode("utf-8")
+    raw += b" " * (-len(raw) % 8)
+    with open(src, "rb") as fh, open(dest, "wb") as out:
+        out.write(struct.pack("<Q", len(raw)))
+        out.write(raw)
+        writer = _Writer(out)
+        try:
+            for info in order:
+                dt = _out_dtype(info, dtype)
+                target = targets.get(prefix + info.name)
+                if target is None:
+                    _copy_tensor(fh, info, dt, writer, tick)
+                    report.copied += 1
+                else:
+                    stats = _merge_tensor(fh, info, dt, target, device, writer, tick)
+                    report.tensors.append(
+                        stats.report(prefix + info.name, info, dt, len(target.contributions),
+                                     target.replacement is not None)
+                    )  # fmt: skip
+                if tick:
+                    tick(0, 1)
+        finally:
+            writer.close()
+    return offset
+
+
+def _copy_other_files(layout: Layout, tmp: Path, report: MergeReport) -> None:
+    skip = {wf.rel for wf in layout.files} | set(layout.indexes)
+    for path in sorted(layout.root.rglob("*")):
+        rel = path.relative_to(layout.root)
+        if any(part in (".git", ".cache") for part in rel.parts) or rel in skip:
+            continue
+        if path.is_dir():
+            (tmp / rel).mkdir(parents=True, exist_ok=True)
+            continue
+        if path.suffix.lower() in STALE_WEIGHTS:
+            report.warnings.append(f"not copied: {rel} (weights in another format would be the unmerged model)")
+            continue
+        (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(path, tmp / rel)
+        report.files_copied.append(str(rel))
+
+
+def _write_index(layout: Layout, index: Path, tmp: Path, sizes: dict[Path, int]) -> None:
+    src = json.loads((layout.root / index).read_text(encoding="utf-8"))
+    folder = index.parent
+    total = sum(size for rel, size in sizes.items() if rel.parent == folder)
+    src.setdefault("metadata", {})["total_size"] = total
+    (tmp / index).write_text(json.dumps(src, indent=2) + "\n", encoding="utf-8")
+
+
+def resolve_device(device: str | None) -> str:
+    import torch
+
+    dev = device or "cpu"
+    if dev == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if dev.startswith("cuda") and not torch.cuda.is_available():
+        raise LoratoolsError("--device cuda: no CUDA device is available here", "use --device cpu or auto")
+    if dev != "cpu" and not dev.startswith("cuda"):
+        raise LoratoolsError(f"unknown device {dev!r}", "use cpu, cuda or auto")
+    return dev
+
+
+def merge(
+    base: str | os.PathLike[str],
+    adapters: list[str | os.PathLike[str]],
+    out: str | os.PathLike[str],
+    weights: list[float] | None = None,
+    *,
+    device: str | None = None,
+    dtype: str | None = None,
+    force: bool = False,
+    progress: Callable[[int, int, int, int], Progress] | None = None,
+) -> MergeReport:
+    """Merge ``adapters`` into ``base``, writing ``out`` atomically in the base's layout.
+
+    ``progress(total_bytes, total_tensors, ...)`` may return a callback advanced by (bytes, tensors).
+    """
+    import torch
+
+    if not adapters:
+        raise LoratoolsError("merge needs at least one adapter")
+    weights = weights if weights is not None else [1.0] * len(adapters)
+    if len(weights) != len(adapters):
+        raise LoratoolsError(f"{len(weights)} weight(s) for {len(adapters)} adapter(s)", "give one weight per adapter")
+    if dtype is not None and dtype not in DTYPES:
+        raise LoratoolsError(f"unknown dtype {dtype!r}", "use fp32, fp16 or bf16")
+    out_dtype = DTYPES[dtype] if dtype else None
+    check_output(out, force=force, inputs=[base, *adapters])
+    dev = resolve_device(device)
+    layout = layout_of(base)
+    loaded = [load_adapter(a) for a in adapters]
+    targets = resolve(loaded, weights, layout)
+    report = MergeReport(str(base), None, [str(a) for a in adapters], weights, dev, dtype)
+    total_tensors = sum(len(wf.header.tensors) for wf in layout.files)
+    tick = progress(layout.total_bytes, total_tensors, 0, 0) if progress else None
+    record = provenance.record(
+        "merge", [(str(a), ad.format) for a, ad in zip(adapters, loaded, strict=True)], weights=weights, dtype=dtype
+    )
+    with torch.no_grad():
+        if layout.single_file:
+            wf = layout.files[0]
+            header = _with_record(wf.header, record)
+            with atomic_write(out, force=force) as tmp:
+                _write_file(layout.root, header, tmp, wf.prefix, targets, out_dtype, dev, report, tick)
+        else:
+            with atomic_dir(out, force=force) as tmp:
+                _copy_other_files(layout, tmp, report)
+                sizes: dict[Path, int] = {}
+                for wf in layout.files:
+                    (tmp / wf.rel).parent.mkdir(parents=True, exist_ok=True)
+                    header = _with_record(wf.header, record)
+                    sizes[wf.rel] = _write_file(
+                        layout.root / wf.rel, header, tmp / wf.rel, wf.prefix, targets, out_dtype, dev, report, tick
+                    )
+                for index in layout.indexes:
+                    _write_index(layout, index, tmp, sizes)
+    report.output = str(out)
+    return report
+
+
+def _with_record(header: Header, record: str) -> Header:
+    meta = dict(header.metadata)
+    meta[provenance.KEY] = record
+    return Header(header.path, header.tensors, meta, header.header_len, header.file_size)
+
+
+def layer_of(name: str) -> int | None:
+    m = re.search(r"\.(\d+)\.", name)
+    return int(m.group(1)) if m else None
+
+
+def iter_layers(report: MergeReport) -> Iterator[tuple[str, float, float]]:
+    """(layer label, max relative change, min retained) per layer, in layer order, for the HTML chart."""
+    groups: dict[str, list[TensorReport]] = {}
+    for t in report.tensors:
+        n = layer_of(t.name)
+        groups.setdefault("other" if n is None else str(n), []).append(t)
+    for key in sorted(groups, key=lambda k: (k == "other", int(k) if k.isdigit() else 0)):
+        ts = [t for t in groups[key] if t.delta_norm > 0]
+        if ts:
+            yield key, max(t.relative_change for t in ts), min(t.retained for t in ts)

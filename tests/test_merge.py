@@ -1,0 +1,253 @@
+"""merge against PEFT's merge_and_unload and diffusers' fuse, the merged folder in transformers, atomicity."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import pytest
+import safetensors.torch
+import torch
+from click.testing import CliRunner
+from conftest import FIXTURES
+
+from loratools import load_adapter
+from loratools.cli import cli
+from loratools.errors import LoratoolsError, OutputExistsError, ShapeError
+from loratools.ops import merge as merge_mod
+from loratools.ops.merge import merge
+
+PEFT_FIXTURES = {
+    "peft_llama": "tiny_llama",
+    "peft_llama_patterns": "tiny_llama",
+    "peft_llama_dora": "tiny_llama",
+    "peft_llama_embed": "tiny_llama",
+    "peft_llama_bin": "tiny_llama",
+    "peft_gpt2": "tiny_gpt2",
+}
+
+
+def load_dir(folder: Path) -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    for f in sorted(folder.rglob("*.safetensors")):
+        prefix = "" if f.parent == folder else f"{f.parent.relative_to(folder)}."
+        out.update({prefix + k: v for k, v in safetensors.torch.load_file(str(f)).items()})
+    return out
+
+
+@pytest.fixture(scope="module")
+def bases(mf: ModuleType, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("bases")
+    out = {}
+    for builder in ("tiny_llama", "tiny_gpt2"):
+        getattr(mf, builder)().save_pretrained(root / builder)
+        out[builder] = root / builder
+    return out
+
+
+@pytest.mark.parametrize("fixture", sorted(PEFT_FIXTURES))
+def test_merge_equals_peft_merge_and_unload(
+    fixture: str, mf: ModuleType, bases: dict[str, Path], tmp_path: Path
+) -> None:
+    from peft import PeftModel
+
+    builder = PEFT_FIXTURES[fixture]
+    merge(bases[builder], [FIXTURES / fixture], tmp_path / "out")
+    ours = load_dir(tmp_path / "out")
+    model = PeftModel.from_pretrained(getattr(mf, builder)(), FIXTURES / fixture)
+    ids = torch.arange(10).reshape(2, 5)
+    with torch.no_grad():
+        unmerged = model(ids).logits
+        peft_merged = model.merge_and_unload().state_dict()
+    base = load_dir(bases[builder])
+    assert ours.keys() == base.keys()
+    changed = 0
+    for key, value in ours.items():
+        want = peft_merged[key]
+        torch.testing.assert_close(value, want, rtol=1e-5, atol=1e-6, msg=lambda m, k=key: f"{k}: {m}")
+        changed += not torch.equal(value, base[key])
+    assert changed >= len(load_adapter(FIXTURES / fixture).modules)
+    # the merged folder loads in transformers as the base did, and gives the unmerged adapter's logits
+    from transformers import AutoModelForCausalLM
+
+    merged_model = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    with torch.no_grad():
+        torch.testing.assert_close(merged_model(ids).logits, unmerged, rtol=1e-4, atol=1e-5)
+    made = json.loads(safetensors.safe_open(str(tmp_path / "out" / "model.safetensors"), "pt").metadata()["loratools"])
+    assert made["command"] == "merge" and made["inputs"][0]["sha256"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted(p.name for p in bases[builder].iterdir())
+
+
+def test_merge_diffusers_pipeline_equals_diffusers_fuse(mf: ModuleType, tmp_path: Path) -> None:
+    from diffusers.loaders.lora_pipeline import StableDiffusionLoraLoaderMixin as SD
+
+    pipe = tmp_path / "pipe"
+    unet, te = mf.tiny_unet(), mf.tiny_clip()
+    unet.save_pretrained(pipe / "unet")
+    te.save_pretrained(pipe / "text_encoder")
+    (pipe / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
+    report = merge(pipe, [FIXTURES / "diffusers_sd"], tmp_path / "out", device="auto")
+    ours = load_dir(tmp_path / "out")
+    sd, alphas, meta = SD.lora_state_dict(str(FIXTURES / "diffusers_sd"), return_lora_metadata=True)
+    SD.load_lora_into_unet(sd, alphas, unet, adapter_name="default", metadata=meta)
+    SD.load_lora_into_text_encoder(sd, alphas, te, adapter_name="default", metadata=meta)
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    for model in (unet, te):
+        for module in model.modules():
+            if isinstance(module, BaseTunerLayer):
+                module.merge(adapter_names=["default"])
+    fused = {f"unet.{k}": v for k, v in _plain_state(unet).items()}
+    fused |= {f"text_encoder.{k}": v for k, v in _plain_state(te).items()}
+    assert len(report.tensors) == len(load_adapter(FIXTURES / "diffusers_sd").modules)
+    for t in report.tensors:
+        torch.testing.assert_close(
+            ours[t.name], fused[t.name], rtol=1e-5, atol=1e-6, msg=lambda m, n=t.name: f"{n}: {m}"
+        )
+    # the merged UNet loads back in diffusers
+    from diffusers import UNet2DConditionModel
+
+    UNet2DConditionModel.from_pretrained(tmp_path / "out" / "unet")
+    assert (tmp_path / "out" / "model_index.json").is_file()
+
+
+def _plain_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """A model's weights with PEFT's wrapper names (base_layer) folded back to the original ones."""
+    out = {}
+    for k, v in model.state_dict().items():
+        if "lora_" in k:
+            continue
+        out[k.replace(".base_layer.", ".")] = v
+    return out
+
+
+def test_kohya_and_lycoris_resolve_against_a_unet_folder(mf: ModuleType, tmp_path: Path) -> None:
+    mf.tiny_unet().save_pretrained(tmp_path / "unet")
+    for i, fx in enumerate(("lycoris_loha.safetensors", "lycoris_lokr.safetensors", "lycoris_dora.safetensors")):
+        out = tmp_path / f"out{i}"
+        report = merge(tmp_path / "unet", [FIXTURES / fx], out)
+        a = load_adapter(FIXTURES / fx)
+        assert len(report.tensors) == len(a.modules)
+        base, merged = load_dir(tmp_path / "unet"), load_dir(out)
+        flat = {("lora_unet_" + n[: -len(".weight")].replace(".", "_")): n for n in base}
+        for name, m in a.modules.items():
+            key = flat[name]
+            torch.testing.assert_close(merged[key], m.apply(base[key]), rtol=1e-5, atol=1e-6)
+
+
+def test_bf16_output_is_the_fp32_sum_cast_once(mf: ModuleType, tmp_path: Path) -> None:
+    mf.tiny_llama().to(torch.bfloat16).save_pretrained(tmp_path / "base")
+    weights = [0.8, -0.5]
+    adapters = [FIXTURES / "peft_llama", FIXTURES / "peft_llama_patterns"]
+    report = merge(tmp_path / "base", adapters, tmp_path / "out", weights)
+    base, ours = load_dir(tmp_path / "base"), load_dir(tmp_path / "out")
+    loaded = [load_adapter(a) for a in adapters]
+    for key, w in base.items():
+        want = w.float()
+        for a, k in zip(loaded, weights, strict=True):
+            m = a.modules.get(key.removesuffix(".weight"))
+            if m is not None:
+                want = want + k * m.delta()
+        assert ours[key].dtype == torch.bfloat16
+        assert torch.equal(ours[key], want.to(torch.bfloat16)), key
+    # what storage did: a bf16 cast rounds part of the delta away, and the report says how much
+    kept = [t.retained for t in report.tensors]
+    assert all(0.9 < r < 1.0 for r in kept)
+    assert report.summary["overflow"] == 0
+
+
+def test_fp16_overflow_is_reported(mf: ModuleType, tmp_path: Path) -> None:
+    from loratools.io.safetensors import write_safetensors
+
+    base = tmp_path / "base.safetensors"
+    write_safetensors(
+        base, {"model.layers.0.self_attn.q_proj.weight": torch.full((32, 32), 65000.0, dtype=torch.float16)}
+    )
+    adapter = load_adapter(FIXTURES / "peft_llama")
+    adapter.modules = {"model.layers.0.self_attn.q_proj": adapter.modules["model.layers.0.self_attn.q_proj"]}
+    from loratools import save_adapter
+
+    save_adapter(adapter, tmp_path / "one")
+    report = merge(base, [tmp_path / "one"], tmp_path / "out.safetensors", [1e4])
+    assert report.tensors[0].overflow > 0
+
+
+def test_sharded_base_keeps_its_shards_and_index(mf: ModuleType, tmp_path: Path) -> None:
+    mf.tiny_llama().save_pretrained(tmp_path / "base", max_shard_size="20KB")
+    shards = sorted(p.name for p in (tmp_path / "base").glob("*.safetensors"))
+    assert len(shards) > 2
+    merge(tmp_path / "base", [FIXTURES / "peft_llama"], tmp_path / "out", dtype="bf16")
+    assert sorted(p.name for p in (tmp_path / "out").glob("*.safetensors")) == shards
+    index = json.loads((tmp_path / "out" / "model.safetensors.index.json").read_text())
+    sizes = 0
+    for shard in shards:
+        h = safetensors.safe_open(str(tmp_path / "out" / shard), "pt")
+        for k in h.keys():  # noqa: SIM118
+            assert index["weight_map"][k] == shard
+            sizes += h.get_tensor(k).numel() * 2
+    assert index["metadata"]["total_size"] == sizes
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+
+
+def test_failure_half_way_leaves_nothing(
+    bases: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls = {"n": 0}
+    real = merge_mod._merge_tensor
+
+    def failing(*args: Any, **kw: Any) -> Any:
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt  # Ctrl-C in the middle of a shard
+        return real(*args, **kw)
+
+    monkeypatch.setattr(merge_mod, "_merge_tensor", failing)
+    before = sorted(os.listdir(tmp_path))
+    with pytest.raises(KeyboardInterrupt):
+        merge(bases["tiny_llama"], [FIXTURES / "peft_llama"], tmp_path / "out")
+    assert sorted(os.listdir(tmp_path)) == before  # no output, no temp folder
+    calls["n"] = 0
+    with pytest.raises(KeyboardInterrupt):
+        merge(bases["tiny_llama"] / "model.safetensors", [FIXTURES / "peft_llama"], tmp_path / "out.safetensors")
+    assert sorted(os.listdir(tmp_path)) == before
+
+
+def test_refuses_to_overwrite_and_never_touches_inputs(bases: dict[str, Path], tmp_path: Path) -> None:
+    (tmp_path / "out").mkdir()
+    with pytest.raises(OutputExistsError, match="already exists"):
+        merge(bases["tiny_llama"], [FIXTURES / "peft_llama"], tmp_path / "out")
+    merge(bases["tiny_llama"], [FIXTURES / "peft_llama"], tmp_path / "out", force=True)
+    assert (tmp_path / "out" / "model.safetensors").is_file()
+    with pytest.raises(OutputExistsError, match="one of the inputs"):
+        merge(bases["tiny_llama"], [FIXTURES / "peft_llama"], bases["tiny_llama"], force=True)
+    r = CliRunner().invoke(
+        cli, ["merge", str(bases["tiny_llama"]), str(FIXTURES / "peft_llama"), "-o", str(tmp_path / "out")]
+    )
+    assert r.exit_code == 1 and "already exists" in r.stderr and "--force" in r.stderr
+
+
+def test_modules_that_do_not_resolve_are_an_error_listing_them(bases: dict[str, Path], tmp_path: Path) -> None:
+    with pytest.raises(ShapeError, match="8 module\\(s\\) match no base tensor: model.layers.0"):
+        merge(bases["tiny_gpt2"], [FIXTURES / "peft_llama"], tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(LoratoolsError, match="weight"):
+        merge(bases["tiny_llama"], [FIXTURES / "peft_llama"], tmp_path / "x", [1.0, 2.0])
+
+
+def test_cli_report_json_and_html(bases: dict[str, Path], tmp_path: Path) -> None:
+    args = ["merge", str(bases["tiny_llama"]), str(FIXTURES / "peft_llama"), "--dtype", "bf16"]
+    r = CliRunner().invoke(cli, [*args, "-o", str(tmp_path / "a"), "--report", str(tmp_path / "r.json")])
+    assert r.exit_code == 0, r.output
+    data = json.loads((tmp_path / "r.json").read_text())
+    assert data["summary"]["merged"] == 8 and len(data["tensors"]) == 8
+    t = data["tensors"][0]
+    assert {"name", "delta_norm", "base_norm", "relative_change", "max_abs_delta", "retained", "overflow"} <= t.keys()
+    assert "delta retained min" in r.stdout
+    r = CliRunner().invoke(cli, [*args, "-o", str(tmp_path / "b"), "--report", str(tmp_path / "r.html")])
+    page = (tmp_path / "r.html").read_text()
+    assert r.exit_code == 0 and "<svg" in page and "model.layers.1.self_attn.q_proj.weight" in page
