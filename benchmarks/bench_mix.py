@@ -14,9 +14,6 @@ Prints a Markdown table for docs/performance.md.
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -25,48 +22,11 @@ from pathlib import Path
 
 import torch
 
-HIDDEN, INTER, LAYERS, RANK = 4096, 11008, 32, 16
-MODULES = {
-    "self_attn.q_proj": (HIDDEN, HIDDEN),
-    "self_attn.k_proj": (HIDDEN, HIDDEN),
-    "self_attn.v_proj": (HIDDEN, HIDDEN),
-    "self_attn.o_proj": (HIDDEN, HIDDEN),
-    "mlp.gate_proj": (INTER, HIDDEN),
-    "mlp.up_proj": (INTER, HIDDEN),
-    "mlp.down_proj": (HIDDEN, INTER),
-}
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import MODULES, machine, write_peft  # noqa: E402
+
+LAYERS, RANK = 32, 16
 WEIGHTS = [0.7, 0.3]
-
-
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads"
-
-
-def write_peft(folder: Path, layers: int, seed: int, r: int = RANK, alpha: int = 32) -> None:
-    from loratools.io.safetensors import write_safetensors
-
-    g = torch.Generator().manual_seed(seed)
-    tensors = {}
-    for layer in range(layers):
-        for mod, (out, inn) in MODULES.items():
-            key = f"base_model.model.model.layers.{layer}.{mod}"
-            tensors[f"{key}.lora_A.weight"] = torch.randn(r, inn, generator=g) / inn**0.5
-            tensors[f"{key}.lora_B.weight"] = torch.randn(out, r, generator=g) * 0.01
-    folder.mkdir(parents=True)
-    write_safetensors(folder / "adapter_model.safetensors", tensors, {"format": "pt"})
-    cfg = {
-        "peft_type": "LORA", "r": r, "lora_alpha": alpha, "task_type": "CAUSAL_LM", "bias": "none",
-        "target_modules": sorted({m.split(".")[-1] for m in MODULES}), "base_model_name_or_path": "llama-7b-shaped",
-    }  # fmt: skip
-    (folder / "adapter_config.json").write_text(json.dumps(cfg))
 
 
 def exact_sum(adapters: list, name: str) -> torch.Tensor:
@@ -119,6 +79,7 @@ def one_layer(tmp: Path, skip_peft: bool) -> list[str]:
     rows.append(f"| loratools `mix --method svd` (file to file) | {ours_file:.3f} s | {ours_err:.6e} |")
 
     if not skip_peft:
+        from common import HIDDEN, INTER
         from peft import PeftModel
         from peft.tuners.lora import LoraLayer
         from transformers import LlamaConfig, LlamaForCausalLM

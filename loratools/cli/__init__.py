@@ -34,13 +34,14 @@ def cli() -> None:
 
 
 def _register() -> None:
-    from . import inspect, merge, mix, resize, validate
+    from . import diff, inspect, merge, mix, resize, validate
 
     cli.add_command(inspect.inspect_cmd)
     cli.add_command(validate.validate_cmd)
     cli.add_command(mix.mix_cmd)
     cli.add_command(resize.resize_cmd)
     cli.add_command(merge.merge_cmd)
+    cli.add_command(diff.diff_cmd)
 
 
 _register()

@@ -253,23 +253,28 @@ class MergeReport:
 
 
 class _Stats:
+    """Norms accumulated chunk by chunk (float64 sums of float32 norms: a few fused passes per chunk)."""
+
     def __init__(self) -> None:
         self.delta_sq = self.base_sq = self.lost_sq = self.max_abs = 0.0
         self.overflow = 0
 
-    def add(self, base: torch.Tensor, merged: torch.Tensor, stored: torch.Tensor) -> None:
+    def add(self, base: torch.Tensor, delta: torch.Tensor, stored: torch.Tensor) -> None:
+        """``delta`` is what was meant (merged - base, float32); ``stored`` what the file now holds."""
         import torch
 
-        d = merged - base
-        self.delta_sq += float(d.double().pow(2).sum())
-        self.base_sq += float(base.double().pow(2).sum())
-        if d.numel():
-            self.max_abs = max(self.max_abs, float(d.abs().max()))
-        s = stored.float()
-        finite = torch.isfinite(s)
-        self.overflow += int((~finite & torch.isfinite(merged)).sum())
-        lost = torch.where(finite, (s - base) - d, torch.zeros_like(d))
-        self.lost_sq += float(lost.double().pow(2).sum())
+        norm = torch.linalg.vector_norm
+        self.delta_sq += float(norm(delta)) ** 2
+        self.base_sq += float(norm(base)) ** 2
+        if delta.numel():
+            self.max_abs = max(self.max_abs, float(norm(delta, float("inf"))))
+        lost = (stored.float() - base).sub_(delta)  # out of place first: stored may already be float32
+        lost_sq = float(norm(lost)) ** 2
+        if not math.isfinite(lost_sq):  # an overflow to inf in storage: count it, measure the rest
+            bad = ~torch.isfinite(lost)
+            self.overflow += int(bad.sum())
+            lost_sq = float(norm(lost.masked_fill_(bad, 0))) ** 2
+        self.lost_sq += lost_sq
 
     def report(self, name: str, info: TensorInfo, dtype: str, adapters: int, replaced: bool) -> TensorReport:
         dn, bn = math.sqrt(self.delta_sq), math.sqrt(self.base_sq)
@@ -383,12 +388,13 @@ def _merge_tensor(
             r1 = min(rows, r0 + step)
             raw = _read(fh, info.start + r0 * row_bytes, (r1 - r0) * row_bytes)
             base = _as_tensor(raw, info.dtype, (r1 - r0, per_row)).to(device, torch.float32)
-            merged = base.clone()
+            delta = None
             for up, down, transposed in pieces:
-                d = (up @ down[:, r0:r1]).T if transposed else up[r0:r1] @ down
-                merged += d.reshape(merged.shape)
-            stored = merged.to(store)
-            stats.add(base, merged, stored)
+                d = ((up @ down[:, r0:r1]).T if transposed else up[r0:r1] @ down).reshape(base.shape)
+                delta = d if delta is None else delta.add_(d)
+            assert delta is not None
+            stored = (base + delta).to(store)
+            stats.add(base, delta, stored)
             writer.write(_to_bytes(stored.cpu()))
             if tick:
                 tick(len(raw), 0)
@@ -400,7 +406,7 @@ def _merge_tensor(
     for w, m in target.contributions:
         merged = m.apply(merged, multiplier=w).reshape(shape)
     stored = merged.to(store)
-    stats.add(base_full, merged, stored)
+    stats.add(base_full, merged - base_full, stored)
     writer.write(_to_bytes(stored.cpu()))
     if tick:
         tick(info.nbytes, 0)

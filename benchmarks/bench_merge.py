@@ -1,0 +1,133 @@
+"""Merge a rank-16 adapter into a Llama-7B-shaped bf16 checkpoint of over 4 GB: `loratools merge` against
+`cp -r` of the same checkpoint and against PEFT (load, merge_and_unload, save_pretrained).
+
+    python benchmarks/bench_merge.py [--layers 9] [--skip-peft] [--device cuda] [--keep DIR]
+
+Each is run as its own process; wall time and that process's peak RSS (ru_maxrss) are printed as a Markdown
+table. The checkpoint is written first, so all three read it from the page cache.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import HIDDEN, INTER, MODULES, VOCAB, machine, run_measured, write_peft  # noqa: E402
+
+PEFT_SCRIPT = """
+import sys, torch
+from peft import PeftModel
+from transformers import AutoModelForCausalLM
+base, adapter, out = sys.argv[1:4]
+model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.bfloat16)
+model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
+model.save_pretrained(out)
+"""
+
+
+def write_checkpoint(folder: Path, layers: int, shard_bytes: int = 2 << 30) -> tuple[int, int]:
+    """A sharded HF Llama checkpoint of random bf16 weights; returns (total bytes, largest tensor bytes)."""
+    from loratools.io.safetensors import write_safetensors
+    from loratools.model import TensorRef
+
+    shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (VOCAB, HIDDEN)}
+    for layer in range(layers):
+        p = f"model.layers.{layer}."
+        for mod, shape in MODULES.items():
+            shapes[p + mod + ".weight"] = shape
+        shapes[p + "input_layernorm.weight"] = (HIDDEN,)
+        shapes[p + "post_attention_layernorm.weight"] = (HIDDEN,)
+    shapes["model.norm.weight"] = (HIDDEN,)
+    shapes["lm_head.weight"] = (VOCAB, HIDDEN)
+
+    def ref(name: str, shape: tuple[int, ...]) -> TensorRef:
+        def make() -> torch.Tensor:
+            g = torch.Generator().manual_seed(hash(name) % 2**31)
+            return (torch.randn(shape, generator=g) * 0.02).to(torch.bfloat16)
+
+        return TensorRef(shape, "BF16", make)
+
+    shards: list[dict[str, TensorRef]] = [{}]
+    size = 0
+    for name, shape in shapes.items():
+        n = math.prod(shape) * 2
+        if size and size + n > shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = ref(name, shape)
+        size += n
+    folder.mkdir(parents=True)
+    weight_map = {}
+    for i, shard in enumerate(shards):
+        fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        write_safetensors(folder / fname, shard, {"format": "pt"})
+        weight_map.update(dict.fromkeys(shard, fname))
+    total = sum(math.prod(s) * 2 for s in shapes.values())
+    (folder / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2)
+    )
+    config = {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": HIDDEN,
+        "intermediate_size": INTER, "num_hidden_layers": layers, "num_attention_heads": 32,
+        "num_key_value_heads": 32, "vocab_size": VOCAB, "max_position_embeddings": 4096, "rms_norm_eps": 1e-5,
+        "tie_word_embeddings": False, "torch_dtype": "bfloat16",
+    }  # fmt: skip
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
+    return total, max(math.prod(s) * 2 for s in shapes.values())
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--layers", type=int, default=9, help="decoder layers (9 gives 4.2 GB)")
+    p.add_argument("--skip-peft", action="store_true")
+    p.add_argument("--device", default="cpu", help="device for loratools merge (cpu or cuda)")
+    p.add_argument("--keep", type=Path, help="work in this folder and keep it (default: a temp folder)")
+    args = p.parse_args()
+    work = args.keep or Path(tempfile.mkdtemp(prefix="bench_merge_", dir="."))
+    try:
+        base = work / "base"
+        total, largest = write_checkpoint(base, args.layers)
+        write_peft(work / "adapter", args.layers, seed=5)
+        gb = total / 1e9
+        print(f"machine: {machine()}")
+        print(f"checkpoint: {args.layers} Llama-7B-shaped layers, bf16, {gb:.2f} GB in "
+              f"{len(list(base.glob('*.safetensors')))} shards; largest tensor {largest / 2**20:.0f} MiB; "
+              f"adapter rank 16 on q/k/v/o/gate/up/down\n")  # fmt: skip
+        print("| what | wall | peak RSS | throughput |")
+        print("|---|---|---|---|")
+        rows = {}
+        wall, rss = run_measured(["cp", "-r", str(base), str(work / "copy")])
+        rows["cp"] = wall
+        print(f"| `cp -r` of the checkpoint | {wall:.2f} s | {rss:.2f} GiB | {gb / wall:.2f} GB/s |", flush=True)
+        loratools = str(Path(sys.executable).with_name("loratools"))
+        cmd = [loratools, "merge", str(base), str(work / "adapter"), "-o", str(work / "ours"), "--device", args.device]
+        wall, rss = run_measured(cmd)
+        rows["ours"] = wall
+        print(f"| `loratools merge` (--device {args.device}) | {wall:.2f} s | {rss:.2f} GiB | {gb / wall:.2f} GB/s |",
+              flush=True)  # fmt: skip
+        if not args.skip_peft:
+            wall, rss = run_measured(
+                [sys.executable, "-c", PEFT_SCRIPT, str(base), str(work / "adapter"), str(work / "peft")]
+            )
+            rows["peft"] = wall
+            print(
+                f"| PEFT: load, `merge_and_unload`, `save_pretrained` | {wall:.2f} s | {rss:.2f} GiB | {gb / wall:.2f} GB/s |"
+            )
+        print(f"\nmerge / copy: {rows['ours'] / rows['cp']:.2f}x"
+              + (f"; PEFT / merge: {rows['peft'] / rows['ours']:.1f}x" if "peft" in rows else "")
+              + f"; RSS budget (0.5 GiB + largest tensor): {0.5 + largest / 2**30:.2f} GiB")  # fmt: skip
+    finally:
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

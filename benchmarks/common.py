@@ -1,0 +1,69 @@
+"""What the benchmarks share: the machine line, Llama-7B shapes, and synthetic PEFT adapters."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import time
+from pathlib import Path
+
+import torch
+
+HIDDEN, INTER, VOCAB = 4096, 11008, 32000
+MODULES = {
+    "self_attn.q_proj": (HIDDEN, HIDDEN),
+    "self_attn.k_proj": (HIDDEN, HIDDEN),
+    "self_attn.v_proj": (HIDDEN, HIDDEN),
+    "self_attn.o_proj": (HIDDEN, HIDDEN),
+    "mlp.gate_proj": (INTER, HIDDEN),
+    "mlp.up_proj": (INTER, HIDDEN),
+    "mlp.down_proj": (HIDDEN, INTER),
+}
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    return f"{cpu}, {os.cpu_count()} cores, {mem:.0f} GiB RAM, {gpu}, torch {torch.__version__}"
+
+
+def write_peft(folder: Path, layers: int, seed: int, r: int = 16, alpha: int = 32) -> None:
+    """A random PEFT LoRA adapter on every q/k/v/o/gate/up/down of a Llama-7B-shaped model."""
+    from loratools.io.safetensors import write_safetensors
+
+    g = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for layer in range(layers):
+        for mod, (out, inn) in MODULES.items():
+            key = f"base_model.model.model.layers.{layer}.{mod}"
+            tensors[f"{key}.lora_A.weight"] = torch.randn(r, inn, generator=g) / inn**0.5
+            tensors[f"{key}.lora_B.weight"] = torch.randn(out, r, generator=g) * 0.01
+    folder.mkdir(parents=True)
+    write_safetensors(folder / "adapter_model.safetensors", tensors, {"format": "pt"})
+    cfg = {
+        "peft_type": "LORA", "r": r, "lora_alpha": alpha, "task_type": "CAUSAL_LM", "bias": "none",
+        "target_modules": sorted({m.split(".")[-1] for m in MODULES}), "base_model_name_or_path": "llama-7b-shaped",
+    }  # fmt: skip
+    (folder / "adapter_config.json").write_text(json.dumps(cfg))
+
+
+def run_measured(cmd: list[str]) -> tuple[float, float]:
+    """Run a command; return (wall seconds, peak RSS in GiB of that process)."""
+    t = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - t
+    if status != 0:
+        err = proc.stderr.read().decode() if proc.stderr else ""
+        raise SystemExit(f"{cmd[0]} failed ({status}): {err[-2000:]}")
+    return wall, usage.ru_maxrss / 2**20  # ru_maxrss is in KiB on Linux

@@ -1,0 +1,122 @@
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import click
+
+from .output import json_option, out_console, print_json, progress_bar
+
+if TYPE_CHECKING:
+    from ..ops.diff import DiffReport
+
+#: notes shown under the table without --all (--json lists them all)
+SHOWN_NOTES = 10
+
+
+def _num(x: float, spec: str) -> str:
+    return "0" if x == 0 else format(x, spec)
+
+
+def _cosine(c: float) -> str:
+    """Near 1 the distance from 1 is what tells: ``1-2.3e-10``."""
+    return f"1-{1 - c:.2g}" if 0.9999 < c < 1 else f"{c:.6g}"
+
+
+@click.command("diff")
+@click.argument("a", type=click.Path(exists=True))
+@click.argument("b", type=click.Path(exists=True))
+@click.option(
+    "--atol", type=click.FloatRange(min=0), default=0.0, show_default=True, help="Absolute tolerance per element."
+)
+@click.option(
+    "--rtol", type=click.FloatRange(min=0), default=0.0, show_default=True, help="Relative tolerance (times |b|)."
+)
+@click.option(
+    "--mode",
+    type=click.Choice(["auto", "tensors", "deltas"]),
+    default="auto",
+    show_default=True,
+    help="tensors: stored tensors by name. deltas: adapters module by module. auto: deltas when both are adapters.",
+)
+@click.option("--all", "show_all", is_flag=True, help="List every tensor and note, not only those that differ.")
+@json_option
+def diff_cmd(a: str, b: str, atol: float, rtol: float, mode: str, show_all: bool, as_json: bool) -> None:
+    """Compare two checkpoints or two adapters: exit 0 when they match within tolerance, 1 otherwise.
+
+    A and B are safetensors files, model folders (single or sharded with model.safetensors.index.json),
+    diffusers pipeline folders, or adapters in any format loratools reads. Two adapters are compared by their
+    deltas, module by module, so a PEFT folder matches its kohya or diffusers conversion; anything else is
+    compared tensor by tensor by name, streaming from the files. Per pair: max |a-b|, relative Frobenius
+    difference ||a-b||/||a||, and cosine. A pair differs when some element has |a-b| > atol + rtol*|b|
+    (as numpy.allclose); tensors only on one side and shape or dtype changes count as differences too.
+
+    \b
+    Example:
+      loratools diff fixtures/peft_llama fixtures/peft_llama_bin
+      loratools diff fixtures/peft_llama fixtures/peft_llama_patterns --json
+      loratools diff fixtures/peft_llama fixtures/peft_llama_dora --mode tensors --atol 1e-3 --all
+    """
+    from ..ops.diff import plan_diff
+
+    plan = plan_diff(a, b, mode)  # type: ignore[arg-type]
+    with progress_bar("comparing", len(plan.pairs)) as tick:
+        rep = plan.run(atol, rtol, progress=tick)
+    if as_json:
+        print_json(rep.to_dict())
+    else:
+        _render(rep, show_all)
+    if not rep.identical:
+        raise SystemExit(1)
+
+
+def _render(rep: DiffReport, show_all: bool) -> None:
+    from rich.table import Table
+
+    con = out_console()
+    changes = {c.name: c for c in rep.changed}
+    table = Table(show_edge=False, header_style="bold")
+    for col, justify in [
+        ("module" if rep.mode == "deltas" else "tensor", "left"), ("shape", "left"), ("dtype", "left"),
+        ("max abs diff", "right"), ("rel diff", "right"), ("cosine", "right"), ("status", "left"),
+    ]:  # fmt: skip
+        table.add_column(col, justify=justify)  # type: ignore[arg-type]
+    rows: list[tuple[str, list[str]]] = []
+    for t in rep.tensors:
+        c = changes.pop(t.name, None)
+        status = ["[red]differs[/]"] if t.differs else []
+        dtype = t.dtype
+        if c is not None and c.a_dtype != c.b_dtype:
+            dtype = f"{c.a_dtype}->{c.b_dtype}"
+            status.append("[red]dtype[/]")
+        if c is not None and c.a_shape != c.b_shape:
+            status.append("[red]shape[/]")
+        if not status and not show_all:
+            continue
+        shape = "x".join(map(str, t.shape))
+        cells = [shape, dtype, _num(t.max_abs, ".4g"), _num(t.rel_fro, ".4g"), _cosine(t.cosine)]
+        rows.append((t.name, [*cells, ", ".join(status) or "[green]same[/]"]))
+    for c in changes.values():  # shape changes, not compared
+        shape = "x".join(map(str, c.a_shape)) + "->" + "x".join(map(str, c.b_shape))
+        dtype = c.a_dtype if c.a_dtype == c.b_dtype else f"{c.a_dtype}->{c.b_dtype}"
+        rows.append((c.name, [shape, dtype, "-", "-", "-", "[red]shape[/]"]))
+    rows += [(n, ["", "", "-", "-", "-", "[red]only in A[/]"]) for n in rep.only_in_a]
+    rows += [(n, ["", "", "-", "-", "-", "[red]only in B[/]"]) for n in rep.only_in_b]
+    for name, cells in sorted(rows, key=lambda r: r[0]):
+        table.add_row(name, *cells)
+    if rows:
+        con.print(table)
+    notes = rep.notes if show_all else rep.notes[:SHOWN_NOTES]
+    for note in notes:
+        con.print(f"[dim]note:[/] {note}", highlight=False)
+    if len(notes) < len(rep.notes):
+        con.print(f"[dim]note: ... and {len(rep.notes) - len(notes)} more (--all or --json lists them)[/]")
+    tol = f"atol {rep.atol:g}, rtol {rep.rtol:g}" if rep.atol or rep.rtol else "exact"
+    if rep.identical:
+        con.print(f"[green]identical[/]: {rep.compared} tensors compared ({rep.mode}, {tol})", highlight=False)
+    else:
+        con.print(
+            f"[red]different[/]: {rep.compared} tensors compared ({rep.mode}, {tol}), {rep.differ} differ, "
+            f"{len(rep.only_in_a)} only in A, {len(rep.only_in_b)} only in B, "
+            f"{len(rep.changed)} shape/dtype change(s)",
+            highlight=False,
+        )
