@@ -106,12 +106,12 @@ def main() -> None:
         rows = {}
         wall, rss = run_measured(["cp", "-r", str(base), str(work / "copy")])
         rows["cp"] = wall
-        print(f"| `cp -r` of the checkpoint | {wall:.2f} s | {rss:.2f} GiB | {gb / wall:.2f} GB/s |", flush=True)
+        print(f"| `cp -r` of the checkpoint | {wall:.2f} s | {rss:.3f} GiB | {gb / wall:.2f} GB/s |", flush=True)
         loratools = str(Path(sys.executable).with_name("loratools"))
         cmd = [loratools, "merge", str(base), str(work / "adapter"), "-o", str(work / "ours"), "--device", args.device]
         wall, rss = run_measured(cmd)
         rows["ours"] = wall
-        print(f"| `loratools merge` (--device {args.device}) | {wall:.2f} s | {rss:.2f} GiB | {gb / wall:.2f} GB/s |",
+        print(f"| `loratools merge` (--device {args.device}) | {wall:.2f} s | {rss:.3f} GiB | {gb / wall:.2f} GB/s |",
               flush=True)  # fmt: skip
         if not args.skip_peft:
             wall, rss = run_measured(
@@ -119,7 +119,7 @@ def main() -> None:
             )
             rows["peft"] = wall
             print(
-                f"| PEFT: load, `merge_and_unload`, `save_pretrained` | {wall:.2f} s | {rss:.2f} GiB | {gb / wall:.2f} GB/s |"
+                f"| PEFT: load, `merge_and_unload`, `save_pretrained` | {wall:.2f} s | {rss:.3f} GiB | {gb / wall:.2f} GB/s |"
             )
         print(f"\nmerge / copy: {rows['ours'] / rows['cp']:.2f}x"
               + (f"; PEFT / merge: {rows['peft'] / rows['ours']:.1f}x" if "peft" in rows else "")

@@ -58,12 +58,33 @@ def write_peft(folder: Path, layers: int, seed: int, r: int = 16, alpha: int = 3
 
 
 def run_measured(cmd: list[str]) -> tuple[float, float]:
-    """Run a command; return (wall seconds, peak RSS in GiB of that process)."""
+    """Run a command; return (wall seconds, peak RSS in GiB of that process).
+
+    The peak is the kernel's VmHWM of the process's own address space, polled every 10 ms: ru_maxrss would
+    also count the forked copy of this (large) parent from before the exec.
+    """
+    import threading
+
     t = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(proc.pid, 0)
+    peak = [0]
+
+    def poll() -> None:
+        status = Path(f"/proc/{proc.pid}/status")
+        while proc.poll() is None:
+            try:
+                for line in status.read_text().splitlines():
+                    if line.startswith("VmHWM:"):
+                        peak[0] = max(peak[0], int(line.split()[1]))
+            except (OSError, ValueError):
+                pass
+            time.sleep(0.01)
+
+    watcher = threading.Thread(target=poll, daemon=True)
+    watcher.start()
+    _, err = proc.communicate()
     wall = time.perf_counter() - t
-    if status != 0:
-        err = proc.stderr.read().decode() if proc.stderr else ""
-        raise SystemExit(f"{cmd[0]} failed ({status}): {err[-2000:]}")
-    return wall, usage.ru_maxrss / 2**20  # ru_maxrss is in KiB on Linux
+    watcher.join()
+    if proc.returncode != 0:
+        raise SystemExit(f"{cmd[0]} failed ({proc.returncode}): {err.decode()[-2000:]}")
+    return wall, peak[0] / 2**20  # KiB -> GiB
