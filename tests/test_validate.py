@@ -262,3 +262,10 @@ def test_every_code_is_exercised() -> None:
     source = Path(__file__).read_text()
     missing = [c for c in CODES if f'"{c}"' not in source]
     assert missing == []
+
+
+def test_consumer_findings_come_with_a_fix() -> None:
+    rep = validate(FIXTURES / "peft_llama_dora", for_="vllm")
+    found = [f for f in rep.findings if f.code == "consumer"]
+    assert found and all("(fix: " in f.message for f in found) and not rep.ok
+    assert [f.code for f in validate(PEFT, for_="vllm").findings] == []

@@ -34,7 +34,7 @@ def cli() -> None:
 
 
 def _register() -> None:
-    from . import diff, inspect, merge, mix, resize, validate
+    from . import convert, diff, inspect, merge, mix, resize, validate
 
     cli.add_command(inspect.inspect_cmd)
     cli.add_command(validate.validate_cmd)
@@ -42,6 +42,7 @@ def _register() -> None:
     cli.add_command(resize.resize_cmd)
     cli.add_command(merge.merge_cmd)
     cli.add_command(diff.diff_cmd)
+    cli.add_command(convert.convert_cmd)
 
 
 _register()

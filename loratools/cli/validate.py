@@ -10,9 +10,17 @@ from .output import format_option, json_option, out_console, print_json
 @click.option("--base", type=click.Path(exists=True), help="Base checkpoint the adapter must fit (file or folder).")
 @click.option("--strict", is_flag=True, help="Treat warnings as errors.")
 @click.option("--fast", is_flag=True, help="Headers only: skip the NaN/Inf, zero-factor and hash checks.")
+@click.option(
+    "--for",
+    "for_",
+    type=click.Choice(["vllm", "tgi", "llama.cpp", "ollama", "diffusers", "comfyui"]),
+    help="Also check what this consumer refuses or gets wrong, with the command that fixes it.",
+)
 @format_option
 @json_option
-def validate_cmd(source: str, base: str | None, strict: bool, fast: bool, fmt: str | None, as_json: bool) -> None:
+def validate_cmd(
+    source: str, base: str | None, strict: bool, fast: bool, for_: str | None, fmt: str | None, as_json: bool
+) -> None:
     """Check an adapter: exit 0 when it is sound, 1 with a list of findings otherwise.
 
     Finds truncated files and lying headers, factors without partners, rank mismatches (between factors and
@@ -24,10 +32,11 @@ def validate_cmd(source: str, base: str | None, strict: bool, fast: bool, fmt: s
     Example:
       loratools validate fixtures/peft_llama
       loratools validate fixtures/peft_gpt2 --strict --json
+      loratools validate fixtures/peft_llama_patterns --for llama.cpp
     """
     from ..ops.validate import validate
 
-    rep = validate(source, format=fmt, base=base, strict=strict, fast=fast)
+    rep = validate(source, format=fmt, base=base, strict=strict, fast=fast, for_=for_)
     if as_json:
         print_json(rep.to_dict())
     else:

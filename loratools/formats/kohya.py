@@ -17,6 +17,7 @@ from ..errors import IncompatibleAdaptersError
 from ..io.safetensors import write_safetensors
 from ..model import Adapter, TensorRef, torch_dtype
 from .common import KeyTable, Rule, build_module, carried_metadata, check_leftovers, group_keys, open_raw, scalar
+from .names import to_kohya
 
 NAME = "kohya"
 PREFIX_RE = re.compile(r"^(lora_(unet|te\d?|transformer|prior|text_encoder\w*)|lycoris)_")
@@ -46,15 +47,6 @@ TABLE = KeyTable(
         Rule(".diff_b", "bias", "full"),
     ]
 )
-
-#: diffusers component -> kohya prefix, for writing dotted diffusers names in kohya form
-COMPONENT_PREFIX = {
-    "unet": "lora_unet",
-    "transformer": "lora_transformer",
-    "text_encoder": "lora_te",
-    "text_encoder_2": "lora_te2",
-    "text_encoder_3": "lora_te3",
-}
 
 
 def looks_like(keys: list[str]) -> bool:
@@ -93,16 +85,11 @@ def base_model_of(meta: dict[str, str]) -> str | None:
 
 
 def kohya_name(name: str) -> str:
-    """A dotted (diffusers) name in kohya form; kohya names pass through."""
+    """A dotted name in kohya form (``unet.x.y`` -> ``lora_unet_x_y``; a whole model's ``model.x`` ->
+    ``lycoris_model_x``, LyCORIS' prefix for networks on any model); kohya names pass through."""
     if "." not in name:
         return name
-    comp, _, path = name.partition(".")
-    prefix = COMPONENT_PREFIX.get(comp)
-    if prefix is None:
-        raise IncompatibleAdaptersError(
-            f"{name}: no kohya prefix for a module outside a diffusers component (unet, text_encoder, ...)",
-        )
-    return f"{prefix}_{path.replace('.', '_')}"
+    return to_kohya(name)
 
 
 def tensors_for(adapter: Adapter) -> dict[str, TensorRef]:
@@ -114,7 +101,7 @@ def tensors_for(adapter: Adapter) -> dict[str, TensorRef]:
             raise IncompatibleAdaptersError(f"{name}: kohya files hold no embedding or fan_in_fan_out modules")
         k = kohya_name(name)
         for role, ref in m.tensors().items():
-            if role == "magnitude" and m.kind != "full" and adapter.format != NAME:
+            if role == "magnitude" and len(ref.shape) == 1:  # PEFT's (out,): kohya/LyCORIS store (out, 1, ...)
                 shape = m.weight_shape()
                 ref = _reshaped(ref, (shape[0], *([1] * (len(shape) - 1))))
             out[k + TABLE.suffix_for(m.kind, role)] = ref
@@ -126,8 +113,12 @@ def tensors_for(adapter: Adapter) -> dict[str, TensorRef]:
             if not alpha.is_floating_point() or float(alpha) != a:
                 alpha = torch.tensor(a, dtype=torch.float32)
             out[k + ".alpha"] = TensorRef.of(alpha)
-    for key, extra in adapter.extras.items():
-        out[kohya_name(key) if "." in key and adapter.format != NAME else key] = extra.ref
+    if adapter.extras:
+        raise IncompatibleAdaptersError(
+            f"kohya files cannot hold full tensors ({', '.join(sorted(adapter.extras)[:3])}): "
+            "modules_to_save and saved embeddings would be lost",
+            "convert to peft, which keeps them",
+        )
     return out
 
 

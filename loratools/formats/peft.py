@@ -205,11 +205,12 @@ def make_config(adapter: Adapter) -> dict[str, Any]:
     if (
         cfg
         and bool(cfg.get("use_rslora", False)) == rslora
-        and all(resolve(cfg, m.name) == (m.rank, alpha_of(m)) for m in mods)
+        and all(resolve(cfg, name) == (m.rank, alpha_of(m)) for name, m in adapter.modules.items())
     ):
         return cfg
-    ranks = {m.name: int(m.rank or 0) for m in mods}
-    alphas = {m.name: alpha_of(m) for m in mods}
+    # keyed by the names the adapter files them under (a diffusers component's are relative to it)
+    ranks = {name: int(m.rank or 0) for name, m in adapter.modules.items()}
+    alphas = {name: alpha_of(m) for name, m in adapter.modules.items()}
     r = _common(list(ranks.values())) if mods else 8
     a = _common(list(alphas.values())) if mods else 8.0
     cfg.update(
@@ -239,10 +240,18 @@ def tensors_for(adapter: Adapter) -> dict[str, TensorRef]:
     for name, m in adapter.modules.items():
         layer = "embedding" if m.layer == "embedding" else None
         for role, ref in m.tensors().items():
+            if role == "magnitude" and len(ref.shape) > 1:  # kohya's dora_scale (out, 1): PEFT keeps (out,)
+                if m.layer != "linear":
+                    raise IncompatibleAdaptersError(f"{name}: a conv DoRA magnitude has no PEFT form here")
+                ref = _flat(ref)
             out[PREFIX + name + TABLE.suffix_for(m.kind, role, layer)] = ref
     for key, extra in adapter.extras.items():
         out[PREFIX + key] = extra.ref
     return out
+
+
+def _flat(ref: TensorRef) -> TensorRef:
+    return TensorRef((ref.numel,), ref.dtype, lambda: ref.load().reshape(-1))
 
 
 def write(adapter: Adapter, out: str | os.PathLike[str], *, force: bool = False) -> Path:

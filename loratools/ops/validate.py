@@ -35,6 +35,7 @@ CODES: dict[str, str] = {
     "stale-hash": "a header sshs_model_hash that does not match the tensors",
     "base-missing": "a module with no weight in the base checkpoint",
     "base-shape": "a module whose delta does not fit its base weight",
+    "consumer": "with --for: something that consumer refuses or gets wrong (with the command that fixes it)",
 }
 
 
@@ -82,8 +83,10 @@ def validate(
     base: str | os.PathLike[str] | None = None,
     strict: bool = False,
     fast: bool = False,
+    for_: str | None = None,
 ) -> ValidateReport:
-    """Check an adapter; ``fast`` reads headers only (no NaN scan, no hash check)."""
+    """Check an adapter; ``fast`` reads headers only (no NaN scan, no hash check); ``for_`` adds what that
+    consumer (vllm, tgi, llama.cpp, ollama, diffusers, comfyui) refuses or gets wrong."""
     rep = ValidateReport(str(source), format, strict)
 
     def add(sev: Severity, code: str, msg: str, module: str | None = None) -> None:
@@ -119,6 +122,12 @@ def validate(
         _check_hash(adapter, add)
     if base is not None:
         _check_base(adapter, base, add)
+    if for_ is not None:
+        from .consumers import RULES
+
+        if for_ not in RULES:
+            raise LoratoolsError(f"unknown consumer {for_!r}", "choose one of " + ", ".join(RULES))
+        RULES[for_](adapter, lambda sev, msg, hint: add(sev, "consumer", msg + (f" (fix: {hint})" if hint else "")))  # type: ignore[arg-type]
     return rep
 
 

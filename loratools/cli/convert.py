@@ -1,0 +1,79 @@
+from __future__ import annotations
+
+import click
+
+from .output import dtype_option, json_option, out_console, print_json, warn
+
+
+@click.command("convert")
+@click.argument("source", type=click.Path(exists=True))
+@click.option(
+    "--to", "to", required=True, type=click.Choice(["peft", "kohya", "diffusers", "gguf"]), help="Target format."
+)
+@click.option("-o", "--output", "out", required=True, type=click.Path(), help="Where to write the result.")
+@dtype_option
+@click.option(
+    "--rank", type=click.IntRange(min=1), help="Rank for LoHa/LoKr modules turned into LoRA (default: exact)."
+)
+@click.option(
+    "--energy",
+    type=click.FloatRange(0, 1, min_open=True),
+    help="Or: per module, the rank keeping this energy fraction.",
+)
+@click.option(
+    "--alpha-mode",
+    type=click.Choice(["keep", "bake"]),
+    default="keep",
+    show_default=True,
+    help="keep: store each module's alpha; bake: fold every scale into the up factor (alpha = rank).",
+)
+@click.option(
+    "--base", type=click.Path(exists=True), help="Local base model (folder or .safetensors): real module names, config."
+)
+@click.option("--base-model", help="Hub id of the base model to record in the output.")
+@click.option("--force", is_flag=True, help="Overwrite the output if it exists.")
+@json_option
+def convert_cmd(
+    source: str, to: str, out: str, dtype: str | None, rank: int | None, energy: float | None, alpha_mode: str,
+    base: str | None, base_model: str | None, force: bool, as_json: bool,
+) -> None:  # fmt: skip
+    """Convert an adapter to another format: peft, kohya, diffusers or gguf (llama.cpp / Ollama).
+
+    Names, alphas (per module, with rank/alpha patterns and rsLoRA), DoRA magnitudes and metadata carry over
+    where the target can hold them; where it cannot, the conversion stops and says so. LoHa/LoKr modules
+    become LoRA through their dense delta (exact unless --rank/--energy truncate; the energy kept is printed).
+    kohya names are turned back into module paths by a table of known names, or against --base.
+
+    \b
+    Example:
+      loratools convert fixtures/peft_llama_patterns --to kohya -o patterns.safetensors
+      loratools convert fixtures/diffusers_sd --to kohya -o sd.safetensors
+      loratools convert fixtures/lycoris_loha.safetensors --to diffusers -o loha-as-lora.safetensors
+    """
+    from ..ops.convert import convert
+
+    rep = convert(
+        source, to, out, rank=rank, energy=energy, alpha_mode=alpha_mode, dtype=dtype, base=base,
+        base_model=base_model, force=force,
+    )  # fmt: skip
+    for note in rep.notes:
+        warn(note)
+    if rep.overflow or rep.underflow:
+        warn(f"{rep.overflow} value(s) overflowed to inf and {rep.underflow} underflowed to 0 in {dtype}")
+    if as_json:
+        print_json(rep.to_dict())
+        return
+    con = out_console()
+    changed = [m for m in rep.modules if m.note]
+    if changed:
+        from rich.table import Table
+
+        table = Table(show_edge=False, header_style="bold")
+        for col in ("module", "was", "now", "energy kept"):
+            table.add_column(col, justify="right" if col == "energy kept" else "left")
+        for m in changed:
+            table.add_row(m.name, m.kind, f"lora rank {m.rank}", f"{m.energy:.6f}")
+        con.print(table)
+    con.print(
+        f"wrote {rep.output} ({rep.format}) from {rep.source_format}: {len(rep.modules)} modules", highlight=False
+    )

@@ -1,0 +1,325 @@
+"""Convert an adapter between formats: names, alphas, module kinds and dtypes, losing nothing silently.
+
+* Names: dotted paths <-> kohya's flattened names (resolved against ``--base`` or the identifier table);
+  diffusers components <-> PEFT's single model.
+* Alpha: kept where the target stores it (kohya ``.alpha``, PEFT config and patterns, diffusers metadata, GGUF's
+  one ``adapter.lora.alpha`` with per-module differences baked into the up factor); ``alpha_mode="bake"`` folds
+  every scale into the up factor (alpha = rank).
+* Module kinds the target cannot hold (LoHa, LoKr, Tucker, full diffs outside kohya files) become LoRA through
+  the dense delta and the optimal SVD (exact unless ``rank``/``energy`` truncate).
+* dtype: the factors are cast, and values that overflow or underflow the new dtype are counted.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..errors import IncompatibleAdaptersError, LoratoolsError, ShapeError
+from ..formats import FORMATS, load_adapter, save_adapter
+from ..formats.names import component_of, from_kohya, split_kohya, to_kohya
+from ..model import Adapter, Module, TensorRef, torch_dtype
+from . import provenance
+from .linalg import lowrank_svd
+from .lowrank import DTYPES, factors, lora_module
+
+TARGETS = (*FORMATS, "gguf")
+DIFFUSERS_COMPONENTS = {"unet", "transformer", "text_encoder", "text_encoder_2", "text_encoder_3", "prior"}
+
+
+@dataclass
+class ConvertedModule:
+    source: str
+    name: str
+    kind: str  # the source module's kind
+    rank: int | None
+    energy: float = 1.0  # fraction of the delta kept (1.0 unless a LyCORIS module was truncated)
+    note: str = ""
+
+
+@dataclass
+class ConvertReport:
+    source: str
+    output: str | None
+    source_format: str
+    format: str
+    modules: list[ConvertedModule] = field(default_factory=list)
+    overflow: int = 0  # values beyond the target dtype's range (now inf)
+    underflow: int = 0  # non-zero values that became zero
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _rename(adapter: Adapter, to: str, base_names: list[str] | None) -> dict[str, str]:
+    """Source module name -> name in the target format's scheme."""
+    names = list(adapter.modules)
+    if to == "kohya":
+        return {n: n if adapter.format == "kohya" else to_kohya(n) for n in names}
+    if adapter.format == "kohya":
+        found, missing = from_kohya(names, base_names)
+        if missing:
+            raise ShapeError(
+                f"{len(missing)} kohya name(s) cannot be turned back into module paths: {', '.join(missing[:5])}",
+                "pass --base with the base model (folder or .safetensors) to resolve them against its real names",
+            )
+        names_map = {}
+        for kohya, dotted in found.items():
+            comp, _ = split_kohya(kohya)
+            if comp and dotted.split(".")[0] not in DIFFUSERS_COMPONENTS:
+                dotted = f"{comp}.{dotted}"  # resolved against one component's folder: put the component back
+            names_map[kohya] = dotted
+    else:
+        names_map = {n: n for n in names}
+    comps = {n.split(".")[0] for n in names_map.values()}
+    if to in ("peft", "gguf") and comps <= DIFFUSERS_COMPONENTS:
+        if len(comps) > 1:
+            raise IncompatibleAdaptersError(
+                f"a PEFT adapter holds one model; this one has {', '.join(sorted(comps))}",
+                "convert to diffusers or kohya, which keep components",
+            )
+        return {k: v.partition(".")[2] for k, v in names_map.items()}
+    if to == "diffusers" and not comps <= DIFFUSERS_COMPONENTS:
+        component = component_of(list(names_map.values()))
+        if component is None:
+            raise IncompatibleAdaptersError(
+                "cannot tell which diffusers component (unet, transformer, text_encoder) these modules belong to",
+                "diffusers files are for diffusion pipelines; convert LLM adapters to peft, kohya or gguf",
+            )
+        return {k: f"{component}.{v}" for k, v in names_map.items()}
+    return names_map
+
+
+def _as_lora(m: Module, rank: int | None, energy: float | None, device: str, work: Any) -> tuple[Module, float]:
+    """A LyCORIS / Tucker / full module as plain LoRA: optimal rank-k factors of its delta."""
+    svd = lowrank_svd(*factors(m, device, work))
+    cum = svd.energy()
+    n = svd.s.shape[0]
+    if rank is not None:
+        k = min(rank, n)
+    elif energy is not None:
+        k = min(int((cum < energy - 1e-12).sum()) + 1, n)
+    else:  # exact: every singular value above rounding level
+        s = svd.s
+        k = max(1, int((s > s[0] * 1e-6).sum())) if n and float(s[0]) > 0 else 1
+    dtype = next(iter(m.factors.values())).dtype
+    out = lora_module(m, *svd.truncate(k), dtype if dtype in ("F32", "F16", "BF16") else "F32")
+    return out, float(cum[k - 1]) if n else 1.0
+
+
+def _bake(m: Module) -> Module:
+    """Fold the scale into the up factor: alpha = rank, scale 1, the same delta."""
+    if m.kind != "lora" or m.rank is None or m.scale == 1.0 and not m.rslora and m.alpha is not None:
+        return m
+    scale = m.scale
+    up = m.factors["up"]
+    new_up = TensorRef(up.shape, up.dtype, lambda: (up.load().float() * scale).to(torch_dtype(up.dtype)))
+    factors_ = dict(m.factors)
+    factors_["up"] = new_up
+    return Module(
+        m.name, m.kind, factors_, alpha=float(m.rank), rslora=False, layer=m.layer,
+        fan_in_fan_out=m.fan_in_fan_out, magnitude=m.magnitude, dora_axis=m.dora_axis, bias=m.bias,
+    )  # fmt: skip
+
+
+class _Caster:
+    """Casts tensors to a dtype and counts what the cast did to them."""
+
+    def __init__(self, dtype: str, report: ConvertReport) -> None:
+        self.dtype = dtype
+        self.report = report
+
+    def ref(self, ref: TensorRef) -> TensorRef:
+        if ref.dtype == self.dtype or not ref.dtype.startswith(("F", "BF")):
+            return ref
+        target = torch_dtype(self.dtype)
+
+        def load() -> Any:
+            import torch
+
+            t = ref.load()
+            out = t.to(target)
+            finite = torch.isfinite(t)
+            self.report.overflow += int((finite & ~torch.isfinite(out)).sum())
+            self.report.underflow += int(((t != 0) & (out == 0)).sum())
+            return out
+
+        return TensorRef(ref.shape, self.dtype, load)
+
+    def module(self, m: Module) -> Module:
+        return Module(
+            m.name, m.kind, {k: self.ref(v) for k, v in m.factors.items()}, alpha=m.alpha, rslora=m.rslora,
+            layer=m.layer, fan_in_fan_out=m.fan_in_fan_out,
+            magnitude=self.ref(m.magnitude) if m.magnitude is not None else None, dora_axis=m.dora_axis,
+            bias=self.ref(m.bias) if m.bias is not None else None,
+        )  # fmt: skip
+
+
+def convert_adapter(
+    adapter: Adapter,
+    to: str,
+    *,
+    rank: int | None = None,
+    energy: float | None = None,
+    alpha_mode: str = "keep",
+    dtype: str | None = None,
+    base_names: list[str] | None = None,
+    base_model: str | None = None,
+    report: ConvertReport | None = None,
+) -> tuple[Adapter, ConvertReport]:
+    import torch
+
+    if to not in TARGETS:
+        raise LoratoolsError(f"unknown format {to!r}", "choose one of " + ", ".join(TARGETS))
+    if alpha_mode not in ("keep", "bake"):
+        raise LoratoolsError(f"unknown --alpha-mode {alpha_mode!r}", "use keep or bake")
+    rep = report or ConvertReport(str(adapter.source), None, adapter.format, to)
+    names = _rename(adapter, to, base_names)
+    meta = {k: v for k, v in adapter.metadata.items() if to == "diffusers" or k != "lora_adapter_metadata"}
+    out = Adapter(
+        format=to,
+        extras=dict(adapter.extras),
+        metadata=meta,
+        config=dict(adapter.config) if adapter.format == to else {},
+        base_model=base_model or adapter.base_model,
+    )
+    if adapter.format == "diffusers" and to != "diffusers":
+        missing_alpha = not adapter.config
+        if missing_alpha:
+            rep.notes.append("the diffusers file stores no alpha (no lora_adapter_metadata): alpha = rank")
+    caster = _Caster(DTYPES[dtype], rep) if dtype else None
+    lycoris_ok = to == "kohya"
+    for src, m in adapter.modules.items():
+        new = m
+        kept = 1.0
+        note = ""
+        if (m.kind != "lora" or "mid" in m.factors) and not lycoris_ok:
+            if m.magnitude is not None:
+                raise IncompatibleAdaptersError(
+                    f"{src}: a {m.type} module cannot become plain LoRA with its DoRA magnitude"
+                )
+            new, kept = _as_lora(m, rank, energy, "cpu", torch.float64)
+            note = f"{m.kind} -> lora rank {new.rank}"
+        if alpha_mode == "bake":
+            new = _bake(new)
+        if caster is not None:
+            new = caster.module(new)
+        new.name = names[src]
+        out.modules[names[src]] = new
+        rep.modules.append(ConvertedModule(src, names[src], m.kind, new.rank, kept, note))
+    if out.extras and to in ("kohya", "gguf", "diffusers"):
+        raise IncompatibleAdaptersError(
+            f"{to} cannot hold full tensors ({', '.join(sorted(out.extras)[:3])}): modules_to_save / saved "
+            "embeddings would be lost",
+            "keep the adapter in peft format, or merge it into the base",
+        )
+    return out, rep
+
+
+def convert(
+    source: str | os.PathLike[str],
+    to: str,
+    out: str | os.PathLike[str],
+    *,
+    rank: int | None = None,
+    energy: float | None = None,
+    alpha_mode: str = "keep",
+    dtype: str | None = None,
+    base: str | os.PathLike[str] | None = None,
+    base_model: str | None = None,
+    force: bool = False,
+) -> ConvertReport:
+    from ..io.atomic import check_output
+
+    check_output(out, force=force, inputs=[source])
+    if dtype is not None and dtype not in DTYPES:
+        raise LoratoolsError(f"unknown dtype {dtype!r}", "use fp32, fp16 or bf16")
+    if rank is not None and energy is not None:
+        raise LoratoolsError("give at most one of --rank and --energy")
+    adapter = load_adapter(source)
+    base_names = None
+    hparams = None
+    if base is not None:
+        from .merge import layout_of
+
+        base_names = list(layout_of(base).names())
+        hparams = _hparams(Path(base))
+    rep = ConvertReport(str(source), None, adapter.format, to)
+    if to == "gguf":
+        _drop_unchanged_base_layers(adapter, base, rep)
+    converted, rep = convert_adapter(
+        adapter, to, rank=rank, energy=energy, alpha_mode=alpha_mode, dtype=dtype, base_names=base_names,
+        base_model=base_model, report=rep,
+    )  # fmt: skip
+    converted.metadata[provenance.KEY] = provenance.record(
+        "convert", [(str(source), adapter.format)], to=to, rank=rank, energy=energy, dtype=dtype,
+        alpha_mode=alpha_mode,
+    )  # fmt: skip
+    if to == "kohya":
+        _kohya_metadata(converted, adapter)
+    if to == "gguf":
+        from ..formats import gguf
+
+        written = gguf.write(converted, out, hparams=hparams, force=force)
+    else:
+        written = save_adapter(converted, out, to, force=force)
+    rep.output = str(written)
+    return rep
+
+
+def _drop_unchanged_base_layers(adapter: Adapter, base: str | os.PathLike[str] | None, rep: ConvertReport) -> None:
+    """PEFT saves a targeted embedding whole (``base_layer``) even when training left it as it was; llama.cpp's
+    converter skips such copies. loratools drops them only after checking, against --base, that they are
+    the base's own tensor."""
+    import torch
+
+    from ..io.safetensors import read_tensor
+    from .merge import layout_of
+
+    copies = [k for k, e in adapter.extras.items() if e.role == "base_layer"]
+    if not copies or base is None:
+        return
+    layout = layout_of(base)
+    names = layout.names()
+    for key in copies:
+        plain = key.replace(".base_layer.", ".")
+        if plain not in names:
+            continue
+        i, k = names[plain]
+        wf = layout.files[i]
+        path = layout.root / wf.rel if not layout.single_file else layout.root
+        if torch.equal(read_tensor(path, wf.header.tensors[k]), adapter.extras[key].ref.load()):
+            del adapter.extras[key]
+            rep.notes.append(f"{key} is an unchanged copy of the base's {plain}: not written (llama.cpp skips it)")
+
+
+def _kohya_metadata(out: Adapter, source: Adapter) -> None:
+    """kohya's training keys where they can be known: network dim and alpha, the base model."""
+    if source.format == "kohya":
+        return
+    ranks = {m.rank for m in out.modules.values()}
+    alphas = {m.alpha for m in out.modules.values()}
+    out.metadata.setdefault("ss_network_module", "networks.lora")
+    out.metadata.setdefault("ss_network_dim", str(ranks.pop()) if len(ranks) == 1 else "Dynamic")
+    out.metadata.setdefault(
+        "ss_network_alpha", f"{alphas.pop():g}" if len(alphas) == 1 and None not in alphas else "Dynamic"
+    )
+    if out.base_model:
+        out.metadata.setdefault("ss_sd_model_name", out.base_model)
+
+
+def _hparams(base: Path) -> dict[str, Any] | None:
+    import json
+
+    folder = base if base.is_dir() else base.parent
+    cfg = folder / "config.json"
+    if not cfg.is_file():
+        return None
+    try:
+        value = json.loads(cfg.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        raise LoratoolsError(f"{cfg}: not valid JSON") from None
+    return value if isinstance(value, dict) else None
