@@ -28,6 +28,13 @@ demo: setup
 	$(VENV)/bin/loratools resize fixtures/peft_llama_patterns --energy 0.9 -o $(OUT)/small --json > $(OUT)/resize.json
 	$(VENV)/bin/loratools validate $(OUT)/mixed
 	$(VENV)/bin/loratools inspect $(OUT)/small --spectrum
+	$(VENV)/bin/loratools convert fixtures/peft_llama_patterns --to kohya -o $(OUT)/patterns.safetensors
+	$(VENV)/bin/loratools convert $(OUT)/patterns.safetensors --to peft -o $(OUT)/patterns-back
+	$(VENV)/bin/loratools diff fixtures/peft_llama_patterns $(OUT)/patterns-back
+	$(VENV)/bin/loratools convert fixtures/lycoris_loha.safetensors --to diffusers -o $(OUT)/loha-lora.safetensors
+	$(PY) -c "import sys; sys.path.insert(0, 'fixtures'); from make_fixtures import tiny_llama; tiny_llama().save_pretrained('$(OUT)/base')"
+	$(VENV)/bin/loratools merge $(OUT)/base fixtures/peft_llama -o $(OUT)/merged --report $(OUT)/merge-report.html
+	$(VENV)/bin/loratools convert fixtures/peft_llama --to gguf --base $(OUT)/base -o $(OUT)/adapter.gguf
 	@echo "demo: all commands ran; JSON written to $(OUT)/"
 
 test: setup lint pytest

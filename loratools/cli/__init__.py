@@ -3,6 +3,7 @@ anything else is a bug and keeps its traceback."""
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import click
@@ -34,7 +35,7 @@ def cli() -> None:
 
 
 def _register() -> None:
-    from . import convert, diff, inspect, merge, mix, resize, validate
+    from . import convert, diff, inspect, merge, mix, push, resize, validate
 
     cli.add_command(inspect.inspect_cmd)
     cli.add_command(validate.validate_cmd)
@@ -43,10 +44,20 @@ def _register() -> None:
     cli.add_command(merge.merge_cmd)
     cli.add_command(diff.diff_cmd)
     cli.add_command(convert.convert_cmd)
+    cli.add_command(push.push_cmd)
 
 
 _register()
 
 
+class _NoteHandler(logging.Handler):
+    def emit(self, record: logging.LogRecord) -> None:
+        err_console().print(f"[yellow]Note:[/] {record.getMessage()}", highlight=False)
+
+
 def main() -> None:
+    log = logging.getLogger("loratools")
+    if not any(isinstance(h, _NoteHandler) for h in log.handlers):
+        log.addHandler(_NoteHandler())
+        log.propagate = False
     cli(prog_name="loratools")

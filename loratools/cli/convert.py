@@ -2,11 +2,12 @@ from __future__ import annotations
 
 import click
 
-from .output import dtype_option, json_option, out_console, print_json, warn
+from .output import dtype_option, json_option, local, out_console, print_json, revision_option, warn
 
 
 @click.command("convert")
-@click.argument("source", type=click.Path(exists=True))
+@click.argument("source")
+@revision_option
 @click.option(
     "--to", "to", required=True, type=click.Choice(["peft", "kohya", "diffusers", "gguf"]), help="Target format."
 )
@@ -27,14 +28,12 @@ from .output import dtype_option, json_option, out_console, print_json, warn
     show_default=True,
     help="keep: store each module's alpha; bake: fold every scale into the up factor (alpha = rank).",
 )
-@click.option(
-    "--base", type=click.Path(exists=True), help="Local base model (folder or .safetensors): real module names, config."
-)
+@click.option("--base", help="Base model (folder, .safetensors or Hub id): its real module names and config.json.")
 @click.option("--base-model", help="Hub id of the base model to record in the output.")
 @click.option("--force", is_flag=True, help="Overwrite the output if it exists.")
 @json_option
 def convert_cmd(
-    source: str, to: str, out: str, dtype: str | None, rank: int | None, energy: float | None, alpha_mode: str,
+    source: str, revision: str | None, to: str, out: str, dtype: str | None, rank: int | None, energy: float | None, alpha_mode: str,
     base: str | None, base_model: str | None, force: bool, as_json: bool,
 ) -> None:  # fmt: skip
     """Convert an adapter to another format: peft, kohya, diffusers or gguf (llama.cpp / Ollama).
@@ -52,6 +51,8 @@ def convert_cmd(
     """
     from ..ops.convert import convert
 
+    source = local(source, revision)
+    base = local(base, None, "checkpoint") if base else None
     rep = convert(
         source, to, out, rank=rank, energy=energy, alpha_mode=alpha_mode, dtype=dtype, base=base,
         base_model=base_model, force=force,

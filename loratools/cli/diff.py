@@ -4,7 +4,7 @@ from typing import TYPE_CHECKING
 
 import click
 
-from .output import json_option, out_console, print_json, progress_bar
+from .output import json_option, local, out_console, print_json, progress_bar, revision_option
 
 if TYPE_CHECKING:
     from ..ops.diff import DiffReport
@@ -23,8 +23,9 @@ def _cosine(c: float) -> str:
 
 
 @click.command("diff")
-@click.argument("a", type=click.Path(exists=True))
-@click.argument("b", type=click.Path(exists=True))
+@click.argument("a")
+@click.argument("b")
+@revision_option
 @click.option(
     "--atol", type=click.FloatRange(min=0), default=0.0, show_default=True, help="Absolute tolerance per element."
 )
@@ -40,7 +41,9 @@ def _cosine(c: float) -> str:
 )
 @click.option("--all", "show_all", is_flag=True, help="List every tensor and note, not only those that differ.")
 @json_option
-def diff_cmd(a: str, b: str, atol: float, rtol: float, mode: str, show_all: bool, as_json: bool) -> None:
+def diff_cmd(
+    a: str, b: str, revision: str | None, atol: float, rtol: float, mode: str, show_all: bool, as_json: bool
+) -> None:
     """Compare two checkpoints or two adapters: exit 0 when they match within tolerance, 1 otherwise.
 
     A and B are safetensors files, model folders (single or sharded with model.safetensors.index.json),
@@ -58,6 +61,8 @@ def diff_cmd(a: str, b: str, atol: float, rtol: float, mode: str, show_all: bool
     """
     from ..ops.diff import plan_diff
 
+    kind = "checkpoint" if mode == "tensors" else "adapter"  # a Hub id is fetched as what --mode compares
+    a, b = local(a, revision, kind), local(b, revision, kind)
     plan = plan_diff(a, b, mode)  # type: ignore[arg-type]
     with progress_bar("comparing", len(plan.pairs)) as tick:
         rep = plan.run(atol, rtol, progress=tick)

@@ -2,11 +2,12 @@ from __future__ import annotations
 
 import click
 
-from .output import format_option, human_bytes, json_option, num, out_console, print_json
+from .output import format_option, human_bytes, json_option, local, num, out_console, print_json, revision_option
 
 
 @click.command("inspect")
-@click.argument("source", type=click.Path(exists=True))
+@click.argument("source")
+@revision_option
 @format_option
 @click.option("--fast", is_flag=True, help="Header only: skip the delta norms (reads no tensor data).")
 @click.option(
@@ -14,10 +15,13 @@ from .output import format_option, human_bytes, json_option, num, out_console, p
 )
 @click.option("--metadata", "show_metadata", is_flag=True, help="Also print the header metadata and config.")
 @json_option
-def inspect_cmd(source: str, fmt: str | None, fast: bool, spectrum: bool, show_metadata: bool, as_json: bool) -> None:
+def inspect_cmd(
+    source: str, revision: str | None, fmt: str | None, fast: bool, spectrum: bool, show_metadata: bool, as_json: bool
+) -> None:
     """Show what an adapter holds: format, base model, sizes, dtypes, and every module.
 
-    SOURCE is an adapter file or folder (PEFT folder, kohya/LyCORIS .safetensors, diffusers file).
+    SOURCE is an adapter file or folder (PEFT folder, kohya/LyCORIS .safetensors, diffusers file), or a
+    Hub repo id (owner/name, or owner/name/file.safetensors): only the adapter's files are downloaded.
     The table gives each module's type, rank, alpha, scale, delta shape, dtype and the Frobenius norm of
     its delta (computed from the factors, never the dense delta, for plain LoRA).
 
@@ -31,6 +35,7 @@ def inspect_cmd(source: str, fmt: str | None, fast: bool, spectrum: bool, show_m
 
     if fast and spectrum:
         raise click.UsageError("--spectrum reads the tensors; it cannot go with --fast")
+    source = local(source, revision)
     rep = inspect_adapter(source, fmt, norms=not fast, spectra=spectrum)
     if as_json:
         print_json(rep.to_dict())

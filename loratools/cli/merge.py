@@ -6,12 +6,13 @@ from typing import Any
 
 import click
 
-from .output import dtype_option, err_console, out_console, warn
+from .output import dtype_option, err_console, local, out_console, revision_option, warn
 
 
 @click.command("merge")
-@click.argument("base", type=click.Path(exists=True))
-@click.argument("adapters", nargs=-1, required=True, type=click.Path(exists=True))
+@click.argument("base")
+@click.argument("adapters", nargs=-1, required=True)
+@revision_option
 @click.option("-o", "--output", "out", required=True, type=click.Path(), help="Where to write the merged checkpoint.")
 @click.option("--weights", help="One weight per adapter, comma-separated (default 1 each).")
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda or auto (cuda when present).")
@@ -22,6 +23,7 @@ from .output import dtype_option, err_console, out_console, warn
 def merge_cmd(
     base: str,
     adapters: tuple[str, ...],
+    revision: str | None,
     out: str,
     weights: str | None,
     device: str,
@@ -46,8 +48,9 @@ def merge_cmd(
     from ..cli.mix import _weights
     from ..ops.merge import merge
 
+    base = local(base, revision, "checkpoint")
     report = merge(
-        base, list(adapters), out, _weights(weights), device=device, dtype=dtype, force=force,
+        base, [local(a, None) for a in adapters], out, _weights(weights), device=device, dtype=dtype, force=force,
         progress=_progress_factory(),
     )  # fmt: skip
     for w in report.warnings:
@@ -130,3 +133,8 @@ def _print(report: Any, show_all: bool) -> None:
         f"{s['overflow']} overflowed to inf",
         highlight=False,
     )
+    if s["overflow"]:
+        warn(
+            f"{s['overflow']} value(s) overflowed to inf in storage: the merged model is broken there; "
+            "merge again with --dtype bf16 or --dtype fp32"
+        )

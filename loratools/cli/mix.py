@@ -2,7 +2,18 @@ from __future__ import annotations
 
 import click
 
-from .output import device_option, dtype_option, json_option, out_console, print_json, progress_bar, to_option, warn
+from .output import (
+    device_option,
+    dtype_option,
+    json_option,
+    local,
+    out_console,
+    print_json,
+    progress_bar,
+    revision_option,
+    to_option,
+    warn,
+)
 
 
 def _weights(value: str | None) -> list[float] | None:
@@ -15,7 +26,8 @@ def _weights(value: str | None) -> list[float] | None:
 
 
 @click.command("mix")
-@click.argument("sources", nargs=-1, required=True, type=click.Path(exists=True))
+@click.argument("sources", nargs=-1, required=True)
+@revision_option
 @click.option("-o", "--output", "out", required=True, type=click.Path(), help="Where to write the result.")
 @click.option("--weights", help="One weight per input, comma-separated (default 1 each); negative subtracts.")
 @click.option(
@@ -35,6 +47,7 @@ def _weights(value: str | None) -> list[float] | None:
 @json_option
 def mix_cmd(
     sources: tuple[str, ...],
+    revision: str | None,
     out: str,
     weights: str | None,
     method: str | None,
@@ -62,7 +75,7 @@ def mix_cmd(
 
     with progress_bar("mixing", 0) as tick:
         report = mix(
-            list(sources), out, _weights(weights), method, rank,  # type: ignore[arg-type]
+            [local(s, revision) for s in sources], out, _weights(weights), method, rank,  # type: ignore[arg-type]
             to=to, dtype=dtype, device=device, strict=strict, force=force, progress=tick,
         )  # fmt: skip
     for w in report.warnings:

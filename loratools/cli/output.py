@@ -116,3 +116,16 @@ def to_option(f: F) -> F:
         "--to", "to", type=click.Choice(["peft", "kohya", "diffusers"]), default=None,
         help="Output format (default: the first input's).",
     )(f)  # fmt: skip
+
+
+def revision_option(f: F) -> F:
+    return click.option(
+        "--revision", help="Branch, tag or commit, when a source is a Hub repo id (owner/name[/file])."
+    )(f)
+
+
+def local(arg: str, revision: str | None, kind: str = "adapter") -> str:
+    """A source as a local path: itself, or the Hub files it names, downloaded (only those needed)."""
+    from .. import hub
+
+    return str(hub.resolve(arg, revision=revision, kind=kind, progress=err_console().is_terminal))  # type: ignore[arg-type]

@@ -2,11 +2,23 @@ from __future__ import annotations
 
 import click
 
-from .output import device_option, dtype_option, json_option, num, out_console, print_json, progress_bar, to_option
+from .output import (
+    device_option,
+    dtype_option,
+    json_option,
+    local,
+    num,
+    out_console,
+    print_json,
+    progress_bar,
+    revision_option,
+    to_option,
+)
 
 
 @click.command("resize")
-@click.argument("source", type=click.Path(exists=True))
+@click.argument("source")
+@revision_option
 @click.option("-o", "--output", "out", required=True, type=click.Path(), help="Where to write the result.")
 @click.option("--rank", type=click.IntRange(min=1), help="Re-compress every module to this rank.")
 @click.option(
@@ -21,6 +33,7 @@ from .output import device_option, dtype_option, json_option, num, out_console, 
 @json_option
 def resize_cmd(
     source: str,
+    revision: str | None,
     out: str,
     rank: int | None,
     energy: float | None,
@@ -45,7 +58,9 @@ def resize_cmd(
     if (rank is None) == (energy is None):
         raise click.UsageError("give exactly one of --rank and --energy")
     with progress_bar("resizing", 0) as tick:
-        report = resize(source, out, rank, energy, to=to, dtype=dtype, device=device, force=force, progress=tick)
+        report = resize(
+            local(source, revision), out, rank, energy, to=to, dtype=dtype, device=device, force=force, progress=tick
+        )
     if as_json:
         print_json(report.to_dict())
         return

@@ -2,12 +2,13 @@ from __future__ import annotations
 
 import click
 
-from .output import format_option, json_option, out_console, print_json
+from .output import format_option, json_option, local, out_console, print_json, revision_option
 
 
 @click.command("validate")
-@click.argument("source", type=click.Path(exists=True))
-@click.option("--base", type=click.Path(exists=True), help="Base checkpoint the adapter must fit (file or folder).")
+@click.argument("source")
+@revision_option
+@click.option("--base", help="Base checkpoint the adapter must fit (file or folder).")
 @click.option("--strict", is_flag=True, help="Treat warnings as errors.")
 @click.option("--fast", is_flag=True, help="Headers only: skip the NaN/Inf, zero-factor and hash checks.")
 @click.option(
@@ -19,7 +20,14 @@ from .output import format_option, json_option, out_console, print_json
 @format_option
 @json_option
 def validate_cmd(
-    source: str, base: str | None, strict: bool, fast: bool, for_: str | None, fmt: str | None, as_json: bool
+    source: str,
+    revision: str | None,
+    base: str | None,
+    strict: bool,
+    fast: bool,
+    for_: str | None,
+    fmt: str | None,
+    as_json: bool,
 ) -> None:
     """Check an adapter: exit 0 when it is sound, 1 with a list of findings otherwise.
 
@@ -36,6 +44,8 @@ def validate_cmd(
     """
     from ..ops.validate import validate
 
+    source = local(source, revision)
+    base = local(base, None, "checkpoint") if base else None
     rep = validate(source, format=fmt, base=base, strict=strict, fast=fast, for_=for_)
     if as_json:
         print_json(rep.to_dict())

@@ -66,6 +66,8 @@ def component_configs(meta: dict[str, str]) -> dict[str, dict[str, Any]]:
     for key, value in flat.items():
         comp, _, field = key.partition(".")
         out.setdefault(comp, {})[field] = value
+    for comp, cfg in out.items():
+        peft.check_config(cfg, f"header {META_KEY} ({comp})")
     return out
 
 

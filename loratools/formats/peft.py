@@ -74,6 +74,43 @@ def resolve(config: dict[str, Any], name: str) -> tuple[int | None, float | None
     return (int(r) if isinstance(r, (int, float)) else None, float(a) if isinstance(a, (int, float)) else None)
 
 
+#: config fields that change the math, and the JSON types PEFT gives them
+_NUMBER = (int, float)
+_FIELDS: dict[str, tuple[Any, str]] = {
+    "r": ((int,), "a positive integer"),
+    "lora_alpha": (_NUMBER, "a number"),
+    "rank_pattern": ((dict,), "an object of module pattern -> rank"),
+    "alpha_pattern": ((dict,), "an object of module pattern -> alpha"),
+    "target_modules": ((list, str), "a list of names or a regex string"),
+    "modules_to_save": ((list, str), "a list of module names"),
+    "use_rslora": ((bool,), "true or false"),
+    "use_dora": ((bool,), "true or false"),
+    "fan_in_fan_out": ((bool,), "true or false"),
+    "peft_type": ((str,), "a string"),
+    "init_lora_weights": ((bool, str), "true, false or a method name"),
+    "base_model_name_or_path": ((str,), "a string"),
+}
+
+
+def check_config(cfg: dict[str, Any], where: str) -> None:
+    """Refuse a config whose fields have types PEFT would never write (one clear line, not a traceback later)."""
+    for key, (types, what) in _FIELDS.items():
+        value = cfg.get(key)
+        if value is None:
+            continue
+        ok = isinstance(value, types) and not (isinstance(value, bool) and bool not in types)
+        if ok and key == "r":
+            ok = value > 0
+        if ok and key in ("rank_pattern", "alpha_pattern"):
+            ok = all(
+                isinstance(k, str) and isinstance(v, _NUMBER) and not isinstance(v, bool) for k, v in value.items()
+            )
+        if ok and key in ("target_modules", "modules_to_save") and isinstance(value, list):
+            ok = all(isinstance(v, str) for v in value)
+        if not ok:
+            raise FileFormatError(f"{where}: {key} must be {what}, not {json.dumps(value)[:60]}")
+
+
 def read_config(folder: Path) -> dict[str, Any]:
     try:
         cfg = json.loads((folder / CONFIG).read_text(encoding="utf-8"))
@@ -81,6 +118,7 @@ def read_config(folder: Path) -> dict[str, Any]:
         raise FileFormatError(f"{folder / CONFIG}: not valid JSON ({e})") from None
     if not isinstance(cfg, dict):
         raise FileFormatError(f"{folder / CONFIG}: not a JSON object")
+    check_config(cfg, str(folder / CONFIG))
     return cfg
 
 

@@ -64,6 +64,10 @@ def _sharded(index: Path) -> dict[str, BaseTensor]:
         raise FileFormatError(f"{index}: not a safetensors index ({e})") from None
     out: dict[str, BaseTensor] = {}
     for shard in sorted(set(weight_map.values())):
+        from ..ops.merge import _inside
+
+        if not _inside(shard):
+            raise FileFormatError(f"{index.name} names a file outside its folder: {shard}")
         header = read_header(index.parent / shard)
         for k, v in header.tensors.items():
             out[k] = BaseTensor(index.parent / shard, v)

@@ -124,7 +124,7 @@ def _tensor_info(name: str, entry: Any, data_start: int, data_len: int) -> Tenso
     if not isinstance(entry, dict):
         raise HeaderError(f"tensor {name}: header entry is not an object")
     dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
-    if dtype not in DTYPE_SIZES:
+    if not isinstance(dtype, str) or dtype not in DTYPE_SIZES:
         raise HeaderError(f"tensor {name}: unknown dtype {dtype!r}")
     if not isinstance(shape, list) or not all(isinstance(s, int) and s >= 0 for s in shape):
         raise HeaderError(f"tensor {name}: shape {shape!r} is not a list of sizes")

@@ -98,6 +98,15 @@ def layout_of(base: str | os.PathLike[str]) -> Layout:
     return Layout(p, False, files, indexes)
 
 
+def _inside(name: str) -> bool:
+    """A shard name from an index stays in its folder: relative, no ``..`` (symlinks are fine: the Hub's cache
+    is made of them)."""
+    from pathlib import PurePosixPath
+
+    p = PurePosixPath(name)
+    return not p.is_absolute() and ".." not in p.parts and "\\" not in name
+
+
 def _folder_weights(root: Path, sub: Path) -> tuple[list[Path], list[Path]]:
     folder = root / sub
     indexes = sorted(folder.glob("*" + INDEX_SUFFIX))
@@ -109,6 +118,12 @@ def _folder_weights(root: Path, sub: Path) -> tuple[list[Path], list[Path]]:
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise FileFormatError(f"{indexes[0]}: not a safetensors index ({e})") from None
         shards = sorted(set(weight_map.values()))
+        outside = [s for s in shards if not _inside(s)]
+        if outside:
+            raise FileFormatError(
+                f"{indexes[0].name} names file(s) outside its folder: {', '.join(outside[:3])}",
+                "a shard must lie in the model's folder",
+            )
         missing = [s for s in shards if not (folder / s).is_file()]
         if missing:
             raise FileFormatError(f"{indexes[0].name} names shard(s) that are missing: {', '.join(missing)}")

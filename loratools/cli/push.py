@@ -1,0 +1,86 @@
+from __future__ import annotations
+
+import click
+
+from .output import human_bytes, json_option, out_console, print_json
+
+
+@click.command("push")
+@click.argument("source", type=click.Path(exists=True))
+@click.argument("repo_id")
+@click.option("--private", is_flag=True, help="Create the repo private (an existing repo keeps its visibility).")
+@click.option("--revision", help="Branch to push to, created from main when missing (default: main).")
+@click.option("-m", "--message", help="Commit message (default: 'Upload <format> adapter with loratools').")
+@click.option("--create-pr", is_flag=True, help="Open a pull request against main instead of committing to it.")
+@click.option(
+    "--update-card",
+    is_flag=True,
+    help="Update the metadata block of an existing README.md (the folder's, or else the repo's) instead of "
+    "leaving it as it is.",
+)
+@click.option("--allow-pickles", is_flag=True, help="Upload pickle files (.bin, .pt, .pth, .ckpt) too.")
+@click.option("--dry-run", is_flag=True, help="Print the files and the model card; upload nothing, send no request.")
+@json_option
+def push_cmd(
+    source: str,
+    repo_id: str,
+    private: bool,
+    revision: str | None,
+    message: str | None,
+    create_pr: bool,
+    update_card: bool,
+    allow_pickles: bool,
+    dry_run: bool,
+    as_json: bool,
+) -> None:
+    """Publish an adapter on the Hugging Face Hub, with a model card.
+
+    SOURCE is an adapter folder or file; REPO_ID is owner/name. The repo is created when missing, and the folder's
+    files (or the file) go up in one commit. When the folder has no README.md, loratools writes a model card:
+    YAML metadata (base_model, library_name, tags) and the adapter's facts from `inspect` (rank, alpha, targets,
+    size), and for files loratools made, the recipe (e.g. "mix of A (0.7) and B (0.3), svd to rank 16"). SOURCE is
+    never modified. Symlinks leading out of SOURCE and pickle files are refused. The token comes from HF_TOKEN (or
+    `hf auth login`); HF_ENDPOINT picks another Hub.
+
+    \b
+    Example:
+      loratools push fixtures/peft_llama me/llama-lora --dry-run
+      loratools push mixed me/style-mix --private -m "mix v2"
+    """
+    from ..hub import push
+
+    rep = push(
+        source, repo_id, private=private, revision=revision, message=message, create_pr=create_pr,
+        dry_run=dry_run, update_card=update_card, allow_pickles=allow_pickles,
+    )  # fmt: skip
+    if as_json:
+        print_json(rep.to_dict())
+        return
+    from rich.table import Table
+
+    con = out_console()
+    target = f"{rep.repo_id} ({'pull request against ' if rep.create_pr else 'branch '}{rep.revision})"
+    if rep.dry_run:
+        con.print(f"would upload {len(rep.files)} file(s), {human_bytes(rep.total_size)}, to {target}", highlight=False)
+    table = Table(show_edge=False, header_style="bold")
+    for col, justify in [("file", "left"), ("size", "right"), ("from", "left")]:
+        table.add_column(col, justify=justify)  # type: ignore[arg-type]
+    for f in rep.files:
+        table.add_row(f.path, human_bytes(f.size), f.source)
+    con.print(table)
+    if rep.skipped:
+        con.print("left out (hidden): " + ", ".join(rep.skipped), highlight=False)
+    if rep.dry_run:
+        notes = {
+            "generated": "README.md (model card made by loratools):",
+            "updated": "README.md (the folder's, with its metadata block updated):",
+            "kept": "README.md: the folder's own, uploaded as it is",
+        }
+        con.print(notes[rep.card_action], highlight=False)
+        if rep.card is not None:
+            click.echo(rep.card)
+        return
+    if rep.card_action == "kept-remote":
+        con.print("README.md: the repo already has one; it stays (pass --update-card to update its metadata)")
+    done = f"opened {rep.pr_url}" if rep.pr_url else f"committed {rep.commit_url}"
+    con.print(f"pushed {len(rep.files)} file(s), {human_bytes(rep.total_size)}, to {target}: {done}", highlight=False)

@@ -1,0 +1,184 @@
+"""Interrupted and failing runs: SIGINT / SIGKILL at random points, writes that fail; afterwards no output, no
+temp (or, after SIGKILL, the next run removes it and says so), and inputs byte for byte as they were."""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+import torch
+from conftest import FIXTURES
+
+from loratools.io import safetensors as st_io
+from loratools.ops import merge as merge_mod
+
+#: how many kill points each command gets (LORATOOLS_KILL_POINTS=50 for a longer run)
+KILL_POINTS = int(os.environ.get("LORATOOLS_KILL_POINTS", "2"))
+
+
+def digest(path: Path) -> str:
+    h = hashlib.sha256()
+    for f in sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]:
+        h.update(f.name.encode())
+        h.update(f.read_bytes())
+    return h.hexdigest()
+
+
+@pytest.fixture(scope="module")
+def big_base(mf: ModuleType, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A base large enough (about 120 MB) that a merge takes long enough to be interrupted."""
+    from loratools.io.safetensors import write_safetensors
+
+    root = tmp_path_factory.mktemp("big")
+    g = torch.Generator().manual_seed(0)
+    tensors = {}
+    for layer in range(2):
+        for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            out = 16 if name in ("k_proj", "v_proj") else 32
+            tensors[f"model.layers.{layer}.self_attn.{name}.weight"] = torch.randn(out, 32, generator=g)
+    tensors["model.filler.weight"] = torch.randn(30_000_000, generator=g)
+    write_safetensors(root / "base.safetensors", tensors)
+    return root / "base.safetensors"
+
+
+def _commands(base: Path, out: Path) -> dict[str, list[str]]:
+    exe = [sys.executable, "-m", "loratools"]
+    return {
+        "merge": [*exe, "merge", str(base), str(FIXTURES / "peft_llama"), "-o", str(out / "merged.safetensors")],
+        "mix": [*exe, "mix", str(FIXTURES / "kohya_sd/lora.safetensors"), str(FIXTURES / "lycoris_loha.safetensors"),
+                "--rank", "2", "-o", str(out / "mixed.safetensors")],
+        "resize": [*exe, "resize", str(FIXTURES / "peft_llama_patterns"), "--rank", "2", "-o", str(out / "small")],
+        "convert": [*exe, "convert", str(FIXTURES / "lycoris_lokr.safetensors"), "--to", "diffusers",
+                    "-o", str(out / "conv.safetensors")],
+    }  # fmt: skip
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL])
+def test_killed_runs_leave_nothing_and_inputs_intact(big_base: Path, tmp_path: Path, sig: int) -> None:
+    rng = random.Random(int(sig))
+    inputs = [big_base, FIXTURES]
+    before = [digest(p) for p in inputs]
+    out = tmp_path / "out"
+    out.mkdir()
+    for name, cmd in _commands(big_base, out).items():
+        for _ in range(KILL_POINTS):
+            proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+            time.sleep(
+                rng.uniform(0.3, 2.5)
+            )  # python + torch start takes about a second: kill points spread over the work
+            proc.send_signal(sig)
+            _, err = proc.communicate(timeout=60)
+            finished = proc.returncode == 0
+            if sig == signal.SIGINT:
+                assert b"Traceback" not in err or b"KeyboardInterrupt" in err, (name, err[-500:])
+            leftovers = [p for p in out.iterdir()]
+            outputs = [p for p in leftovers if not p.name.startswith(".")]
+            if finished:
+                assert len(outputs) == 1
+            if sig == signal.SIGINT:
+                assert outputs == leftovers, (name, leftovers)  # no temp, ever
+            for p in outputs:  # an output that exists is whole (the signal came after the rename)
+                if p.suffix == ".safetensors":
+                    from loratools.io.safetensors import read_header
+
+                    assert read_header(p).tensors
+                else:
+                    from loratools import load_adapter
+
+                    assert load_adapter(p).modules
+            for p in outputs:
+                if p.is_dir():
+                    shutil.rmtree(p)
+                else:
+                    p.unlink()
+        # after SIGKILL, temps may remain: the next run of the same command removes them and says so
+        stale = [p for p in out.iterdir() if p.name.startswith(".")]
+        r = subprocess.run(cmd, capture_output=True, timeout=120)
+        assert r.returncode == 0, r.stderr[-500:]
+        if stale:
+            assert b"left by an interrupted run" in r.stderr
+        assert [p for p in out.iterdir() if p.name.startswith(".")] == []
+        for p in list(out.iterdir()):
+            if p.is_dir():
+                shutil.rmtree(p)
+            else:
+                p.unlink()
+    assert [digest(p) for p in inputs] == before
+
+
+class _FullDisk:
+    """A file object that fails like a full disk after ``limit`` bytes."""
+
+    def __init__(self, fh: object, limit: int) -> None:
+        self.fh, self.left = fh, limit
+
+    def write(self, data: bytes) -> int:
+        n = len(memoryview(data).cast("B"))
+        if n > self.left:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        self.left -= n
+        return self.fh.write(data)  # type: ignore[attr-defined,no-any-return]
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.fh, name)
+
+    def __enter__(self) -> _FullDisk:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.fh.close()  # type: ignore[attr-defined]
+
+
+def test_full_disk_during_merge_leaves_nothing(big_base: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    real = merge_mod._Writer.__init__
+
+    def init(self: merge_mod._Writer, fh: object) -> None:
+        real(self, _FullDisk(fh, 10_000_000))
+
+    monkeypatch.setattr(merge_mod._Writer, "__init__", init)
+    monkeypatch.setattr(merge_mod, "_kernel_copy", lambda *a: False)  # every byte through the failing writer
+    before = digest(big_base)
+    with pytest.raises(OSError, match="No space left"):
+        merge_mod.merge(big_base, [FIXTURES / "peft_llama"], tmp_path / "out.safetensors")
+    assert list(tmp_path.iterdir()) == [] and digest(big_base) == before
+
+
+def test_full_disk_during_a_safetensors_write_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from loratools.ops.resize import resize
+
+    real_open = open
+
+    def failing_open(path: object, mode: str = "r", *a: object, **kw: object) -> object:
+        fh = real_open(path, mode, *a, **kw)  # type: ignore[call-overload]
+        return _FullDisk(fh, 2000) if "w" in mode and str(path).endswith(".tmp") else fh
+
+    monkeypatch.setattr(st_io, "open", failing_open, raising=False)
+    with pytest.raises(OSError, match="No space left"):
+        resize(FIXTURES / "kohya_sd/lora.safetensors", tmp_path / "small.safetensors", rank=1)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_index_naming_files_outside_the_folder_is_refused(mf: ModuleType, tmp_path: Path) -> None:
+    import json
+
+    from loratools.errors import FileFormatError
+
+    mf.tiny_llama().save_pretrained(tmp_path / "base", max_shard_size="20KB")
+    index = tmp_path / "base" / "model.safetensors.index.json"
+    data = json.loads(index.read_text())
+    first = next(iter(data["weight_map"]))
+    data["weight_map"][first] = "../../etc/passwd"
+    index.write_text(json.dumps(data))
+    with pytest.raises(FileFormatError, match="outside its folder"):
+        merge_mod.merge(tmp_path / "base", [FIXTURES / "peft_llama"], tmp_path / "out")
+    assert not (tmp_path / "out").exists()
