@@ -1,0 +1,172 @@
+"""The figures of docs/reliability.md: damaged files through every reader, runs killed at random points.
+
+    python benchmarks/reliability.py [--cases 300] [--kills 20]
+
+Each damaged file goes through `inspect --fast`, `inspect` and `validate` in a fresh CLI invocation; each outcome
+is a result, a clean `Error:` line (exit 1) or a traceback (a bug). Each killed run is checked afterwards: no
+output or a whole one, no temp left (SIGINT) or removed by the next run with a note (SIGKILL), inputs unchanged.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import hashlib
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from click.testing import CliRunner
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests"))
+from test_fuzz import damaged  # noqa: E402
+
+from loratools.cli import cli  # noqa: E402
+
+FIXTURES = ROOT / "fixtures"
+READERS = {
+    "peft (safetensors)": ("peft_llama", "adapter_model.safetensors"),
+    "peft (legacy .bin)": ("peft_llama_bin", "adapter_model.bin"),
+    "kohya": ("kohya_sd/lora.safetensors", None),
+    "lycoris loha": ("lycoris_loha.safetensors", None),
+    "lycoris lokr": ("lycoris_lokr.safetensors", None),
+    "diffusers": ("diffusers_sd/pytorch_lora_weights.safetensors", None),
+    "diffusers (old)": ("diffusers_sd_old/pytorch_lora_weights.safetensors", None),
+}
+
+
+def fuzz(cases: int) -> list[str]:
+    rows = []
+    runner = CliRunner()
+    for label, (src, inner) in READERS.items():
+        rng = random.Random(label)
+        counts: collections.Counter[str] = collections.Counter()
+        with tempfile.TemporaryDirectory() as d:
+            for i in range(cases):
+                case = Path(d) / f"c{i}"
+                if inner:
+                    shutil.copytree(FIXTURES / src, case)
+                    target = case / inner
+                else:
+                    case.mkdir()
+                    target = case / Path(src).name
+                original = (FIXTURES / src / inner if inner else FIXTURES / src).read_bytes()
+                target.write_bytes(damaged(original, rng))
+                for args in (["inspect", "--fast", "--json"], ["inspect", "--json"], ["validate", "--json"]):
+                    r = runner.invoke(cli, [*args, str(case)])
+                    if r.exception is not None and not isinstance(r.exception, SystemExit):
+                        counts["traceback"] += 1
+                    elif r.exit_code == 0:
+                        counts["result"] += 1
+                    else:
+                        counts["clean error"] += 1
+                shutil.rmtree(case)
+        rows.append(
+            f"| {label} | {cases} | {3 * cases} | {counts['result']} | {counts['clean error']} | {counts['traceback']} |"
+        )
+    return rows
+
+
+def digest(paths: list[Path]) -> str:
+    h = hashlib.sha256()
+    for root in paths:
+        for f in sorted(p for p in root.rglob("*") if p.is_file()) if root.is_dir() else [root]:
+            h.update(f.read_bytes())
+    return h.hexdigest()
+
+
+def wait_for_work(proc: subprocess.Popen[bytes], out: Path, limit: float = 60.0) -> None:
+    """Until the run has started writing (a temp beside the output) or has ended: kill points then fall in the
+    work, not in Python's start-up."""
+    t = time.perf_counter()
+    while proc.poll() is None and time.perf_counter() - t < limit:
+        if any(x.name.startswith(".") for x in out.iterdir()):
+            return
+        time.sleep(0.005)
+
+
+def kills(points: int) -> list[str]:
+    import torch
+
+    from loratools.io.safetensors import write_safetensors
+
+    rows = []
+    with tempfile.TemporaryDirectory() as d:
+        work = Path(d)
+        base = work / "base.safetensors"
+        g = torch.Generator().manual_seed(0)
+        tensors = {f"model.layers.{i}.self_attn.{n}.weight": torch.randn(16 if n in ("k_proj", "v_proj") else 32, 32, generator=g)
+                   for i in range(2) for n in ("q_proj", "k_proj", "v_proj", "o_proj")}  # fmt: skip
+        tensors["model.filler.weight"] = torch.randn(30_000_000, generator=g)
+        write_safetensors(base, tensors)
+        exe = [sys.executable, "-m", "loratools"]
+        out = work / "out"
+        out.mkdir()
+        commands = {
+            "merge": [*exe, "merge", str(base), str(FIXTURES / "peft_llama"), "-o", str(out / "o.safetensors")],
+            "mix": [*exe, "mix", str(FIXTURES / "kohya_sd/lora.safetensors"), str(FIXTURES / "lycoris_loha.safetensors"), "--rank", "2", "-o", str(out / "o.safetensors")],
+            "resize": [*exe, "resize", str(FIXTURES / "peft_llama_patterns"), "--rank", "2", "-o", str(out / "o")],
+            "convert": [*exe, "convert", str(FIXTURES / "lycoris_lokr.safetensors"), "--to", "diffusers", "-o", str(out / "o.safetensors")],
+        }  # fmt: skip
+        before = digest([base, FIXTURES])
+        for name, cmd in commands.items():
+            for sig in (signal.SIGINT, signal.SIGKILL):
+                rng = random.Random(f"{name}{sig}")
+                stats: collections.Counter[str] = collections.Counter()
+                for _ in range(points):
+                    p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                    wait_for_work(p, out)
+                    time.sleep(rng.uniform(0.0, 0.4))
+                    p.send_signal(sig)
+                    p.communicate(timeout=120)
+                    items = list(out.iterdir())
+                    temps = [x for x in items if x.name.startswith(".")]
+                    outputs = [x for x in items if not x.name.startswith(".")]
+                    stats["finished first" if p.returncode == 0 else "interrupted"] += 1
+                    stats["temps left"] += bool(temps)
+                    stats["bad"] += bool(temps) and sig == signal.SIGINT
+                    for x in outputs:
+                        shutil.rmtree(x) if x.is_dir() else x.unlink()
+                    if temps:  # the next run must clean them up and say so
+                        r = subprocess.run(cmd, capture_output=True, timeout=300)
+                        cleaned = b"left by an interrupted run" in r.stderr and not [
+                            x for x in out.iterdir() if x.name.startswith(".")
+                        ]
+                        stats["cleaned by next run"] += cleaned
+                        stats["bad"] += not cleaned
+                        for x in out.iterdir():
+                            shutil.rmtree(x) if x.is_dir() else x.unlink()
+                signame = "SIGINT" if sig == signal.SIGINT else "SIGKILL"
+                rows.append(
+                    f"| {name} | {signame} | {points} | {stats['interrupted']} | {stats['temps left']} | "
+                    f"{stats['cleaned by next run']} | {stats['bad']} |"
+                )
+        rows.append(f"\ninputs byte-identical after all runs: {digest([base, FIXTURES]) == before}")
+    return rows
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--cases", type=int, default=300, help="damaged files per reader")
+    p.add_argument("--kills", type=int, default=20, help="kill points per command and signal")
+    args = p.parse_args()
+    print("| reader | damaged files | runs | result | clean Error | traceback |")
+    print("|---|---|---|---|---|---|")
+    for row in fuzz(args.cases):
+        print(row, flush=True)
+    print(
+        "\n| command | signal | kill points | interrupted | temp left | removed by next run (with a note) | lost or left behind |"
+    )
+    print("|---|---|---|---|---|---|---|")
+    for row in kills(args.kills):
+        print(row, flush=True)
+
+
+if __name__ == "__main__":
+    main()
