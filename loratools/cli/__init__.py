@@ -35,7 +35,7 @@ def cli() -> None:
 
 
 def _register() -> None:
-    from . import convert, diff, inspect, merge, mix, push, resize, validate
+    from . import convert, diff, extract, inspect, merge, mix, push, resize, validate
 
     cli.add_command(inspect.inspect_cmd)
     cli.add_command(validate.validate_cmd)
@@ -44,6 +44,7 @@ def _register() -> None:
     cli.add_command(merge.merge_cmd)
     cli.add_command(diff.diff_cmd)
     cli.add_command(convert.convert_cmd)
+    cli.add_command(extract.extract_cmd)
     cli.add_command(push.push_cmd)
 
 
