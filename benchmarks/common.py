@@ -65,6 +65,7 @@ def run_measured(cmd: list[str]) -> tuple[float, float]:
     """
     import threading
 
+    os.sync()  # start each run with no dirty pages of the previous one still being written back
     t = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     peak = [0]

@@ -262,3 +262,25 @@ def test_cli_report_json_and_html(bases: dict[str, Path], tmp_path: Path) -> Non
     r = CliRunner().invoke(cli, [*args, "-o", str(tmp_path / "b"), "--report", str(tmp_path / "r.html")])
     page = (tmp_path / "r.html").read_text()
     assert r.exit_code == 0 and "<svg" in page and "model.layers.1.self_attn.q_proj.weight" in page
+
+
+def test_lora_bias_is_merged_like_peft(mf: ModuleType, tmp_path: Path) -> None:
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    base = mf.tiny_llama()
+    for layer in base.model.layers:  # give q_proj a bias so lora_bias has somewhere to go
+        layer.self_attn.q_proj.bias = torch.nn.Parameter(torch.randn(layer.self_attn.q_proj.out_features) * 0.1)
+    base.save_pretrained(tmp_path / "base")
+    model = get_peft_model(base, LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"], lora_bias=True))
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_" in n:
+                p.normal_(0, 0.2)
+    model.save_pretrained(tmp_path / "adapter")
+    report = merge(tmp_path / "base", [tmp_path / "adapter"], tmp_path / "out")
+    ours = load_dir(tmp_path / "out")
+    want = model.merge_and_unload().state_dict()
+    biases = [t.name for t in report.tensors if t.name.endswith(".bias")]
+    assert len(biases) == 2
+    for key, value in ours.items():
+        torch.testing.assert_close(value, want[key], rtol=1e-5, atol=1e-6, msg=lambda m, k=key: f"{k}: {m}")

@@ -142,6 +142,7 @@ class Target:
     contributions: list[tuple[float, Module]] = field(default_factory=list)
     replacement: TensorRef | None = None  # modules_to_save / saved base layer
     adapters: list[int] = field(default_factory=list)
+    biases: list[tuple[float, Module]] = field(default_factory=list)  # LoRA biases (PEFT lora_bias) for a .bias
 
 
 def _candidates(full: str, names: dict[str, tuple[int, str]]) -> list[str]:
@@ -183,6 +184,11 @@ def resolve(adapters: list[Adapter], weights: list[float], layout: Layout) -> di
             if t is not None:
                 t.contributions.append((w, m))
                 t.adapters.append(i)
+                if m.bias is not None:  # PEFT merges lora_B.bias * scaling into the base layer's bias
+                    bias = found[0].removesuffix(".weight") + ".bias"
+                    if bias not in names:
+                        raise ShapeError(f"{name}: has a LoRA bias but the base layer {bias} has none")
+                    targets.setdefault(bias, Target()).biases.append((w, m))
         for key, extra in a.extras.items():
             if extra.role == "trainable_tokens":
                 raise IncompatibleAdaptersError(
@@ -490,6 +496,18 @@ def _merge_tensor(
     stats = _Stats()
     shape = info.shape
     store = torch_dtype(out_dtype)
+    if target.biases and not target.contributions and target.replacement is None:
+        base_b = _as_tensor(_read(fh, info.start, info.nbytes), info.dtype, shape).to(device, torch.float32)
+        delta = torch.zeros_like(base_b)
+        for w, m in target.biases:
+            assert m.bias is not None
+            delta += w * m.scale * m.bias.load().to(device, torch.float32).reshape(shape)
+        stored = (base_b + delta).to(store)
+        stats.add(base_b, delta, stored)
+        writer.write(_to_bytes(stored.cpu()))
+        if tick:
+            tick(info.nbytes, 0)
+        return stats
     if target.replacement is not None:
         base_full = _as_tensor(_read(fh, info.start, info.nbytes), info.dtype, shape).to(device, torch.float32)
         start = target.replacement.load().to(device, torch.float32).reshape(shape)
