@@ -31,7 +31,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine, run_measured  # noqa: E402
+from common import llama_shapes, machine, run_measured  # noqa: E402
 
 HIDDEN, INTER, VOCAB, HEADS, KV_HEADS = 2048, 5632, 32000, 32, 4
 KV = HIDDEN // HEADS * KV_HEADS
@@ -58,16 +58,7 @@ cli(sys.argv[1:], prog_name="loratools")
 
 
 def shapes(layers: int) -> dict[str, tuple[int, ...]]:
-    out: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (VOCAB, HIDDEN)}
-    for layer in range(layers):
-        p = f"model.layers.{layer}."
-        for mod, shape in MODULES.items():
-            out[p + mod + ".weight"] = shape
-        out[p + "input_layernorm.weight"] = (HIDDEN,)
-        out[p + "post_attention_layernorm.weight"] = (HIDDEN,)
-    out["model.norm.weight"] = (HIDDEN,)
-    out["lm_head.weight"] = (VOCAB, HIDDEN)
-    return out
+    return llama_shapes(layers, MODULES, HIDDEN, VOCAB)
 
 
 def write_pair(base: Path, tuned: Path, layers: int, rank: int, shard_bytes: int = 1 << 30) -> int:

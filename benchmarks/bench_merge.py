@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import HIDDEN, INTER, MODULES, VOCAB, machine, run_measured, write_peft  # noqa: E402
+from common import HIDDEN, INTER, VOCAB, llama_shapes, machine, run_measured, write_peft  # noqa: E402
 
 PEFT_SCRIPT = """
 import sys, torch
@@ -38,15 +38,7 @@ def write_checkpoint(folder: Path, layers: int, shard_bytes: int = 2 << 30) -> t
     from loratools.io.safetensors import write_safetensors
     from loratools.model import TensorRef
 
-    shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (VOCAB, HIDDEN)}
-    for layer in range(layers):
-        p = f"model.layers.{layer}."
-        for mod, shape in MODULES.items():
-            shapes[p + mod + ".weight"] = shape
-        shapes[p + "input_layernorm.weight"] = (HIDDEN,)
-        shapes[p + "post_attention_layernorm.weight"] = (HIDDEN,)
-    shapes["model.norm.weight"] = (HIDDEN,)
-    shapes["lm_head.weight"] = (VOCAB, HIDDEN)
+    shapes = llama_shapes(layers)
 
     def ref(name: str, shape: tuple[int, ...]) -> TensorRef:
         def make() -> torch.Tensor:

@@ -23,6 +23,23 @@ MODULES = {
 }
 
 
+def llama_shapes(
+    layers: int, modules: dict[str, tuple[int, int]] | None = None, hidden: int = HIDDEN, vocab: int = VOCAB
+) -> dict[str, tuple[int, ...]]:
+    """Every tensor of a Llama-shaped checkpoint: embedding, per layer the projections and two norms, the
+    final norm and lm_head."""
+    out: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (vocab, hidden)}
+    for layer in range(layers):
+        p = f"model.layers.{layer}."
+        for mod, shape in (modules or MODULES).items():
+            out[p + mod + ".weight"] = shape
+        out[p + "input_layernorm.weight"] = (hidden,)
+        out[p + "post_attention_layernorm.weight"] = (hidden,)
+    out["model.norm.weight"] = (hidden,)
+    out["lm_head.weight"] = (vocab, hidden)
+    return out
+
+
 def machine() -> str:
     cpu = platform.processor() or platform.machine()
     try:

@@ -22,6 +22,7 @@ from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any, Literal
 
 from .errors import FileFormatError, HubError, LoratoolsError
+from .units import human_bytes
 
 if TYPE_CHECKING:
     from huggingface_hub import HfApi
@@ -676,15 +677,6 @@ def collect(source: str | os.PathLike[str], *, allow_pickles: bool = False) -> t
     return entries, skipped
 
 
-def _human(n: int) -> str:
-    size = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if size < 1024 or unit == "GiB":
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1024
-    return f"{n} B"
-
-
 def _g(x: float) -> str:
     return f"{x:g}"
 
@@ -822,7 +814,7 @@ def render_card(rep: InspectReport, repo_id: str, meta: dict[str, Any], files: l
         f"| Targets | {target_text or '-'} |",
         f"| Modules | {rep.num_modules} ({kinds}) |",
         f"| Parameters | {rep.num_params:,} |",
-        f"| Size | {_human(rep.size_on_disk)} ({', '.join(files[:4])}{', ...' if len(files) > 4 else ''}) |",
+        f"| Size | {human_bytes(rep.size_on_disk)} ({', '.join(files[:4])}{', ...' if len(files) > 4 else ''}) |",
         f"| Dtypes | {', '.join(f'{k} x{v}' for k, v in rep.dtypes.items())} |",
     ]
     if rep.made_by:

@@ -265,7 +265,7 @@ def test_cli_report_json_and_html(bases: dict[str, Path], tmp_path: Path) -> Non
 
 
 def test_lora_bias_is_merged_like_peft(mf: ModuleType, tmp_path: Path) -> None:
-    from peft import LoraConfig, PeftModel, get_peft_model
+    from peft import LoraConfig, get_peft_model
 
     base = mf.tiny_llama()
     for layer in base.model.layers:  # give q_proj a bias so lora_bias has somewhere to go

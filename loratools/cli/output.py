@@ -13,6 +13,8 @@ from typing import Any, TypeVar
 import click
 from rich.console import Console
 
+from ..units import human_bytes as human_bytes  # re-exported for the commands
+
 F = TypeVar("F", bound=Callable[..., Any])
 
 
@@ -57,15 +59,6 @@ def format_option(f: F) -> F:
         default=None,
         help="Read SOURCE as this format instead of detecting it.",
     )(f)
-
-
-def human_bytes(n: int) -> str:
-    size = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if size < 1024 or unit == "GiB":
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1024
-    return f"{n} B"
 
 
 def num(x: float | None) -> str:

@@ -28,9 +28,9 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from ..errors import HeaderError, LoratoolsError
 from ..formats import detect, load_adapter
-from ..formats.kohya import kohya_name
 from ..io.checkpoint import BaseTensor, base_tensors
 from ..model import DTYPE_SIZES, Adapter, Module, TensorRef, torch_dtype
+from .mix import match_key
 
 if TYPE_CHECKING:
     import torch
@@ -286,16 +286,6 @@ def _plan_tensors(a: str | os.PathLike[str], b: str | os.PathLike[str]) -> DiffP
     return plan
 
 
-def _key(name: str, cross: bool) -> str:
-    """Across formats, modules are matched by the kohya spelling both sides share (as mix does)."""
-    if cross and "." in name:
-        try:
-            return kohya_name(name)
-        except LoratoolsError:
-            return name
-    return name
-
-
 def _squeezed(shape: tuple[int, ...]) -> tuple[int, ...]:
     return tuple(s for s in shape if s != 1)
 
@@ -305,20 +295,20 @@ def _plan_deltas(a: str | os.PathLike[str], b: str | os.PathLike[str], ad_a: Ada
     cross = ad_a.format != ad_b.format
     if cross:
         plan.notes.append(f"A is {ad_a.format}, B is {ad_b.format}: modules matched by their kohya names")
-    mods_b = {_key(n, cross): m for n, m in ad_b.modules.items()}
-    keys_a = {_key(n, cross) for n in ad_a.modules}
+    mods_b = {match_key(n, cross): m for n, m in ad_b.modules.items()}
+    keys_a = {match_key(n, cross) for n in ad_a.modules}
     plan.only_in_b += [m.name for k, m in mods_b.items() if k not in keys_a]
     for name, ma in sorted(ad_a.modules.items()):
-        mb = mods_b.get(_key(name, cross))
+        mb = mods_b.get(match_key(name, cross))
         if mb is None:
             plan.only_in_a.append(name)
             continue
         _pair_modules(plan, name, ma, mb)
-    extras_b = {_key(n, cross): e.ref for n, e in ad_b.extras.items()}
-    keys_a = {_key(n, cross) for n in ad_a.extras}
-    plan.only_in_b += [n for n in ad_b.extras if _key(n, cross) not in keys_a]
+    extras_b = {match_key(n, cross): e.ref for n, e in ad_b.extras.items()}
+    keys_a = {match_key(n, cross) for n in ad_a.extras}
+    plan.only_in_b += [n for n in ad_b.extras if match_key(n, cross) not in keys_a]
     for name, extra in sorted(ad_a.extras.items()):
-        ref_b = extras_b.get(_key(name, cross))
+        ref_b = extras_b.get(match_key(name, cross))
         if ref_b is None:
             plan.only_in_a.append(name)
         else:

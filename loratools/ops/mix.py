@@ -52,7 +52,7 @@ class MixReport:
         return asdict(self)
 
 
-def _key(name: str, cross: bool) -> str:
+def match_key(name: str, cross: bool) -> str:
     """The name modules are matched by: their own, or across formats the kohya spelling both sides share."""
     if cross and "." in name:
         try:
@@ -103,7 +103,7 @@ def mix_adapters(
     for a, w in zip(adapters, weights, strict=True):
         for name, m in a.modules.items():
             refuse_dora(m, "mixing it")
-            order.setdefault(_key(name, cross), []).append((w, m))
+            order.setdefault(match_key(name, cross), []).append((w, m))
     out = Adapter(format=first.format, config=dict(first.config), base_model=first.base_model)
     for key in ("ss_base_model_version", "modelspec.architecture", "ss_sd_model_name"):
         values = {a.metadata.get(key) for a in adapters}
