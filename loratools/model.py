@@ -161,7 +161,7 @@ class Module:
     @property
     def scale(self) -> float:
         r = self.rank
-        if r is None or self.alpha is None:
+        if r is None or self.alpha is None or r == 0:  # rank 0 adds nothing, whatever its scale
             return 1.0
         return self.alpha / (math.sqrt(r) if self.rslora else r)
 
@@ -293,8 +293,7 @@ class Module:
         work = dtype or torch.float32
         f = {k: v.load().to(device=device, dtype=work) for k, v in self.factors.items()}
         if self.kind == "lora":
-            up = f["up"].reshape(f["up"].shape[0], -1)
-            down = f["down"].reshape(f["down"].shape[0], -1)
+            up, down = rows(f["up"]), rows(f["down"])
             d = torch.einsum("pi,ijhw,jq->pqhw", up, f["mid"], down) if "mid" in f else up @ down
         elif self.kind == "loha":
             d = _loha_half(f, "1") * _loha_half(f, "2")
@@ -313,7 +312,7 @@ class Module:
         else:
             d = f["diff"]
         d = d.reshape(self.delta_shape())
-        return d.reshape(d.shape[0], -1) * self.scale
+        return rows(d) * self.scale
 
     def lora_factors(
         self, dtype: torch.dtype | None = None, device: str | torch.device | None = None
@@ -327,7 +326,7 @@ class Module:
         work = dtype or torch.float32
         up = self.factors["up"].load().to(device=device, dtype=work)
         down = self.factors["down"].load().to(device=device, dtype=work)
-        return up.reshape(up.shape[0], -1), down.reshape(down.shape[0], -1) * self.scale
+        return rows(up), rows(down) * self.scale
 
     def apply(self, weight: torch.Tensor, multiplier: float = 1.0, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The merged weight ``W + multiplier * delta`` (DoRA: rescaled to the magnitude), computed in fp32.
@@ -371,11 +370,15 @@ class Module:
         if self.kind == "lora" and "mid" not in self.factors and not self.check():
             a = self.factors["down"].load().to(torch.float64)
             b = self.factors["up"].load().to(torch.float64)
-            a = a.reshape(a.shape[0], -1)
-            b = b.reshape(b.shape[0], -1)
+            a, b = rows(a), rows(b)
             sq = torch.sum((a @ a.T) * (b.T @ b)).clamp_min(0).item()
             return math.sqrt(sq) * abs(self.scale)
         return float(self.delta(dtype=torch.float64).norm().item())
+
+
+def rows(t: torch.Tensor) -> torch.Tensor:
+    """``t`` as a matrix of its first dim by all the others (also when a dim is 0: a rank-0 module)."""
+    return t.reshape(t.shape[0], math.prod(t.shape[1:]))
 
 
 def _loha_half(f: Mapping[str, torch.Tensor], i: str) -> torch.Tensor:
@@ -385,7 +388,7 @@ def _loha_half(f: Mapping[str, torch.Tensor], i: str) -> torch.Tensor:
     t = f.get(f"t{i}")
     if t is not None:  # Tucker: a is r x out, b is r x in, t is r x r x kh x kw
         return torch.einsum("ij...,ip,jq->pq...", t, a, b)
-    return a @ b.reshape(b.shape[0], -1)
+    return a @ rows(b)
 
 
 ExtraRole = Literal["modules_to_save", "base_layer", "trainable_tokens", "other"]

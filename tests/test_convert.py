@@ -316,3 +316,50 @@ def test_cli_convert(tmp_path: Path) -> None:
         cli, ["convert", str(FIXTURES / "peft_llama"), "--to", "diffusers", "-o", str(tmp_path / "y.safetensors")]
     )
     assert r.exit_code == 1 and r.stderr.startswith("Error: ") and not (tmp_path / "y.safetensors").exists()
+
+
+def test_gguf_writer_inputs_fuzzed(tmp_path: Path) -> None:
+    """Random adapters (ranks, alphas, rsLoRA) and broken base configs: a correct file or one clean error."""
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    from loratools.errors import LoratoolsError
+    from loratools.formats import gguf as gguf_format
+    from loratools.model import Module, TensorRef
+
+    good = {
+        "architectures": ["LlamaForCausalLM"],
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "num_hidden_layers": 2,
+    }
+    shapes = {"q_proj": (32, 32), "k_proj": (16, 32), "v_proj": (16, 32), "o_proj": (32, 32)}
+
+    @settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(
+        mods=st.lists(st.tuples(st.sampled_from(sorted(shapes)), st.integers(0, 1), st.integers(1, 6),
+                                st.floats(0.5, 64), st.booleans()), min_size=1, max_size=5),
+        cfg=st.fixed_dictionaries({}, optional={k: st.none() | st.integers(-2, 8) | st.text(max_size=3) | st.just(v)
+                                                for k, v in good.items()}),
+    )  # fmt: skip
+    def run(mods: list, cfg: dict) -> None:
+        a = Adapter("peft")
+        g = torch.Generator().manual_seed(len(mods))
+        for leaf, layer, r, alpha, rs in mods:
+            out, inn = shapes[leaf]
+            name = f"model.layers.{layer}.self_attn.{leaf}"
+            a.modules[name] = Module(name, "lora", {"down": TensorRef.of(torch.randn(r, inn, generator=g)),
+                                                    "up": TensorRef.of(torch.randn(out, r, generator=g))},
+                                     alpha=alpha, rslora=rs)  # fmt: skip
+        try:
+            arch, file_alpha, tensors = gguf_format.plan(a, cfg)
+        except LoratoolsError:
+            return
+        assert arch == "llama" and len(tensors) == len(a.modules)
+        for (_, la, lb), m in zip(tensors, a.modules.values(), strict=True):
+            got = (file_alpha / lb.shape[1]) * (lb @ la)
+            assert float(got.norm()) == pytest.approx(
+                float(m.delta().norm()), rel=1e-4
+            )  # scale kept (q/k rows permuted)
+
+    run()

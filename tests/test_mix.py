@@ -281,3 +281,26 @@ def test_inspect_spectrum_matches_dense_singular_values() -> None:
             assert beyond.numel() == 0 or float(beyond.max()) <= 1e-9 * float(want[0])
             cum = (want**2).cumsum(0) / (want**2).sum()
             assert cum[mi.spectrum.rank_90 - 1] >= 0.9 - 1e-9 and 1 <= mi.spectrum.effective_rank <= n
+
+
+def test_zero_rank_and_rank_beyond_the_matrix() -> None:
+    """A rank-0 module adds nothing and goes through every operation; a rank above min(out, in) still gives the
+    exact SVD (its singular values stop at min(out, in))."""
+    from loratools.ops.inspect import spectrum
+
+    zero = _lora(0, 6, 8, alpha=1.0, seed=0)
+    wide = _lora(40, 6, 8, alpha=40.0, seed=1)
+    assert zero.rank == 0 and not zero.check() and zero.delta_norm() == 0.0
+    assert torch.equal(zero.delta(), torch.zeros(6, 8))
+    assert spectrum(zero).singular_values == []
+    for m in (zero, wide):
+        a = Adapter("peft", modules={"m": m})
+        want = m.delta(dtype=F64)
+        cat, _ = mix_adapters([a, a], [1.0, -0.5], "cat")
+        torch.testing.assert_close(cat.modules["m"].delta(dtype=F64), 0.5 * want, rtol=1e-6, atol=1e-6)
+        small, rep = resize_adapter(a, rank=2)
+        err = float((small.modules["m"].delta(dtype=F64) - want).norm())
+        assert err == pytest.approx(optimal_error(want, 2) if m.rank else 0.0, rel=1e-6, abs=1e-9)
+    s = spectrum(wide)
+    assert len(s.singular_values) == 6
+    torch.testing.assert_close(torch.tensor(s.singular_values, dtype=F64), torch.linalg.svdvals(wide.delta(dtype=F64)))

@@ -48,6 +48,11 @@ def big_base(mf: ModuleType, tmp_path_factory: pytest.TempPathFactory) -> Path:
             tensors[f"model.layers.{layer}.self_attn.{name}.weight"] = torch.randn(out, 32, generator=g)
     tensors["model.filler.weight"] = torch.randn(30_000_000, generator=g)
     write_safetensors(root / "base.safetensors", tensors)
+    # a fine-tuned twin for extract: a rank-2 change on every projection
+    for name, t in list(tensors.items()):
+        if t.dim() == 2:
+            tensors[name] = t + torch.randn(t.shape[0], 2, generator=g) @ torch.randn(2, t.shape[1], generator=g)
+    write_safetensors(root / "tuned.safetensors", tensors)
     return root / "base.safetensors"
 
 
@@ -60,13 +65,15 @@ def _commands(base: Path, out: Path) -> dict[str, list[str]]:
         "resize": [*exe, "resize", str(FIXTURES / "peft_llama_patterns"), "--rank", "2", "-o", str(out / "small")],
         "convert": [*exe, "convert", str(FIXTURES / "lycoris_lokr.safetensors"), "--to", "diffusers",
                     "-o", str(out / "conv.safetensors")],
+        "extract": [*exe, "extract", str(base), str(base.with_name("tuned.safetensors")), "--rank", "2",
+                    "-o", str(out / "extracted")],
     }  # fmt: skip
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL])
 def test_killed_runs_leave_nothing_and_inputs_intact(big_base: Path, tmp_path: Path, sig: int) -> None:
     rng = random.Random(int(sig))
-    inputs = [big_base, FIXTURES]
+    inputs = [big_base, big_base.with_name("tuned.safetensors"), FIXTURES]
     before = [digest(p) for p in inputs]
     out = tmp_path / "out"
     out.mkdir()

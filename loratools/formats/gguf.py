@@ -58,16 +58,16 @@ def plan(adapter: Adapter, hparams: dict[str, Any]) -> tuple[str, float, list[tu
     except ImportError:
         raise LoratoolsError("writing GGUF needs the gguf package", "pip install 'loratools[gguf]'") from None
     archs = hparams.get("architectures") or []
-    arch_name = archs[0] if archs else hparams.get("model_type", "?")
-    if arch_name not in ARCHITECTURES:
+    arch_name = archs[0] if isinstance(archs, list) and archs else hparams.get("model_type", "?")
+    if not isinstance(arch_name, str) or arch_name not in ARCHITECTURES:
         raise IncompatibleAdaptersError(
             f"GGUF export knows no rules for architecture {arch_name!r} yet",
             "supported: " + ", ".join(sorted(ARCHITECTURES)),
         )
     arch, permutes = ARCHITECTURES[arch_name]
-    n_head = int(hparams["num_attention_heads"])
-    n_kv = int(hparams.get("num_key_value_heads") or n_head)
-    n_blocks = int(hparams["num_hidden_layers"])
+    n_head = _count(hparams, "num_attention_heads")
+    n_kv = _count(hparams, "num_key_value_heads", n_head)
+    n_blocks = _count(hparams, "num_hidden_layers")
     if adapter.extras:
         raise IncompatibleAdaptersError(
             f"llama.cpp cannot load full tensors ({', '.join(sorted(adapter.extras)[:3])})",
@@ -115,6 +115,13 @@ def plan(adapter: Adapter, hparams: dict[str, Any]) -> tuple[str, float, list[tu
             "is --base the model this adapter was trained on?",
         )
     return arch, alpha, out
+
+
+def _count(hparams: dict[str, Any], key: str, default: int | None = None) -> int:
+    value = hparams.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise LoratoolsError(f"the base config's {key} must be a positive integer, not {json.dumps(value)[:40]}")
+    return value
 
 
 def write(

@@ -21,7 +21,7 @@ from typing import Any, Literal
 from ..errors import IncompatibleAdaptersError, LoratoolsError, ShapeError
 from ..formats import load_adapter, save_adapter
 from ..formats.kohya import kohya_name
-from ..model import Adapter, Module
+from ..model import Adapter, Module, rows
 from . import provenance
 from .linalg import lowrank_svd
 from .lowrank import Progress, factors, lora_module, refuse_dora, stored_dtype, work_device
@@ -158,8 +158,8 @@ def _linear(parts: list[tuple[float, Module]], dev: str, work: Any) -> tuple[Any
         )
     up = down = None
     for w, m in parts:
-        u = m.factors["up"].load().to(dev, work).reshape(m.factors["up"].shape[0], -1)
-        d = m.factors["down"].load().to(dev, work).reshape(m.factors["down"].shape[0], -1)
+        u = rows(m.factors["up"].load().to(dev, work))
+        d = rows(m.factors["down"].load().to(dev, work))
         ws = w * m.scale
         root = math.sqrt(abs(ws))
         u, d = u * root, d * (root if ws >= 0 else -root)
