@@ -363,3 +363,21 @@ def test_gguf_writer_inputs_fuzzed(tmp_path: Path) -> None:
             )  # scale kept (q/k rows permuted)
 
     run()
+
+
+def test_sai_single_file_names_are_not_passed_off_as_diffusers(tmp_path: Path) -> None:
+    """kohya names resolved against a single-file SD checkpoint are SAI paths, not diffusers paths: refused."""
+    a = load_adapter(FIXTURES / "kohya_sd" / "lora.safetensors")
+    base = {}
+    for name in a.modules:
+        if name.startswith("lora_unet_"):
+            base["model.diffusion_model." + name.removeprefix("lora_unet_").replace("_", ".") + ".weight"] = (
+                torch.zeros(1)
+            )
+    safetensors.torch.save_file(base, str(tmp_path / "sd.safetensors"))
+    one = load_adapter(FIXTURES / "kohya_sd" / "lora.safetensors")
+    one.modules = {"lora_unet_conv_in": one.modules["lora_unet_conv_in"]}
+    save_adapter(one, tmp_path / "one.safetensors")
+    with pytest.raises(IncompatibleAdaptersError, match="SAI"):
+        convert(tmp_path / "one.safetensors", "diffusers", tmp_path / "x.safetensors", base=tmp_path / "sd.safetensors")
+    assert not (tmp_path / "x.safetensors").exists()

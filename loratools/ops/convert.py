@@ -26,6 +26,7 @@ from .linalg import lowrank_svd
 from .lowrank import DTYPES, factors, lora_module
 
 TARGETS = (*FORMATS, "gguf")
+SAI_PREFIXES = ("model.diffusion_model.", "cond_stage_model.", "conditioner.embedders.")
 DIFFUSERS_COMPONENTS = {"unet", "transformer", "text_encoder", "text_encoder_2", "text_encoder_3", "prior"}
 
 
@@ -65,6 +66,13 @@ def _rename(adapter: Adapter, to: str, base_names: list[str] | None) -> dict[str
             raise ShapeError(
                 f"{len(missing)} kohya name(s) cannot be turned back into module paths: {', '.join(missing[:5])}",
                 "pass --base with the base model (folder or .safetensors) to resolve them against its real names",
+            )
+        sai = [d for d in found.values() if d.startswith(SAI_PREFIXES)]
+        if sai and to in ("diffusers", "peft", "gguf"):
+            raise IncompatibleAdaptersError(
+                f"{len(sai)} module(s) resolve to single-file (SAI) checkpoint paths such as {sai[0]}: the "
+                "diffusers names need the SAI-to-diffusers block map, which loratools does not have yet",
+                "resolve against the diffusers version of the base (its folder), or keep the kohya format",
             )
         names_map = {}
         for kohya, dotted in found.items():
