@@ -46,16 +46,6 @@ MODULES = {
 }
 DELTA_RMS, NOISE_RMS = 1e-3, 1e-4
 
-#: the command as it will be registered; works before `extract` is in loratools.cli too
-LORATOOLS = """
-import sys
-from loratools.cli import cli
-if "extract" not in cli.commands:
-    from loratools.cli.extract import extract_cmd
-    cli.add_command(extract_cmd)
-cli(sys.argv[1:], prog_name="loratools")
-"""
-
 
 def shapes(layers: int) -> dict[str, tuple[int, ...]]:
     return llama_shapes(layers, MODULES, HIDDEN, VOCAB)
@@ -166,7 +156,7 @@ def main() -> None:
         rows: dict[str, float] = {}
         out = work / "ours"
         shutil.rmtree(out, ignore_errors=True)
-        cmd = [sys.executable, "-c", LORATOOLS, "extract", str(base), str(tuned), "--rank", str(args.rank),
+        cmd = [str(Path(sys.executable).with_name("loratools")), "extract", str(base), str(tuned), "--rank", str(args.rank),
                "-o", str(out), "--device", args.device]  # fmt: skip
         wall, rss = run_measured(cmd)
         err, worst, n = errors(base, tuned, out)

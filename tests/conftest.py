@@ -42,3 +42,15 @@ def mf() -> ModuleType:
         return importlib.import_module("make_fixtures")
     finally:
         sys.path.remove(str(FIXTURES))
+
+
+def run_cli(*args: str) -> tuple[int, str, str]:
+    """``loratools ARGS`` in-process: (exit code, stdout, stderr). A bug's exception is raised, not swallowed."""
+    from click.testing import CliRunner
+
+    from loratools.cli import cli
+
+    r = CliRunner().invoke(cli, list(args))
+    if r.exception and not isinstance(r.exception, SystemExit):
+        raise r.exception
+    return r.exit_code, r.stdout, r.stderr

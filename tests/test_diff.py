@@ -10,12 +10,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from click.testing import CliRunner
-from conftest import FIXTURES
+from conftest import FIXTURES, run_cli
 from safetensors.torch import load_file
 
 from loratools import LoratoolsError, TensorRef, load_adapter, save_adapter
-from loratools.cli import Group
 from loratools.cli.diff import diff_cmd
 from loratools.io.safetensors import write_safetensors
 from loratools.ops import diff as diff_mod
@@ -23,13 +21,7 @@ from loratools.ops.diff import DiffReport, compare_tensors, diff
 
 
 def run(*args: str) -> tuple[int, str, str]:
-    """The command inside a group like the real one, which turns LoratoolsError into `Error:` and exit 1."""
-    group = Group()
-    group.add_command(diff_cmd)
-    r = CliRunner().invoke(group, ["diff", *args])
-    if r.exception and not isinstance(r.exception, SystemExit):
-        raise r.exception
-    return r.exit_code, r.stdout, r.stderr
+    return run_cli("diff", *args)
 
 
 def run_json(*args: str) -> tuple[int, dict[str, object]]:

@@ -15,12 +15,9 @@ import pytest
 import safetensors
 import safetensors.torch
 import torch
-from click.testing import CliRunner
-from conftest import FIXTURES
+from conftest import FIXTURES, run_cli
 
 from loratools import LoratoolsError, load_adapter
-from loratools.cli import Group
-from loratools.cli.extract import extract_cmd
 from loratools.io.safetensors import write_safetensors
 from loratools.ops.extract import META_KEY, extract, extract_adapter
 from loratools.ops.linalg import randomized_svd
@@ -30,13 +27,7 @@ IDS = torch.arange(12).reshape(2, 6)
 
 
 def run(*args: str) -> tuple[int, str, str]:
-    """The command inside a group like the real one, which turns LoratoolsError into `Error:` and exit 1."""
-    group = Group()
-    group.add_command(extract_cmd)
-    r = CliRunner().invoke(group, ["extract", *args])
-    if r.exception and not isinstance(r.exception, SystemExit):
-        raise r.exception
-    return r.exit_code, r.stdout, r.stderr
+    return run_cli("extract", *args)
 
 
 def weights(folder: Path) -> dict[str, torch.Tensor]:
