@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 OUT ?= demo-out
 
-.PHONY: setup demo test pytest lint fixtures docs clean
+.PHONY: setup demo test pytest lint fixtures docs reliability clean
 
 setup: $(VENV)/.installed
 
@@ -46,6 +46,11 @@ lint: setup
 	$(VENV)/bin/ruff check loratools tests fixtures $(wildcard benchmarks)
 	$(VENV)/bin/ruff format --check loratools tests
 	$(VENV)/bin/mypy loratools
+
+# the long run of the fuzz and kill tests, and the figures of docs/reliability.md
+reliability: setup
+	LORATOOLS_FUZZ_EXAMPLES=2000 LORATOOLS_KILL_POINTS=20 $(PY) -m pytest -q tests/test_fuzz.py tests/test_reliability.py
+	$(PY) benchmarks/reliability.py --cases 200 --kills 8
 
 fixtures: setup
 	$(PY) fixtures/make_fixtures.py
