@@ -381,3 +381,10 @@ def test_sai_single_file_names_are_not_passed_off_as_diffusers(tmp_path: Path) -
     with pytest.raises(IncompatibleAdaptersError, match="SAI"):
         convert(tmp_path / "one.safetensors", "diffusers", tmp_path / "x.safetensors", base=tmp_path / "sd.safetensors")
     assert not (tmp_path / "x.safetensors").exists()
+
+
+def test_peft_target_modules_name_whole_leaves(tmp_path: Path) -> None:
+    """`to_out.0` stays `to_out.0`: a bare `0` would make PEFT wrap every module whose path ends in `.0`."""
+    convert(unet_only(tmp_path), "peft", tmp_path / "p")
+    cfg = json.loads((tmp_path / "p" / "adapter_config.json").read_text())
+    assert "to_out.0" in cfg["target_modules"] and "0" not in cfg["target_modules"]

@@ -20,7 +20,7 @@ from typing import Any
 from ..errors import FileFormatError, IncompatibleAdaptersError
 from ..io.atomic import atomic_dir
 from ..io.safetensors import write_safetensors
-from ..model import Adapter, Extra, Module, TensorRef
+from ..model import Adapter, Extra, Module, TensorRef, target_kind
 from .common import KeyTable, Rule, build_module, carried_metadata, check_leftovers, group_keys, open_raw
 
 NAME = "peft"
@@ -263,7 +263,8 @@ def make_config(adapter: Adapter) -> dict[str, Any]:
             "alpha_pattern": {n: (int(v) if v.is_integer() else v) for n, v in alphas.items() if v != a},
         }
     )
-    targets = sorted({n.rpartition(".")[2] for n in adapter.modules})
+    # PEFT matches a list entry against the end of a module path: `to_out.0`, not `0` (which would match any `.0`)
+    targets = sorted({target_kind(n) for n in adapter.modules})
     old = cfg.get("target_modules")
     if not (isinstance(old, list) and set(targets) <= set(old)) and not isinstance(old, str):
         cfg["target_modules"] = targets
