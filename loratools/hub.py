@@ -573,10 +573,21 @@ def _write_ref(storage: Path, revision: str, sha: str) -> None:
         pass  # a read-only cache still serves this run; only offline look-ups by branch name need the ref
 
 
+#: local cache path -> the repo id it was fetched as (provenance records the id, not the cache path)
+_ORIGINS: dict[str, str] = {}
+
+
+def origin(path: str | os.PathLike[str]) -> str | None:
+    """The Hub repo id (``owner/name[/file][@revision]``) a local path was fetched as in this process, if any."""
+    return _ORIGINS.get(str(path))
+
+
 def resolve(arg: str, *, revision: str | None = None, kind: Kind = "adapter", progress: bool = True) -> Path:
     """What every command calls on a SOURCE: a local path as it is, a Hub repo id fetched (see :func:`fetch`)."""
     if is_repo_id(arg):
-        return fetch(arg, revision=revision, kind=kind, progress=progress)
+        path = fetch(arg, revision=revision, kind=kind, progress=progress)
+        _ORIGINS[str(path)] = arg + (f"@{revision}" if revision else "")
+        return path
     if revision is not None:
         raise LoratoolsError(f"--revision applies to Hub repo ids, and {arg} is a local path", "leave out --revision")
     return Path(arg)

@@ -3,6 +3,7 @@ pointed at through HF_ENDPOINT. A guard fails any test that tries to reach anoth
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import socket
@@ -21,7 +22,7 @@ from conftest import FIXTURES
 from hubserver import HubServer
 from safetensors.numpy import save as st_save
 
-from loratools import hub
+from loratools import hub, load_adapter
 from loratools.cli import Group
 from loratools.cli.push import push_cmd
 from loratools.errors import FileFormatError, HubError, LoratoolsError
@@ -577,3 +578,20 @@ def test_errors_are_one_line_without_the_token(server: HubServer) -> None:
         lines = r.stderr.strip().splitlines()
         assert [line.split(":")[0] for line in lines] in (["Error"], ["Error", "Hint"]), r.stderr
         assert TOKEN not in r.output
+
+
+def test_a_mix_of_hub_inputs_records_their_repo_ids(server: HubServer, tmp_path: Path) -> None:
+    """Provenance names the repo id a source was fetched as, not the cache path it landed in."""
+    import json as _json
+
+    from conftest import run_cli
+
+    peft_repo(server)
+    code, _, err = run_cli("resize", "someone/llama-lora", "--rank", "2", "-o", str(tmp_path / "small"))
+    assert code == 0, err
+    made = _json.loads(load_adapter(tmp_path / "small").metadata["loratools"])
+    assert made["inputs"][0]["source"] == "someone/llama-lora"
+    assert (
+        made["inputs"][0]["sha256"]
+        == hashlib.sha256((FIXTURES / "peft_llama" / "adapter_model.safetensors").read_bytes()).hexdigest()
+    )

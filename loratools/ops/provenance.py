@@ -38,7 +38,12 @@ def record(command: str, inputs: list[tuple[str, str]], **params: Any) -> str:
 
     entry: dict[str, Any] = {"tool": "loratools", "version": __version__, "command": command}
     entry.update({k: v for k, v in params.items() if v is not None})
-    entry["inputs"] = [{"source": str(src), "format": fmt, "sha256": sha256(weights_file(src))} for src, fmt in inputs]
+    from ..hub import origin
+
+    # a Hub input is recorded by its repo id, not by the cache path it was downloaded to
+    entry["inputs"] = [
+        {"source": origin(src) or str(src), "format": fmt, "sha256": sha256(weights_file(src))} for src, fmt in inputs
+    ]
     return json.dumps(entry, sort_keys=True)
 
 
