@@ -49,10 +49,15 @@ def merge_cmd(
     from ..ops.merge import merge
 
     base = local(base, revision, "checkpoint")
-    report = merge(
-        base, [local(a, None) for a in adapters], out, _weights(weights), device=device, dtype=dtype, force=force,
-        progress=_progress_factory(),
-    )  # fmt: skip
+    factory = _progress_factory()
+    try:
+        report = merge(
+            base, [local(a, None) for a in adapters], out, _weights(weights), device=device, dtype=dtype,
+            force=force, progress=factory,
+        )  # fmt: skip
+    finally:
+        if factory is not None:
+            factory.stop()  # also when the merge fails: the terminal gets its cursor back
     for w in report.warnings:
         warn(w)
     if report_path:
@@ -82,6 +87,7 @@ def _progress_factory() -> Any:
             console=con, transient=True,
         )  # fmt: skip
         bar.start()
+        state["bar"] = bar
         task = bar.add_task("merge", total=total_bytes, tensors=0)
         state["done"] = 0
 
@@ -93,6 +99,11 @@ def _progress_factory() -> Any:
 
         return tick
 
+    def stop() -> None:
+        if "bar" in state:
+            state["bar"].stop()
+
+    factory.stop = stop  # type: ignore[attr-defined]
     return factory
 
 

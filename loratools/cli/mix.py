@@ -73,7 +73,7 @@ def mix_cmd(
     """
     from ..ops.mix import mix
 
-    with progress_bar("mixing", 0) as tick:
+    with progress_bar("mixing modules") as tick:
         report = mix(
             [local(s, revision) for s in sources], out, _weights(weights), method, rank,  # type: ignore[arg-type]
             to=to, dtype=dtype, device=device, strict=strict, force=force, progress=tick,

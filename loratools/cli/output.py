@@ -70,20 +70,20 @@ def num(x: float | None) -> str:
 
 
 @contextlib.contextmanager
-def progress_bar(description: str, total: int) -> Iterator[Callable[[str], None]]:
-    """A Rich progress bar on stderr, advanced once per call of the yielded callback; silent when stderr is
-    not a terminal (pipes, CI, tests)."""
+def progress_bar(description: str, total: int = 0) -> Iterator[Callable[[str], None]]:
+    """A Rich progress bar on stderr, advanced once per call of the yielded callback (``total`` 0: not known
+    in advance, the bar counts); silent when stderr is not a terminal (pipes, CI, tests)."""
     con = err_console()
-    if not con.is_terminal or total <= 1:
+    if not con.is_terminal or total == 1:
         yield lambda _name: None
         return
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+    count = MofNCompleteColumn() if total > 0 else TextColumn("{task.completed} done")
     with Progress(
-        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-        console=con, transient=True,
-    ) as bar:  # fmt: skip
-        task = bar.add_task(description, total=total)
+        TextColumn("{task.description}"), BarColumn(), count, TimeElapsedColumn(), console=con, transient=True
+    ) as bar:
+        task = bar.add_task(description, total=total if total > 0 else None)
         yield lambda _name: bar.advance(task)
 
 

@@ -57,7 +57,7 @@ def resize_cmd(
 
     if (rank is None) == (energy is None):
         raise click.UsageError("give exactly one of --rank and --energy")
-    with progress_bar("resizing", 0) as tick:
+    with progress_bar("resizing modules") as tick:
         report = resize(
             local(source, revision), out, rank, energy, to=to, dtype=dtype, device=device, force=force, progress=tick
         )
