@@ -29,7 +29,7 @@ if TYPE_CHECKING:
 
     from .ops.inspect import InspectReport
 
-Kind = Literal["adapter", "checkpoint"]
+Kind = Literal["adapter", "checkpoint", "file"]
 
 PREFIX = "hf://"
 DEFAULT_ENDPOINT = "https://huggingface.co"
@@ -431,7 +431,11 @@ def _plan(files: set[str], ref: RepoRef, kind: Kind, read_json: Callable[[str], 
         return plan_adapter(files, ref)
     if kind == "checkpoint":
         return plan_checkpoint(files, ref, read_json)
-    raise LoratoolsError(f"unknown kind {kind!r}", "adapter or checkpoint")
+    if kind == "file":  # one named file, as it is (a base model's config.json)
+        if ref.path is None or ref.path not in files:
+            raise HubError(f"{ref} is not a file in the repo", "name a file: owner/name/path/in/repo")
+        return Plan([ref.path], ref.path)
+    raise LoratoolsError(f"unknown kind {kind!r}", "adapter, checkpoint or file")
 
 
 # ---- download -------------------------------------------------------------------------------------------------------

@@ -595,3 +595,30 @@ def test_a_mix_of_hub_inputs_records_their_repo_ids(server: HubServer, tmp_path:
         made["inputs"][0]["sha256"]
         == hashlib.sha256((FIXTURES / "peft_llama" / "adapter_model.safetensors").read_bytes()).hexdigest()
     )
+
+
+def test_gguf_export_reads_the_base_config_from_the_hub(server: HubServer, mf: Any, tmp_path: Path) -> None:
+    """No --base: the adapter's base_model_name_or_path names a Hub model, and only its config.json is fetched."""
+    import json as _json
+    import shutil as _shutil
+
+    from loratools.ops.convert import convert
+
+    mf.tiny_llama().save_pretrained(tmp_path / "llama")
+    server.add_repo(
+        "someone/tiny-llama",
+        {
+            "config.json": (tmp_path / "llama" / "config.json").read_bytes(),
+            "model.safetensors": (tmp_path / "llama" / "model.safetensors").read_bytes(),
+        },
+    )
+    adapter = tmp_path / "adapter"
+    _shutil.copytree(FIXTURES / "peft_llama", adapter)
+    cfg = _json.loads((adapter / "adapter_config.json").read_text())
+    cfg["base_model_name_or_path"] = "someone/tiny-llama"
+    (adapter / "adapter_config.json").write_text(_json.dumps(cfg))
+    convert(adapter, "gguf", tmp_path / "a.gguf")
+    assert server.downloads("someone/tiny-llama") == ["config.json"]
+    import gguf
+
+    assert gguf.GGUFReader(tmp_path / "a.gguf").get_field("general.architecture").contents() == "llama"

@@ -255,6 +255,8 @@ def convert(
 
         base_names = list(layout_of(base).names())
         hparams = _hparams(Path(base))
+    elif to == "gguf":
+        hparams = _hub_hparams(base_model or adapter.base_model)
     rep = ConvertReport(str(source), None, adapter.format, to)
     if to == "gguf":
         _drop_unchanged_base_layers(adapter, base, rep)
@@ -317,6 +319,16 @@ def _kohya_metadata(out: Adapter, source: Adapter) -> None:
     )
     if out.base_model:
         out.metadata.setdefault("ss_sd_model_name", out.base_model)
+
+
+def _hub_hparams(model_id: str | None) -> dict[str, Any] | None:
+    """The base model's config.json from the Hub (that one file), when the adapter names a Hub model and no
+    --base is given, as llama.cpp's converter does."""
+    from .. import hub
+
+    if not model_id or not hub.is_repo_id(model_id):
+        return None
+    return _hparams(hub.fetch(f"{model_id}/config.json", kind="file", progress=False))
 
 
 def _hparams(base: Path) -> dict[str, Any] | None:
