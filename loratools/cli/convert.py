@@ -29,7 +29,9 @@ from .output import dtype_option, json_option, local, out_console, print_json, r
     help="keep: store each module's alpha; bake: fold every scale into the up factor (alpha = rank).",
 )
 @click.option("--base", help="Base model (folder, .safetensors or Hub id): its real module names and config.json.")
-@click.option("--base-model", help="Hub id of the base model to record in the output.")
+@click.option(
+    "--base-model", help="Hub id of the base model: recorded in the output; for gguf, its config.json is read."
+)
 @click.option("--force", is_flag=True, help="Overwrite the output if it exists.")
 @json_option
 def convert_cmd(
