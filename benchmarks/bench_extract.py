@@ -31,7 +31,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import llama_shapes, machine, run_measured  # noqa: E402
+from common import llama_shapes, machine, run_measured, write_sharded  # noqa: E402
 
 HIDDEN, INTER, VOCAB, HEADS, KV_HEADS = 2048, 5632, 32000, 32, 4
 KV = HIDDEN // HEADS * KV_HEADS
@@ -53,7 +53,6 @@ def shapes(layers: int) -> dict[str, tuple[int, ...]]:
 
 def write_pair(base: Path, tuned: Path, layers: int, rank: int, shard_bytes: int = 1 << 30) -> int:
     """Both checkpoints, sharded as transformers does; returns the bytes of one."""
-    from loratools.io.safetensors import write_safetensors
     from loratools.model import TensorRef
 
     names = shapes(layers)
@@ -76,30 +75,12 @@ def write_pair(base: Path, tuned: Path, layers: int, rank: int, shard_bytes: int
         w += torch.randn(shape, generator=g) * NOISE_RMS
         return w
 
-    total = sum(math.prod(s) * 2 for s in names.values())
     for folder, make in ((base, weight), (tuned, changed)):
-        shards: list[dict[str, TensorRef]] = [{}]
-        size = 0
-        for name, shape in names.items():
-            n = math.prod(shape) * 2
-            if size and size + n > shard_bytes:
-                shards.append({})
-                size = 0
 
-            def load(name: str = name, shape: tuple[int, ...] = shape, make: Any = make) -> torch.Tensor:
-                return make(name, shape).to(torch.bfloat16)
+        def ref(name: str, shape: tuple[int, ...], make: Any = make) -> TensorRef:
+            return TensorRef(shape, "BF16", lambda: make(name, shape).to(torch.bfloat16))
 
-            shards[-1][name] = TensorRef(shape, "BF16", load)
-            size += n
-        folder.mkdir(parents=True)
-        weight_map = {}
-        for i, shard in enumerate(shards):
-            fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-            write_safetensors(folder / fname, shard, {"format": "pt"})
-            weight_map.update(dict.fromkeys(shard, fname))
-        (folder / "model.safetensors.index.json").write_text(
-            json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2)
-        )
+        total = write_sharded(folder, {n: ref(n, s) for n, s in names.items()}, shard_bytes)
         config = {
             "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": HIDDEN,
             "intermediate_size": INTER, "num_hidden_layers": layers, "num_attention_heads": HEADS,

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import HIDDEN, INTER, VOCAB, llama_shapes, machine, run_measured, write_peft  # noqa: E402
+from common import HIDDEN, INTER, VOCAB, llama_shapes, machine, run_measured, write_peft, write_sharded  # noqa: E402
 
 PEFT_SCRIPT = """
 import sys, torch
@@ -35,7 +35,6 @@ model.save_pretrained(out)
 
 def write_checkpoint(folder: Path, layers: int, shard_bytes: int = 2 << 30) -> tuple[int, int]:
     """A sharded HF Llama checkpoint of random bf16 weights; returns (total bytes, largest tensor bytes)."""
-    from loratools.io.safetensors import write_safetensors
     from loratools.model import TensorRef
 
     shapes = llama_shapes(layers)
@@ -47,25 +46,7 @@ def write_checkpoint(folder: Path, layers: int, shard_bytes: int = 2 << 30) -> t
 
         return TensorRef(shape, "BF16", make)
 
-    shards: list[dict[str, TensorRef]] = [{}]
-    size = 0
-    for name, shape in shapes.items():
-        n = math.prod(shape) * 2
-        if size and size + n > shard_bytes:
-            shards.append({})
-            size = 0
-        shards[-1][name] = ref(name, shape)
-        size += n
-    folder.mkdir(parents=True)
-    weight_map = {}
-    for i, shard in enumerate(shards):
-        fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        write_safetensors(folder / fname, shard, {"format": "pt"})
-        weight_map.update(dict.fromkeys(shard, fname))
-    total = sum(math.prod(s) * 2 for s in shapes.values())
-    (folder / "model.safetensors.index.json").write_text(
-        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2)
-    )
+    total = write_sharded(folder, {name: ref(name, shape) for name, shape in shapes.items()}, shard_bytes)
     config = {
         "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": HIDDEN,
         "intermediate_size": INTER, "num_hidden_layers": layers, "num_attention_heads": 32,

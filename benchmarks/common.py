@@ -8,6 +8,7 @@ import platform
 import subprocess
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -38,6 +39,32 @@ def llama_shapes(
     out["model.norm.weight"] = (hidden,)
     out["lm_head.weight"] = (vocab, hidden)
     return out
+
+
+def write_sharded(folder: Path, refs: dict[str, Any], shard_bytes: int) -> int:
+    """Tensors (``TensorRef`` s, written one at a time) as transformers shards them: files of at most
+    ``shard_bytes`` and a ``model.safetensors.index.json``. Returns the bytes of data."""
+    from loratools.io.safetensors import write_safetensors
+
+    shards: list[dict[str, Any]] = [{}]
+    size = 0
+    for name, ref in refs.items():
+        if size and size + ref.nbytes > shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = ref
+        size += ref.nbytes
+    folder.mkdir(parents=True)
+    weight_map = {}
+    for i, shard in enumerate(shards):
+        fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        write_safetensors(folder / fname, shard, {"format": "pt"})
+        weight_map.update(dict.fromkeys(shard, fname))
+    total = sum(ref.nbytes for ref in refs.values())
+    (folder / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2)
+    )
+    return total
 
 
 def machine() -> str:

@@ -13,6 +13,7 @@ import os
 import struct
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
+from io import BufferedReader
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -147,17 +148,45 @@ def _tensor_info(name: str, entry: Any, data_start: int, data_len: int) -> Tenso
     return TensorInfo(name, dtype, tuple(shape), data_start + begin, data_start + end)
 
 
-def read_tensor(path: str | os.PathLike[str], info: TensorInfo) -> torch.Tensor:
+def read_into(fh: BufferedReader, start: int, view: memoryview) -> None:
+    """Fill ``view`` with the file's bytes from ``start``; a file that ends first is a truncated file."""
+    fh.seek(start)
+    got = 0
+    while got < len(view):
+        k = fh.readinto(view[got:])
+        if not k:
+            raise HeaderError(f"{Path(fh.name).name}: cut short while reading", "is the file truncated?")
+        got += k
+
+
+def read_bytes(fh: BufferedReader, start: int, n: int) -> bytearray:
+    buf = bytearray(n)
+    read_into(fh, start, memoryview(buf))
+    return buf
+
+
+def tensor_from_bytes(buf: bytearray, dtype: str, shape: tuple[int, ...]) -> torch.Tensor:
+    """A tensor over ``buf`` (no copy)."""
     import torch
 
-    with open(path, "rb") as fh:
-        fh.seek(info.start)
-        buf = fh.read(info.nbytes)
-    if len(buf) != info.nbytes:
-        raise HeaderError(f"{Path(path).name}: tensor {info.name} is cut short", "is the file truncated?")
     if not buf:
-        return torch.empty(info.shape, dtype=torch_dtype(info.dtype))
-    return torch.frombuffer(bytearray(buf), dtype=torch_dtype(info.dtype)).reshape(info.shape)
+        return torch.empty(shape, dtype=torch_dtype(dtype))
+    return torch.frombuffer(buf, dtype=torch_dtype(dtype)).reshape(shape)
+
+
+def tensor_bytes(t: torch.Tensor) -> bytes | memoryview:
+    """A tensor's raw little-endian bytes, as a view where it already lies on the CPU contiguously."""
+    import torch
+
+    t = t.detach().to("cpu").contiguous()
+    if t.numel() == 0:
+        return b""
+    return t.reshape(-1).view(torch.uint8).numpy().data
+
+
+def read_tensor(path: str | os.PathLike[str], info: TensorInfo) -> torch.Tensor:
+    with open(path, "rb") as fh:
+        return tensor_from_bytes(read_bytes(fh, info.start, info.nbytes), info.dtype, info.shape)
 
 
 #: struct codes of the dtypes a scalar is read from without torch
@@ -185,13 +214,6 @@ def iter_chunks(path: str | os.PathLike[str], info: TensorInfo, chunk: int = 1 <
                 raise HeaderError(f"{Path(path).name}: tensor {info.name} is cut short", "is the file truncated?")
             left -= len(buf)
             yield buf
-
-
-def _tensor_bytes(t: torch.Tensor) -> bytes:
-    t = t.detach().to("cpu").contiguous()
-    if t.numel() == 0:
-        return b""
-    return t.reshape(-1).view(__import__("torch").uint8).numpy().tobytes()
 
 
 def write_safetensors(
@@ -222,4 +244,4 @@ def write_safetensors(
         fh.write(header)
         for name in names:
             t = tensors[name]
-            fh.write(_tensor_bytes(t.load() if isinstance(t, TensorRef) else t))
+            fh.write(tensor_bytes(t.load() if isinstance(t, TensorRef) else t))

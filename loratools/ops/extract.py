@@ -34,11 +34,12 @@ from typing import TYPE_CHECKING, Any
 from ..errors import IncompatibleAdaptersError, LoratoolsError, ShapeError
 from ..formats import FORMATS, save_adapter
 from ..io.atomic import check_output
+from ..io.safetensors import read_bytes, tensor_from_bytes
 from ..model import Adapter, Extra, Layer, Module, TensorRef, target_kind, torch_dtype
 from . import provenance
 from .linalg import LowRankSVD, randomized_svd
 from .lowrank import DTYPES, work_device
-from .merge import Layout, _as_tensor, _read, layout_of
+from .merge import Layout, layout_of
 
 if TYPE_CHECKING:
     import torch
@@ -367,16 +368,16 @@ def extract_adapter(
                 i, key = names_a[name]
                 j, key_b = names_b[name]
                 ia, ib = la.files[i].header.tensors[key], lb.files[j].header.tensors[key_b]
-                raw_a = _read(files.get(_path(la, i)), ia.start, ia.nbytes)
-                raw_b = _read(files.get(_path(lb, j)), ib.start, ib.nbytes)
+                raw_a = read_bytes(files.get(_path(la, i)), ia.start, ia.nbytes)
+                raw_b = read_bytes(files.get(_path(lb, j)), ib.start, ib.nbytes)
                 if ia.dtype == ib.dtype and raw_a == raw_b:
                     report.unchanged += 1
                 elif not (_is_float(ia.dtype) and _is_float(ib.dtype)):
                     report.skipped.append(SkippedTensor(name, f"not a float tensor ({ia.dtype})"))
                 else:
-                    diff = _as_tensor(raw_b, ib.dtype, ib.shape).to(dev, torch.float32, copy=True)
+                    diff = tensor_from_bytes(raw_b, ib.dtype, ib.shape).to(dev, torch.float32, copy=True)
                     del raw_b
-                    diff.sub_(_as_tensor(raw_a, ia.dtype, ia.shape).to(dev))
+                    diff.sub_(tensor_from_bytes(raw_a, ia.dtype, ia.shape).to(dev))
                     del raw_a
                     norm = float(torch.linalg.vector_norm(diff))  # one pass for both checks
                     if not math.isfinite(norm) and not bool(torch.isfinite(diff).all()):

@@ -18,19 +18,30 @@ DTYPES = {"fp32": "F32", "fp16": "F16", "bf16": "BF16", "float32": "F32", "float
 Progress = Callable[[str], None]
 
 
+def pick_device(device: str | None, *, allow_auto: bool = False) -> str:
+    """``cpu``, ``cuda[:n]`` (refused when no GPU is there) or, where allowed, ``auto`` (CUDA when present)."""
+    import torch
+
+    dev = device or "cpu"
+    if allow_auto and dev == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    choices = "cpu, cuda or auto" if allow_auto else "cpu or cuda"
+    if dev.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise LoratoolsError(f"--device {dev}: no CUDA device is available here", f"use one of {choices}")
+        return dev
+    if dev != "cpu":
+        raise LoratoolsError(f"unknown device {dev!r}", f"use {choices}")
+    return dev
+
+
 def work_device(device: str | None) -> tuple[str, torch.dtype]:
     """The device to compute on, and the working dtype: float64 on CPU (cheap at these sizes, and the
     re-compression error then is the math's, not the rounding's), float32 on a GPU."""
     import torch
 
-    dev = device or "cpu"
-    if dev.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise LoratoolsError("--device cuda: no CUDA device is available here", "leave --device out to use the CPU")
-        return dev, torch.float32
-    if dev != "cpu":
-        raise LoratoolsError(f"unknown device {dev!r}", "use cpu or cuda")
-    return dev, torch.float64
+    dev = pick_device(device)
+    return dev, (torch.float32 if dev.startswith("cuda") else torch.float64)
 
 
 def refuse_dora(m: Module, what: str) -> None:

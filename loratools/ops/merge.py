@@ -26,10 +26,10 @@ from ..errors import FileFormatError, IncompatibleAdaptersError, LoratoolsError,
 from ..formats import load_adapter
 from ..io.atomic import atomic_dir, atomic_write, check_output
 from ..io.checkpoint import COMPONENTS, INDEX_SUFFIX, kohya_index
-from ..io.safetensors import Header, TensorInfo, read_header
+from ..io.safetensors import Header, TensorInfo, read_bytes, read_header, read_into, tensor_bytes, tensor_from_bytes
 from ..model import DTYPE_SIZES, Adapter, Module, TensorRef, torch_dtype
 from . import provenance
-from .lowrank import DTYPES
+from .lowrank import DTYPES, pick_device
 
 if TYPE_CHECKING:
     import torch
@@ -315,36 +315,6 @@ class _Stats:
 # ---- streaming --------------------------------------------------------------------------------------------
 
 
-def _read(fh: Any, start: int, n: int) -> bytearray:
-    buf = bytearray(n)
-    fh.seek(start)
-    view = memoryview(buf)
-    got = 0
-    while got < n:
-        k = fh.readinto(view[got:])
-        if not k:
-            raise FileFormatError(f"{getattr(fh, 'name', 'base')}: cut short while reading", "is the file truncated?")
-        got += k
-    return buf
-
-
-def _as_tensor(buf: bytearray, dtype: str, shape: tuple[int, ...]) -> torch.Tensor:
-    import torch
-
-    if not buf:
-        return torch.empty(shape, dtype=torch_dtype(dtype))
-    return torch.frombuffer(buf, dtype=torch_dtype(dtype)).reshape(shape)
-
-
-def _to_bytes(t: torch.Tensor) -> bytes | memoryview:
-    import torch
-
-    t = t.contiguous()
-    if t.numel() == 0:
-        return b""
-    return t.reshape(-1).view(torch.uint8).numpy().data
-
-
 class _Writer:
     """Writes in a thread so that reading and computing the next chunk overlap with the disk."""
 
@@ -447,7 +417,7 @@ def _merge_rows(
         r1 = min(rows, r0 + step)
         n = r1 - r0
         view = memoryview(raw)[: n * row_bytes]
-        _read_into(fh, info.start + r0 * row_bytes, view)
+        read_into(fh, info.start + r0 * row_bytes, view)
         src = torch.frombuffer(raw, dtype=torch_dtype(info.dtype), count=n * per_row).reshape(n, per_row)
         base = _BUFFERS.get("base", (n, per_row), device)
         base.copy_(src)
@@ -467,19 +437,9 @@ def _merge_rows(
         flat = base.view(-1)
         stats.base_sq += float(torch.dot(flat, flat))
         stats.add_lost(lost)
-        writer.write(_to_bytes(stored if stored.device.type == "cpu" else stored.cpu()))
+        writer.write(tensor_bytes(stored))
         if tick:
             tick(n * row_bytes, 0)
-
-
-def _read_into(fh: Any, start: int, view: memoryview) -> None:
-    fh.seek(start)
-    got = 0
-    while got < len(view):
-        k = fh.readinto(view[got:])
-        if not k:
-            raise FileFormatError(f"{getattr(fh, 'name', 'base')}: cut short while reading", "is the file truncated?")
-        got += k
 
 
 def _merge_tensor(
@@ -497,19 +457,21 @@ def _merge_tensor(
     shape = info.shape
     store = torch_dtype(out_dtype)
     if target.biases and not target.contributions and target.replacement is None:
-        base_b = _as_tensor(_read(fh, info.start, info.nbytes), info.dtype, shape).to(device, torch.float32)
+        base_b = tensor_from_bytes(read_bytes(fh, info.start, info.nbytes), info.dtype, shape).to(device, torch.float32)
         delta = torch.zeros_like(base_b)
         for w, m in target.biases:
             assert m.bias is not None
             delta += w * m.scale * m.bias.load().to(device, torch.float32).reshape(shape)
         stored = (base_b + delta).to(store)
         stats.add(base_b, delta, stored)
-        writer.write(_to_bytes(stored.cpu()))
+        writer.write(tensor_bytes(stored))
         if tick:
             tick(info.nbytes, 0)
         return stats
     if target.replacement is not None:
-        base_full = _as_tensor(_read(fh, info.start, info.nbytes), info.dtype, shape).to(device, torch.float32)
+        base_full = tensor_from_bytes(read_bytes(fh, info.start, info.nbytes), info.dtype, shape).to(
+            device, torch.float32
+        )
         start = target.replacement.load().to(device, torch.float32).reshape(shape)
     else:
         base_full, start = None, None
@@ -518,13 +480,15 @@ def _merge_tensor(
         return stats
     # whole tensor: DoRA (needs whole-row norms of the merged weight), LoHa, LoKr, Tucker, replacements
     if base_full is None:
-        base_full = _as_tensor(_read(fh, info.start, info.nbytes), info.dtype, shape).to(device, torch.float32)
+        base_full = tensor_from_bytes(read_bytes(fh, info.start, info.nbytes), info.dtype, shape).to(
+            device, torch.float32
+        )
     merged = base_full.clone() if start is None else start
     for w, m in target.contributions:
         merged = m.apply(merged, multiplier=w).reshape(shape)
     stored = merged.to(store)
     stats.add(base_full, merged - base_full, stored)
-    writer.write(_to_bytes(stored.cpu()))
+    writer.write(tensor_bytes(stored))
     if tick:
         tick(info.nbytes, 0)
     return stats
@@ -537,15 +501,15 @@ def _copy_tensor(fh: Any, info: TensorInfo, out_dtype: str, writer: _Writer, tic
         left, pos = info.nbytes, info.start
         while left:
             n = min(left, CHUNK_BYTES)
-            writer.write(_read(fh, pos, n))
+            writer.write(read_bytes(fh, pos, n))
             pos += n
             left -= n
             if tick:
                 tick(n, 0)
         return
 
-    t = _as_tensor(_read(fh, info.start, info.nbytes), info.dtype, info.shape)
-    writer.write(_to_bytes(t.to(torch_dtype(out_dtype))))
+    t = tensor_from_bytes(read_bytes(fh, info.start, info.nbytes), info.dtype, info.shape)
+    writer.write(tensor_bytes(t.to(torch_dtype(out_dtype))))
     if tick:
         tick(info.nbytes, 0)
 
@@ -647,19 +611,6 @@ def _write_index(layout: Layout, index: Path, tmp: Path, sizes: dict[Path, int])
     (tmp / index).write_text(json.dumps(src, indent=2) + "\n", encoding="utf-8")
 
 
-def resolve_device(device: str | None) -> str:
-    import torch
-
-    dev = device or "cpu"
-    if dev == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if dev.startswith("cuda") and not torch.cuda.is_available():
-        raise LoratoolsError("--device cuda: no CUDA device is available here", "use --device cpu or auto")
-    if dev != "cpu" and not dev.startswith("cuda"):
-        raise LoratoolsError(f"unknown device {dev!r}", "use cpu, cuda or auto")
-    return dev
-
-
 def merge(
     base: str | os.PathLike[str],
     adapters: list[str | os.PathLike[str]],
@@ -686,7 +637,7 @@ def merge(
         raise LoratoolsError(f"unknown dtype {dtype!r}", "use fp32, fp16 or bf16")
     out_dtype = DTYPES[dtype] if dtype else None
     check_output(out, force=force, inputs=[base, *adapters])
-    dev = resolve_device(device)
+    dev = pick_device(device, allow_auto=True)
     layout = layout_of(base)
     loaded = [load_adapter(a) for a in adapters]
     targets = resolve(loaded, weights, layout)
