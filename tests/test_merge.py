@@ -285,3 +285,60 @@ def test_lora_bias_is_merged_like_peft(mf: ModuleType, tmp_path: Path) -> None:
     assert len(biases) == 2
     for key, value in ours.items():
         torch.testing.assert_close(value, want[key], rtol=1e-5, atol=1e-6, msg=lambda m, k=key: f"{k}: {m}")
+
+
+def test_chunking_does_not_change_the_result(
+    mf: ModuleType, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:  # fmt: skip
+    """Rows are merged a few at a time and handed to the writer in groups: chunk and group boundaries (a
+    chunk of one row, groups of three chunks, a last group cut short) give the tensors and the report of one
+    pass."""
+    mf.tiny_llama().to(torch.bfloat16).save_pretrained(tmp_path / "base")
+    adapters = [FIXTURES / "peft_llama", FIXTURES / "peft_llama_patterns"]
+    whole = merge(tmp_path / "base", adapters, tmp_path / "whole", [0.7, 0.4])
+    row = 64 * 4  # the widest tiny_llama row in float32 bytes
+    monkeypatch.setattr(merge_mod, "CHUNK_BYTES", row)
+    monkeypatch.setattr(merge_mod, "IO_BYTES", 3 * 64 * 2)
+    chunked = merge(tmp_path / "base", adapters, tmp_path / "chunked", [0.7, 0.4])
+    a, b = load_dir(tmp_path / "whole"), load_dir(tmp_path / "chunked")
+    assert a.keys() == b.keys()
+    differ = 0
+    for k in a:
+        # the float32 matmul may sum a few rows in another order for another row count, which can only move a
+        # rounding tie: one bf16 step at most, in a handful of elements
+        step = 2.0 ** (torch.floor(torch.log2(a[k].double().abs().clamp_min(1e-30))) - 7)
+        assert bool(((a[k].double() - b[k].double()).abs() <= step).all()), k
+        differ += int((a[k] != b[k]).sum())
+    assert differ <= sum(t.numel() for t in a.values()) // 1000
+    for x, y in zip(whole.tensors, chunked.tensors, strict=True):
+        assert x.name == y.name
+        for field in ("delta_norm", "base_norm", "retained", "max_abs_delta"):
+            assert getattr(x, field) == pytest.approx(getattr(y, field), rel=1e-6), (x.name, field)
+
+
+def test_unaligned_tensor_data_is_read_rather_than_mapped(
+    mf: ModuleType, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:  # fmt: skip
+    """A file whose data section starts at an odd offset (a header not padded to 8 bytes, which some writers
+    produce) cannot be viewed in place as bf16: the same result comes from reading it."""
+    mf.tiny_llama().to(torch.bfloat16).save_pretrained(tmp_path / "base")
+    src = tmp_path / "base" / "model.safetensors"
+    raw = src.read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    header = json.dumps(json.loads(raw[8 : 8 + n]), separators=(",", ":")).encode()
+    header += b" " * ((len(header) % 2 == 0) + 0)  # an odd header length: every tensor at an odd offset
+    assert (8 + len(header)) % 2 == 1
+    odd = tmp_path / "odd.safetensors"
+    odd.write_bytes(len(header).to_bytes(8, "little") + header + raw[8 + n :])
+    reads: list[int] = []
+    real_read = merge_mod.read_into
+    monkeypatch.setattr(
+        merge_mod, "read_into", lambda fh, start, view: reads.append(start) or real_read(fh, start, view)
+    )
+    merge(src, [FIXTURES / "peft_llama"], tmp_path / "aligned.safetensors")
+    assert reads == []  # aligned: every LoRA target viewed in place through the memory map
+    merge(odd, [FIXTURES / "peft_llama"], tmp_path / "unaligned.safetensors")
+    assert reads and all(start % 2 for start in reads)
+    a = safetensors.torch.load_file(str(tmp_path / "aligned.safetensors"))
+    b = safetensors.torch.load_file(str(tmp_path / "unaligned.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -9,8 +9,10 @@ tensor (the rest), never a shard.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import mmap
 import os
 import re
 import shutil
@@ -34,8 +36,12 @@ from .lowrank import DTYPES, pick_device
 if TYPE_CHECKING:
     import torch
 
-#: bytes of float32 work per chunk of rows
-CHUNK_BYTES = 8 << 20
+#: bytes of float32 work per chunk of rows: small, so that the few passes over a chunk stay in the CPU's cache
+CHUNK_BYTES = 2 << 20
+#: bytes of output handed to the writing thread at a time
+IO_BYTES = 16 << 20
+#: output buffers in flight between the reading thread, the compute and the writing thread
+DEPTH = 3
 #: files in a model folder that hold weights in another form: copying them would ship the unmerged model
 STALE_WEIGHTS = (".bin", ".pt", ".pth", ".ckpt", ".msgpack", ".h5", ".onnx", ".gguf")
 
@@ -316,11 +322,12 @@ class _Stats:
 
 
 class _Writer:
-    """Writes in a thread so that reading and computing the next chunk overlap with the disk."""
+    """Writes in a thread so that reading and computing the next chunk overlap with the disk. Tensors copied as
+    they are go file to file in the same thread, in order, so they overlap with the compute too."""
 
     def __init__(self, fh: Any) -> None:
         self.fh = fh
-        self.q: Queue[Any] = Queue(maxsize=2)
+        self.q: Queue[Any] = Queue(maxsize=DEPTH)
         self.error: BaseException | None = None
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.thread.start()
@@ -331,24 +338,46 @@ class _Writer:
             try:
                 if item is None:
                     return
-                if self.error is None:
-                    self.fh.write(item)
-            except BaseException as e:  # surfaced in write()/sync()/close()
+                if item[0] == "copy":
+                    if self.error is None:
+                        self._copy(*item[1:])
+                    continue
+                _, data, done = item
+                try:
+                    if self.error is None:
+                        self.fh.write(data)
+                finally:
+                    if done is not None:
+                        done()
+            except BaseException as e:  # surfaced in write()/copy()/close()
                 self.error = e
             finally:
                 self.q.task_done()
 
-    def write(self, data: Any) -> None:
-        if self.error is not None:
-            raise self.error
-        self.q.put(data)
+    def _copy(self, fd: int, pos: int, n: int, tick: Progress | None) -> None:
+        if _kernel_copy(fd, self.fh, pos, n, tick):
+            return
+        while n:
+            k = min(n, IO_BYTES)
+            data = os.pread(fd, k, pos)
+            if len(data) != k:
+                raise FileFormatError(f"{self.fh.name}: its base file was cut short while reading")
+            self.fh.write(data)
+            pos, n = pos + k, n - k
+            if tick:
+                tick(k, 0)
 
-    def sync(self) -> None:
-        """Wait until everything queued is written and flushed (before a kernel-side copy to the same file)."""
-        self.q.join()
+    def write(self, data: Any, done: Callable[[], None] | None = None) -> None:
+        """Queue ``data``; ``done()`` is called once it is written (or dropped after an error)."""
         if self.error is not None:
             raise self.error
-        self.fh.flush()
+        self.q.put(("write", data, done))
+
+    def copy(self, fd: int, pos: int, n: int, tick: Progress | None) -> None:
+        """Queue a copy of ``n`` bytes of file ``fd`` from ``pos`` (advancing ``tick`` as it goes)."""
+        if self.error is not None:
+            raise self.error
+        self.q.put(("copy", fd, pos, n, tick))
 
     def close(self) -> None:
         self.q.put(None)
@@ -365,17 +394,17 @@ class _Buffers:
     """Work tensors reused from chunk to chunk (same shapes recur): no allocation, no fresh pages per chunk."""
 
     def __init__(self) -> None:
-        self.cache: dict[tuple[str, tuple[int, ...], str], torch.Tensor] = {}
+        self.cache: dict[tuple[str, tuple[int, ...], str, Any], torch.Tensor] = {}
 
-    def get(self, role: str, shape: tuple[int, ...], device: str) -> torch.Tensor:
+    def get(self, role: str, shape: tuple[int, ...], device: str, dtype: Any = None) -> torch.Tensor:
         import torch
 
-        key = (role, shape, device)
+        key = (role, shape, device, dtype)
         t = self.cache.get(key)
         if t is None:
             if len(self.cache) > 16:
                 self.cache.clear()
-            t = self.cache[key] = torch.empty(shape, dtype=torch.float32, device=device)
+            t = self.cache[key] = torch.empty(shape, dtype=dtype or torch.float32, device=device)
         return t
 
 
@@ -383,14 +412,16 @@ _BUFFERS = _Buffers()
 
 
 def _merge_rows(
-    fh: Any, info: TensorInfo, store: torch.dtype, target: Target, device: str, writer: _Writer,
-    tick: Progress | None, stats: _Stats,
+    fh: Any, mapped: mmap.mmap | None, info: TensorInfo, store: torch.dtype, target: Target, device: str,
+    writer: _Writer, tick: Progress | None, stats: _Stats,
 ) -> None:  # fmt: skip
     """Plain LoRA in row chunks: ``W[r0:r1] + U[r0:r1] @ D`` (or ``D[:, r0:r1]^T @ U^T`` for weights stored
     transposed), the factors of all adapters stacked, never the whole tensor in float32.
 
-    ``|delta|`` comes from the factors' Gram matrices (``sum((U^T U) * (D D^T))``); the chunk passes are: cast
-    in, one matmul, max |delta|, add, cast out, the stored-minus-meant difference, and two norms."""
+    The base is read through the file's memory map (no copy out of the page cache) and the writing runs in a
+    thread; the chunks are small enough that the passes over one stay in the CPU's cache. ``|delta|`` comes from the factors' Gram matrices
+    (``sum((U^T U) * (D D^T))``); the chunk passes are: one matmul, max |delta|, cast in, add, cast out, the
+    stored-minus-meant difference, and two norms."""
     import torch
 
     shape = info.shape
@@ -409,41 +440,59 @@ def _merge_rows(
     u, d = torch.cat(ups, 1), torch.cat(downs, 0)  # out x R, R x in
     # delta (out x in) = u @ d; stored rows are delta rows, or delta columns when transposed
     a, b = (d.T, u.T) if transposed else (u, d)  # stored rows = a[rows] @ b
-    gram_b = (b.double() @ b.double().T) if b.numel() else None
+    if b.numel():  # |u @ d|^2 = sum((u^T u) * (d d^T)), in float64, without the dense delta
+        ad, bd = a.double(), b.double()
+        stats.delta_sq += float(((ad.T @ ad) * (bd @ bd.T)).sum().clamp_min(0))
     step = max(1, CHUNK_BYTES // max(1, per_row * 4))
     row_bytes = per_row * DTYPE_SIZES[info.dtype]
-    raw = bytearray(min(rows, step) * row_bytes)
-    for r0 in range(0, rows, step):
-        r1 = min(rows, r0 + step)
-        n = r1 - r0
-        view = memoryview(raw)[: n * row_bytes]
-        read_into(fh, info.start + r0 * row_bytes, view)
-        src = torch.frombuffer(raw, dtype=torch_dtype(info.dtype), count=n * per_row).reshape(n, per_row)
-        base = _BUFFERS.get("base", (n, per_row), device)
-        base.copy_(src)
-        merged = _BUFFERS.get("merged", (n, per_row), device)
-        ar = a[r0:r1]
-        torch.matmul(ar, b, out=merged)  # the delta, for now
-        if gram_b is not None:
-            ad = ar.double()
-            stats.delta_sq += float(((ad.T @ ad) * gram_b).sum().clamp_min(0))
-        if n * per_row:
-            lo, hi = torch.aminmax(merged)  # one pass; vector_norm(inf) is ten times slower on CPU
-            stats.max_abs = max(stats.max_abs, -float(lo), float(hi))
-        merged.add_(base)
-        stored = merged.to(store, copy=True)
-        lost = _BUFFERS.get("lost", (n, per_row), device)
-        lost.copy_(stored).sub_(merged)  # stored - (base + delta); two fast passes beat one mixed-dtype sub
-        flat = base.view(-1)
-        stats.base_sq += float(torch.dot(flat, flat))
-        stats.add_lost(lost)
-        writer.write(tensor_bytes(stored))
-        if tick:
-            tick(n * row_bytes, 0)
+    if rows == 0:
+        return
+    # output buffers of several chunks go round: one is filled while the writer holds the others
+    group = step * max(1, IO_BYTES // max(1, step * per_row * store.itemsize))
+    outs: Queue[torch.Tensor] = Queue()
+    for _ in range(min(DEPTH, -(-rows // group))):
+        outs.put(torch.empty(min(rows, group) * per_row, dtype=store, pin_memory=device.startswith("cuda")))
+    dt = torch_dtype(info.dtype)
+    if info.start % DTYPE_SIZES[info.dtype]:  # a file whose data is not aligned: read it instead
+        mapped = None
+    raw = bytearray(0 if mapped is not None else min(rows, step) * row_bytes)
+    for g0 in range(0, rows, group):
+        g1 = min(rows, g0 + group)
+        buf = outs.get()
+        for r0 in range(g0, g1, step):
+            n = min(g1, r0 + step) - r0
+            if mapped is not None:
+                src = torch.frombuffer(mapped, dtype=dt, count=n * per_row, offset=info.start + r0 * row_bytes)
+            else:
+                read_into(fh, info.start + r0 * row_bytes, memoryview(raw)[: n * row_bytes])
+                src = torch.frombuffer(raw, dtype=dt, count=n * per_row)
+            merged = _BUFFERS.get("merged", (n, per_row), device)
+            ar = a[r0 : r0 + n]
+            torch.matmul(ar, b, out=merged)  # the delta, for now
+            if n * per_row:
+                lo, hi = torch.aminmax(merged)  # one pass; vector_norm(inf) is ten times slower on CPU
+                stats.max_abs = max(stats.max_abs, -float(lo), float(hi))
+            base = _BUFFERS.get("base", (n, per_row), device)
+            base.copy_(src.view(n, per_row))
+            merged.add_(base)
+            flat = base.view(-1)
+            stats.base_sq += float(torch.dot(flat, flat))
+            out = buf[(r0 - g0) * per_row : (r0 - g0 + n) * per_row].view(n, per_row)
+            if device == "cpu":
+                stored = out.copy_(merged)
+            else:
+                stored = _BUFFERS.get("stored", (n, per_row), device, store).copy_(merged)
+                out.copy_(stored)
+            lost = torch.sub(stored, merged, out=_BUFFERS.get("lost", (n, per_row), device))  # stored - meant
+            stats.add_lost(lost)
+            if tick:
+                tick(n * row_bytes, 0)
+        writer.write(tensor_bytes(buf[: (g1 - g0) * per_row]), done=lambda buf=buf: outs.put(buf))  # type: ignore[misc]
 
 
 def _merge_tensor(
     fh: Any,
+    mapped: mmap.mmap | None,
     info: TensorInfo,
     out_dtype: str,
     target: Target,
@@ -476,7 +525,7 @@ def _merge_tensor(
     else:
         base_full, start = None, None
     if _plain(target.contributions) and start is None:
-        _merge_rows(fh, info, store, target, device, writer, tick, stats)
+        _merge_rows(fh, mapped, info, store, target, device, writer, tick, stats)
         return stats
     # whole tensor: DoRA (needs whole-row norms of the merged weight), LoHa, LoKr, Tucker, replacements
     if base_full is None:
@@ -495,47 +544,38 @@ def _merge_tensor(
 
 
 def _copy_tensor(fh: Any, info: TensorInfo, out_dtype: str, writer: _Writer, tick: Progress | None) -> None:
-    if out_dtype == info.dtype and _kernel_copy(fh, info, writer, tick):
-        return
     if out_dtype == info.dtype:
-        left, pos = info.nbytes, info.start
-        while left:
-            n = min(left, CHUNK_BYTES)
-            writer.write(read_bytes(fh, pos, n))
-            pos += n
-            left -= n
-            if tick:
-                tick(n, 0)
+        writer.copy(fh.fileno(), info.start, info.nbytes, tick)
         return
-
     t = tensor_from_bytes(read_bytes(fh, info.start, info.nbytes), info.dtype, info.shape)
     writer.write(tensor_bytes(t.to(torch_dtype(out_dtype))))
     if tick:
         tick(info.nbytes, 0)
 
 
-def _kernel_copy(fh: Any, info: TensorInfo, writer: _Writer, tick: Progress | None) -> bool:
-    """Copy a tensor's bytes file to file inside the kernel (copy_file_range); False where unsupported."""
+def _kernel_copy(fd: int, out: Any, pos: int, n: int, tick: Progress | None) -> bool:
+    """Copy ``n`` bytes of ``fd`` from ``pos`` to the end of ``out`` inside the kernel (copy_file_range);
+    False, with nothing written, where that is not supported."""
     copy = getattr(os, "copy_file_range", None)
-    if copy is None or not info.nbytes:
+    if copy is None or not n:
         return False
-    writer.sync()
-    out = writer.fh
-    pos, left = info.start, info.nbytes
+    out.flush()
+    left = n
     try:
         while left:
-            n = copy(fh.fileno(), out.fileno(), min(left, 1 << 30), pos)
-            if n <= 0:
-                raise OSError("copy_file_range copied nothing")
-            pos += n
-            left -= n
+            k = copy(fd, out.fileno(), min(left, 1 << 30), pos)
+            if k <= 0:
+                raise FileFormatError(f"{out.name}: its base file was cut short while copying")
+            pos += k
+            left -= k
             if tick:
-                tick(n, 0)
+                tick(k, 0)
     except OSError:
-        if left != info.nbytes:  # part of it went out: the file position moved, so finish by reading
+        if left != n:  # part of it went out: not a missing feature but a failure
             raise
         return False
-    out.seek(0, os.SEEK_END)
+    finally:
+        out.seek(0, os.SEEK_END)  # copy_file_range moved the descriptor's position, not the buffered file's
     return True
 
 
@@ -565,6 +605,8 @@ def _write_file(
     with open(src, "rb") as fh, open(dest, "wb") as out:
         out.write(struct.pack("<Q", len(raw)))
         out.write(raw)
+        # the base's bytes are used in place, from the page cache (copy-on-write: the mapping is never written)
+        mapped = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_COPY) if header.file_size else None
         writer = _Writer(out)
         try:
             for info in order:
@@ -574,7 +616,7 @@ def _write_file(
                     _copy_tensor(fh, info, dt, writer, tick)
                     report.copied += 1
                 else:
-                    stats = _merge_tensor(fh, info, dt, target, device, writer, tick)
+                    stats = _merge_tensor(fh, mapped, info, dt, target, device, writer, tick)
                     report.tensors.append(
                         stats.report(prefix + info.name, info, dt, len(target.contributions),
                                      target.replacement is not None)
@@ -583,6 +625,9 @@ def _write_file(
                     tick(0, 1)
         finally:
             writer.close()
+            if mapped is not None:
+                with contextlib.suppress(BufferError):  # a tensor over it still referenced (an error): the GC closes it
+                    mapped.close()
     return offset
 
 
