@@ -17,8 +17,10 @@ import os
 import re
 import shutil
 import struct
+import sys
 import threading
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from queue import Queue
@@ -279,6 +281,19 @@ class MergeReport:
         return d
 
 
+def _lost(lost: torch.Tensor) -> tuple[float, int]:
+    """|lost|^2 and the count of elements that overflowed to inf in storage (left out of the norm; ``lost`` is
+    overwritten)."""
+    import torch
+
+    flat = lost.reshape(-1)
+    lost_sq = float(torch.dot(flat, flat))
+    if math.isfinite(lost_sq):
+        return lost_sq, 0
+    bad = ~torch.isfinite(lost)
+    return float(torch.linalg.vector_norm(lost.masked_fill_(bad, 0))) ** 2, int(bad.sum())
+
+
 class _Stats:
     """Norms accumulated chunk by chunk (float64 sums of float32 norms: a few fused passes per chunk)."""
 
@@ -299,15 +314,9 @@ class _Stats:
 
     def add_lost(self, lost: torch.Tensor) -> None:
         """``lost`` = stored - (base + delta): the part of the delta that storage rounded away (may be reused)."""
-        import torch
-
-        flat = lost.reshape(-1)
-        lost_sq = float(torch.dot(flat, flat))
-        if not math.isfinite(lost_sq):  # an overflow to inf in storage: count it, measure the rest
-            bad = ~torch.isfinite(lost)
-            self.overflow += int(bad.sum())
-            lost_sq = float(torch.linalg.vector_norm(lost.masked_fill_(bad, 0))) ** 2
+        lost_sq, overflow = _lost(lost)
         self.lost_sq += lost_sq
+        self.overflow += overflow
 
     def report(self, name: str, info: TensorInfo, dtype: str, adapters: int, replaced: bool) -> TensorReport:
         dn, bn = math.sqrt(self.delta_sq), math.sqrt(self.base_sq)
@@ -390,8 +399,9 @@ def _plain(parts: list[tuple[float, Module]]) -> bool:
     return all(m.magnitude is None and m.lora_factors() is not None for _, m in parts)
 
 
-class _Buffers:
-    """Work tensors reused from chunk to chunk (same shapes recur): no allocation, no fresh pages per chunk."""
+class _Buffers(threading.local):
+    """Work tensors reused from chunk to chunk (same shapes recur): no allocation, no fresh pages per chunk.
+    Each thread has its own."""
 
     def __init__(self) -> None:
         self.cache: dict[tuple[str, tuple[int, ...], str, Any], torch.Tensor] = {}
@@ -411,6 +421,32 @@ class _Buffers:
 _BUFFERS = _Buffers()
 
 
+def _chunk(
+    src: torch.Tensor, a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, device: str, store: torch.dtype
+) -> tuple[float, float, float, int]:  # fmt: skip
+    """One chunk of rows: ``out = cast(src + a @ b)``; returns (max |delta|, |base|^2, |lost|^2, overflows),
+    where lost = stored - (base + delta). Work tensors are the calling thread's own."""
+    import torch
+
+    shape = (src.shape[0], src.shape[1])
+    merged = _BUFFERS.get("merged", shape, device)
+    torch.matmul(a, b, out=merged)  # the delta, for now
+    lo, hi = torch.aminmax(merged)  # one pass; vector_norm(inf) is ten times slower on CPU
+    base = _BUFFERS.get("base", shape, device)
+    base.copy_(src)
+    merged.add_(base)
+    flat = base.view(-1)
+    base_sq = float(torch.dot(flat, flat))
+    if out.device == merged.device:
+        stored = out.copy_(merged)
+    else:
+        stored = _BUFFERS.get("stored", shape, device, store).copy_(merged)
+        out.copy_(stored)
+    lost = torch.sub(stored, merged, out=_BUFFERS.get("lost", shape, device))  # one mixed-dtype pass
+    lost_sq, overflow = _lost(lost)
+    return max(-float(lo), float(hi)), base_sq, lost_sq, overflow
+
+
 def _merge_rows(
     fh: Any, mapped: mmap.mmap | None, info: TensorInfo, store: torch.dtype, target: Target, device: str,
     writer: _Writer, tick: Progress | None, stats: _Stats,
@@ -418,10 +454,11 @@ def _merge_rows(
     """Plain LoRA in row chunks: ``W[r0:r1] + U[r0:r1] @ D`` (or ``D[:, r0:r1]^T @ U^T`` for weights stored
     transposed), the factors of all adapters stacked, never the whole tensor in float32.
 
-    The base is read through the file's memory map (no copy out of the page cache) and the writing runs in a
-    thread; the chunks are small enough that the passes over one stay in the CPU's cache. ``|delta|`` comes from the factors' Gram matrices
-    (``sum((U^T U) * (D D^T))``); the chunk passes are: one matmul, max |delta|, cast in, add, cast out, the
-    stored-minus-meant difference, and two norms."""
+    The base is viewed through the file's memory map (no copy out of the page cache); the chunks are small
+    enough that the passes over one stay in the CPU's cache, and on the CPU several are merged at once, one
+    thread each; they are handed to the writing thread in groups. ``|delta|`` comes from the factors' Gram
+    matrices (``sum((U^T U) * (D D^T))``); the chunk passes are: one matmul, max |delta|, cast in, add, cast
+    out, the stored-minus-meant difference, and two norms."""
     import torch
 
     shape = info.shape
@@ -440,25 +477,30 @@ def _merge_rows(
     u, d = torch.cat(ups, 1), torch.cat(downs, 0)  # out x R, R x in
     # delta (out x in) = u @ d; stored rows are delta rows, or delta columns when transposed
     a, b = (d.T, u.T) if transposed else (u, d)  # stored rows = a[rows] @ b
+    a = a.contiguous()
     if b.numel():  # |u @ d|^2 = sum((u^T u) * (d d^T)), in float64, without the dense delta
         ad, bd = a.double(), b.double()
         stats.delta_sq += float(((ad.T @ ad) * (bd @ bd.T)).sum().clamp_min(0))
-    step = max(1, CHUNK_BYTES // max(1, per_row * 4))
-    row_bytes = per_row * DTYPE_SIZES[info.dtype]
-    if rows == 0:
+    if rows * per_row == 0:
         return
+    step = max(1, CHUNK_BYTES // (per_row * 4))
+    row_bytes = per_row * DTYPE_SIZES[info.dtype]
     # output buffers of several chunks go round: one is filled while the writer holds the others
-    group = step * max(1, IO_BYTES // max(1, step * per_row * store.itemsize))
+    group = step * max(1, IO_BYTES // (step * per_row * store.itemsize))
     outs: Queue[torch.Tensor] = Queue()
     for _ in range(min(DEPTH, -(-rows // group))):
         outs.put(torch.empty(min(rows, group) * per_row, dtype=store, pin_memory=device.startswith("cuda")))
     dt = torch_dtype(info.dtype)
     if info.start % DTYPE_SIZES[info.dtype]:  # a file whose data is not aligned: read it instead
         mapped = None
+    pool = _pool() if device == "cpu" and mapped is not None else None
+    if mapped is not None:
+        _advise(mapped, info.start, info.nbytes, _POPULATE_READ)  # map it in one call, not page by page
     raw = bytearray(0 if mapped is not None else min(rows, step) * row_bytes)
     for g0 in range(0, rows, group):
         g1 = min(rows, g0 + group)
         buf = outs.get()
+        jobs = []
         for r0 in range(g0, g1, step):
             n = min(g1, r0 + step) - r0
             if mapped is not None:
@@ -466,28 +508,83 @@ def _merge_rows(
             else:
                 read_into(fh, info.start + r0 * row_bytes, memoryview(raw)[: n * row_bytes])
                 src = torch.frombuffer(raw, dtype=dt, count=n * per_row)
-            merged = _BUFFERS.get("merged", (n, per_row), device)
-            ar = a[r0 : r0 + n]
-            torch.matmul(ar, b, out=merged)  # the delta, for now
-            if n * per_row:
-                lo, hi = torch.aminmax(merged)  # one pass; vector_norm(inf) is ten times slower on CPU
-                stats.max_abs = max(stats.max_abs, -float(lo), float(hi))
-            base = _BUFFERS.get("base", (n, per_row), device)
-            base.copy_(src.view(n, per_row))
-            merged.add_(base)
-            flat = base.view(-1)
-            stats.base_sq += float(torch.dot(flat, flat))
-            out = buf[(r0 - g0) * per_row : (r0 - g0 + n) * per_row].view(n, per_row)
-            if device == "cpu":
-                stored = out.copy_(merged)
-            else:
-                stored = _BUFFERS.get("stored", (n, per_row), device, store).copy_(merged)
-                out.copy_(stored)
-            lost = torch.sub(stored, merged, out=_BUFFERS.get("lost", (n, per_row), device))  # stored - meant
-            stats.add_lost(lost)
+            args = (
+                src.view(n, per_row),
+                a[r0 : r0 + n],
+                b,
+                buf[(r0 - g0) * per_row : (r0 - g0 + n) * per_row].view(n, per_row),
+                device,
+                store,
+            )
+            jobs.append((n, pool.submit(_chunk, *args) if pool else _done(_chunk(*args))))
+        for n, job in jobs:
+            mx, base_sq, lost_sq, overflow = job.result()
+            stats.max_abs = max(stats.max_abs, mx)
+            stats.base_sq += base_sq
+            stats.lost_sq += lost_sq
+            stats.overflow += overflow
             if tick:
                 tick(n * row_bytes, 0)
         writer.write(tensor_bytes(buf[: (g1 - g0) * per_row]), done=lambda buf=buf: outs.put(buf))  # type: ignore[misc]
+    if mapped is not None:  # unmapped again (it stays in the page cache): the process holds one tensor at most
+        _advise(mapped, info.start, info.nbytes, getattr(mmap, "MADV_DONTNEED", None))
+
+
+#: madvise(MADV_POPULATE_READ), Linux 5.14 and later
+_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22 if sys.platform.startswith("linux") else None)
+
+
+def _advise(mapped: mmap.mmap, start: int, n: int, advice: int | None) -> None:
+    """A hint about a range of the map; where the system does not take it, nothing changes but speed."""
+    if advice is None or not n or not hasattr(mapped, "madvise"):
+        return
+    a0 = start - start % mmap.PAGESIZE
+    with contextlib.suppress(OSError, ValueError):
+        mapped.madvise(advice, a0, start + n - a0)
+
+
+class _Pool:
+    """Threads that merge chunks side by side, each running torch on one core (small chunks split across cores
+    would spend more on hand-offs than on work). Daemon threads, unlike concurrent.futures': a Ctrl-C that
+    lands while they start can never leave the interpreter waiting for one at exit."""
+
+    def __init__(self, workers: int) -> None:
+        self.q: Queue[tuple[Callable[..., Any], tuple[Any, ...], Future[Any]]] = Queue()
+        for i in range(workers):
+            threading.Thread(target=self._run, name=f"merge-{i}", daemon=True).start()
+
+    def _run(self) -> None:
+        import torch
+
+        torch.set_num_threads(1)  # this thread's own setting (OpenMP's is per thread)
+        while True:
+            fn, args, future = self.q.get()
+            try:
+                future.set_result(fn(*args))
+            except BaseException as e:  # handed to whoever waits on the result
+                future.set_exception(e)
+
+    def submit(self, fn: Callable[..., Any], *args: Any) -> Future[Any]:
+        future: Future[Any] = Future()
+        self.q.put((fn, args, future))
+        return future
+
+
+def _done(result: Any) -> Future[Any]:
+    future: Future[Any] = Future()
+    future.set_result(result)
+    return future
+
+
+_POOL: list[_Pool | None] = []
+
+
+def _pool() -> _Pool | None:
+    """The chunk threads, started once; None on a single core."""
+    if not _POOL:
+        workers = min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+        _POOL.append(_Pool(workers) if workers > 1 else None)
+    return _POOL[0]
 
 
 def _merge_tensor(
