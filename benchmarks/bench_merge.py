@@ -1,10 +1,11 @@
 """Merge a rank-16 adapter into a Llama-7B-shaped bf16 checkpoint of over 4 GB: `loratools merge` against
 `cp -r` of the same checkpoint and against PEFT (load, merge_and_unload, save_pretrained).
 
-    python benchmarks/bench_merge.py [--layers 9] [--skip-peft] [--device cuda] [--keep DIR]
+    python benchmarks/bench_merge.py [--layers 9] [--repeat 3] [--skip-peft] [--device cuda] [--keep DIR]
 
-Each is run as its own process; wall time and that process's peak RSS (ru_maxrss) are printed as a Markdown
-table. The checkpoint is written first, so all three read it from the page cache.
+Each is run as its own process, --repeat times; the median wall time and the process's peak RSS (VmHWM) are
+printed as a Markdown table. The checkpoint is written first, so all three read it from the page cache; with
+--keep DIR an existing checkpoint there is reused.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import argparse
 import json
 import math
 import shutil
+import statistics
 import sys
 import tempfile
 from pathlib import Path
@@ -57,9 +59,24 @@ def write_checkpoint(folder: Path, layers: int, shard_bytes: int = 2 << 30) -> t
     return total, max(math.prod(s) * 2 for s in shapes.values())
 
 
+def measure(label: str, cmd: list[str], out: Path, repeat: int) -> tuple[float, float]:
+    """Median wall time and the largest peak RSS of ``repeat`` runs of ``cmd`` writing ``out`` (removed before
+    each run, so that every run writes a fresh output)."""
+    walls, peaks = [], []
+    for _ in range(repeat):
+        shutil.rmtree(out, ignore_errors=True)
+        wall, rss = run_measured(cmd)
+        walls.append(wall)
+        peaks.append(rss)
+    shutil.rmtree(out, ignore_errors=True)
+    print(f"  {label}: " + ", ".join(f"{w:.2f}" for w in walls) + " s", file=sys.stderr, flush=True)
+    return statistics.median(walls), max(peaks)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--layers", type=int, default=9, help="decoder layers (9 gives 4.2 GB)")
+    p.add_argument("--repeat", type=int, default=3, help="runs of each command; the median wall time is shown")
     p.add_argument("--skip-peft", action="store_true")
     p.add_argument("--device", default="cpu", help="device for loratools merge (cpu or cuda)")
     p.add_argument("--keep", type=Path, help="work in this folder and keep it (default: a temp folder)")
@@ -67,34 +84,37 @@ def main() -> None:
     work = args.keep or Path(tempfile.mkdtemp(prefix="bench_merge_", dir="."))
     try:
         base = work / "base"
-        total, largest = write_checkpoint(base, args.layers)
-        write_peft(work / "adapter", args.layers, seed=5)
+        if not (base / "config.json").exists():
+            shutil.rmtree(base, ignore_errors=True)
+            write_checkpoint(base, args.layers)
+        if not (work / "adapter").exists():
+            write_peft(work / "adapter", args.layers, seed=5)
+        total = sum(f.stat().st_size for f in base.glob("*.safetensors"))
+        largest = max(math.prod(s) * 2 for s in llama_shapes(args.layers).values())
         gb = total / 1e9
         print(f"machine: {machine()}")
         print(f"checkpoint: {args.layers} Llama-7B-shaped layers, bf16, {gb:.2f} GB in "
               f"{len(list(base.glob('*.safetensors')))} shards; largest tensor {largest / 2**20:.0f} MiB; "
-              f"adapter rank 16 on q/k/v/o/gate/up/down\n")  # fmt: skip
+              f"adapter rank 16 on q/k/v/o/gate/up/down; median of {args.repeat} runs each\n")  # fmt: skip
         print("| what | wall | peak RSS | throughput |")
         print("|---|---|---|---|")
         rows = {}
-        wall, rss = run_measured(["cp", "-r", str(base), str(work / "copy")])
-        rows["cp"] = wall
-        print(f"| `cp -r` of the checkpoint | {wall:.2f} s | {rss:.3f} GiB | {gb / wall:.2f} GB/s |", flush=True)
+
+        def row(key: str, label: str, cmd: list[str], out: Path) -> None:
+            wall, rss = measure(key, cmd, out, args.repeat)
+            rows[key] = wall
+            print(f"| {label} | {wall:.2f} s | {rss:.3f} GiB | {gb / wall:.2f} GB/s |", flush=True)
+
+        row("cp", "`cp -r` of the checkpoint", ["cp", "-r", str(base), str(work / "copy")], work / "copy")
         loratools = str(Path(sys.executable).with_name("loratools"))
         cmd = [loratools, "merge", str(base), str(work / "adapter"), "-o", str(work / "ours"), "--device", args.device]
-        wall, rss = run_measured(cmd)
-        rows["ours"] = wall
-        print(f"| `loratools merge` (--device {args.device}) | {wall:.2f} s | {rss:.3f} GiB | {gb / wall:.2f} GB/s |",
-              flush=True)  # fmt: skip
+        row("ours", f"`loratools merge` (--device {args.device})", cmd, work / "ours")
         if not args.skip_peft:
-            wall, rss = run_measured(
-                [sys.executable, "-c", PEFT_SCRIPT, str(base), str(work / "adapter"), str(work / "peft")]
-            )
-            rows["peft"] = wall
-            print(
-                f"| PEFT: load, `merge_and_unload`, `save_pretrained` | {wall:.2f} s | {rss:.3f} GiB | {gb / wall:.2f} GB/s |"
-            )
-        print(f"\nmerge / copy: {rows['ours'] / rows['cp']:.2f}x"
+            cmd = [sys.executable, "-c", PEFT_SCRIPT, str(base), str(work / "adapter"), str(work / "peft")]
+            row("peft", "PEFT: load, `merge_and_unload`, `save_pretrained`", cmd, work / "peft")
+        wall, _ = measure("import", [sys.executable, "-c", "import torch"], work / "none", args.repeat)
+        print(f"\n`python -c 'import torch'` alone: {wall:.2f} s (paid by loratools and PEFT, not by cp)")
+        print(f"merge / copy: {rows['ours'] / rows['cp']:.2f}x"
               + (f"; PEFT / merge: {rows['peft'] / rows['ours']:.1f}x" if "peft" in rows else "")
               + f"; RSS budget (0.5 GiB + largest tensor): {0.5 + largest / 2**30:.2f} GiB")  # fmt: skip
     finally:

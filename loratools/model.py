@@ -314,6 +314,10 @@ class Module:
         d = d.reshape(self.delta_shape())
         return rows(d) * self.scale
 
+    def is_two_factor(self) -> bool:
+        """Whether :meth:`lora_factors` gives ``(up, down)`` (checked without loading them)."""
+        return self.kind == "lora" and "mid" not in self.factors and not self.check()
+
     def lora_factors(
         self, dtype: torch.dtype | None = None, device: str | torch.device | None = None
     ) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -321,7 +325,7 @@ class Module:
         folded into ``down``; None for modules that are not a plain product of two factors."""
         import torch
 
-        if self.kind != "lora" or "mid" in self.factors or self.check():
+        if not self.is_two_factor():
             return None
         work = dtype or torch.float32
         up = self.factors["up"].load().to(device=device, dtype=work)

@@ -396,7 +396,7 @@ class _Writer:
 
 
 def _plain(parts: list[tuple[float, Module]]) -> bool:
-    return all(m.magnitude is None and m.lora_factors() is not None for _, m in parts)
+    return all(m.magnitude is None and m.is_two_factor() for _, m in parts)
 
 
 class _Buffers(threading.local):

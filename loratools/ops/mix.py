@@ -151,7 +151,7 @@ def mix_adapters(
 
 def _linear(parts: list[tuple[float, Module]], dev: str, work: Any) -> tuple[Any, Any]:
     ranks = {m.rank for _, m in parts}
-    if len(ranks) != 1 or any(m.lora_factors() is None for _, m in parts):
+    if len(ranks) != 1 or any(not m.is_two_factor() for _, m in parts):
         raise IncompatibleAdaptersError(
             f"{parts[0][1].name}: --method linear needs plain LoRA modules of one rank (found ranks {sorted(map(str, ranks))})",
             "use --method cat (exact) or svd",

@@ -63,7 +63,7 @@ def resize_adapter(
     report = ResizeReport(None, adapter.format, rank, energy)
     for name, m in adapter.modules.items():
         old = m.rank
-        plain = m.lora_factors() is not None
+        plain = m.is_two_factor()
         if plain and rank is not None and old is not None and old <= rank and dtype is None:
             out.modules[name] = m
             report.modules.append(ResizedModule(name, old, old, 1.0, True))
