@@ -17,6 +17,7 @@ import shutil
 import statistics
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -57,6 +58,32 @@ def write_checkpoint(folder: Path, layers: int, shard_bytes: int = 2 << 30) -> t
     }  # fmt: skip
     (folder / "config.json").write_text(json.dumps(config, indent=2))
     return total, max(math.prod(s) * 2 for s in shapes.values())
+
+
+def arithmetic_floor(layers: int, repeat: int) -> float:
+    """Seconds for the arithmetic of the merge alone, in memory, on all cores: per targeted weight, in row
+    chunks, the rank-16 product in float32, the bf16 base cast in, the add and the cast out; no reading, no
+    writing, no report. No merge that computes in float32 (PEFT's semantics) can take less."""
+    from common import MODULES
+
+    best = math.inf
+    for _ in range(repeat):
+        spent = 0.0
+        for rows, cols in MODULES.values():
+            w = (torch.randn(rows, cols) * 0.02).to(torch.bfloat16)
+            up, down = torch.randn(rows, 16), torch.randn(16, cols)
+            step = max(1, (2 << 20) // (cols * 4))
+            merged, base = torch.empty(step, cols), torch.empty(step, cols)
+            out = torch.empty(step, cols, dtype=torch.bfloat16)
+            t = time.perf_counter()
+            for r0 in range(0, rows, step):
+                n = min(rows, r0 + step) - r0
+                torch.matmul(up[r0 : r0 + n], down, out=merged[:n])
+                base[:n].copy_(w[r0 : r0 + n])
+                out[:n].copy_(merged[:n].add_(base[:n]))
+            spent += time.perf_counter() - t
+        best = min(best, spent * layers)
+    return best
 
 
 def measure(label: str, cmd: list[str], out: Path, repeat: int) -> tuple[float, float]:
@@ -114,6 +141,10 @@ def main() -> None:
             row("peft", "PEFT: load, `merge_and_unload`, `save_pretrained`", cmd, work / "peft")
         wall, _ = measure("import", [sys.executable, "-c", "import torch"], work / "none", args.repeat)
         print(f"\n`python -c 'import torch'` alone: {wall:.2f} s (paid by loratools and PEFT, not by cp)")
+        floor = arithmetic_floor(args.layers, args.repeat)
+        print(f"the arithmetic alone (float32 product, cast in, add, cast out; in memory, {torch.get_num_threads()} "
+              f"threads, best of {args.repeat}): {floor:.2f} s; with the import: {wall + floor:.2f} s "
+              f"= {(wall + floor) / rows['cp']:.2f}x the copy, before any reading, writing or report")  # fmt: skip
         print(f"merge / copy: {rows['ours'] / rows['cp']:.2f}x"
               + (f"; PEFT / merge: {rows['peft'] / rows['ours']:.1f}x" if "peft" in rows else "")
               + f"; RSS budget (0.5 GiB + largest tensor): {0.5 + largest / 2**30:.2f} GiB")  # fmt: skip

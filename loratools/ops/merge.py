@@ -337,6 +337,8 @@ class _Writer:
     def __init__(self, fh: Any) -> None:
         self.fh = fh
         self.q: Queue[Any] = Queue(maxsize=DEPTH)
+        self.free: Queue[torch.Tensor] = Queue()
+        self.size, self.made, self.pinned = 0, 0, False
         self.error: BaseException | None = None
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.thread.start()
@@ -375,6 +377,24 @@ class _Writer:
             pos, n = pos + k, n - k
             if tick:
                 tick(k, 0)
+
+    def buffer(self, nbytes: int, pinned: bool = False) -> torch.Tensor:
+        """A byte buffer of at least ``nbytes`` to fill and :meth:`write` with ``done=give_back(it)``: at most
+        DEPTH of them, allocated once and going round (fresh pages for every 16 MB cost more than the
+        arithmetic)."""
+        import torch
+
+        if nbytes > self.size or pinned != self.pinned:  # larger ones: wait for the old ones, then drop them
+            for _ in range(self.made):
+                self.free.get()
+            self.size, self.pinned, self.made = max(nbytes, IO_BYTES), pinned, 0
+        if self.made < DEPTH and self.free.empty():
+            self.made += 1
+            return torch.empty(self.size, dtype=torch.uint8, pin_memory=pinned)
+        return self.free.get()
+
+    def give_back(self, buf: torch.Tensor) -> None:
+        self.free.put(buf)
 
     def write(self, data: Any, done: Callable[[], None] | None = None) -> None:
         """Queue ``data``; ``done()`` is called once it is written (or dropped after an error)."""
@@ -485,11 +505,8 @@ def _merge_rows(
         return
     step = max(1, CHUNK_BYTES // (per_row * 4))
     row_bytes = per_row * DTYPE_SIZES[info.dtype]
-    # output buffers of several chunks go round: one is filled while the writer holds the others
+    # output buffers of several chunks (the writer's, going round): one is filled while it writes the others
     group = step * max(1, IO_BYTES // (step * per_row * store.itemsize))
-    outs: Queue[torch.Tensor] = Queue()
-    for _ in range(min(DEPTH, -(-rows // group))):
-        outs.put(torch.empty(min(rows, group) * per_row, dtype=store, pin_memory=device.startswith("cuda")))
     dt = torch_dtype(info.dtype)
     if info.start % DTYPE_SIZES[info.dtype]:  # a file whose data is not aligned: read it instead
         mapped = None
@@ -499,7 +516,8 @@ def _merge_rows(
     raw = bytearray(0 if mapped is not None else min(rows, step) * row_bytes)
     for g0 in range(0, rows, group):
         g1 = min(rows, g0 + group)
-        buf = outs.get()
+        full = writer.buffer((g1 - g0) * per_row * store.itemsize, pinned=device.startswith("cuda"))
+        buf = full[: (g1 - g0) * per_row * store.itemsize].view(store)
         jobs = []
         for r0 in range(g0, g1, step):
             n = min(g1, r0 + step) - r0
@@ -525,7 +543,7 @@ def _merge_rows(
             stats.overflow += overflow
             if tick:
                 tick(n * row_bytes, 0)
-        writer.write(tensor_bytes(buf[: (g1 - g0) * per_row]), done=lambda buf=buf: outs.put(buf))  # type: ignore[misc]
+        writer.write(tensor_bytes(buf), done=lambda full=full: writer.give_back(full))  # type: ignore[misc]
     if mapped is not None:  # unmapped again (it stays in the page cache): the process holds one tensor at most
         _advise(mapped, info.start, info.nbytes, getattr(mmap, "MADV_DONTNEED", None))
 
