@@ -81,25 +81,32 @@ SINGLE_FILE_PREFIXES = {
     "conditioner.embedders.0.transformer.": "lora_te1_",
     "conditioner.embedders.1.model.": "lora_te2_",
 }
-COMPONENT_KOHYA = {
-    "unet.": ("lora_unet_",),
-    "transformer.": ("lora_transformer_", "lora_unet_"),
-    "text_encoder.": ("lora_te_", "lora_te1_"),
-    "text_encoder_2.": ("lora_te2_",),
-    "text_encoder_3.": ("lora_te3_",),
-}
+
+
+def _component_prefixes() -> dict[str, tuple[str, ...]]:
+    """Component folder prefix ("unet.") -> every kohya prefix that names it, from the one table in
+    formats.names; kohya's own Flux LoRAs call the transformer "unet"."""
+    from ..formats.names import KOHYA_COMPONENTS
+
+    out: dict[str, tuple[str, ...]] = {}
+    for kohya, component in KOHYA_COMPONENTS.items():
+        if component:
+            out[component + "."] = (*out.get(component + ".", ()), kohya)
+    out["transformer."] = (*out.get("transformer.", ()), "lora_unet_")
+    return out
 
 
 def kohya_index(names: list[str]) -> dict[str, str]:
     """Flattened kohya/LyCORIS module names -> the base's dotted module names (weights only)."""
     out: dict[str, str] = {}
+    components = _component_prefixes()
     for name in names:
         if not name.endswith(".weight"):
             continue
         module = name[: -len(".weight")]
         flat = module.replace(".", "_")
         out.setdefault("lycoris_" + flat, module)
-        for table in (SINGLE_FILE_PREFIXES, COMPONENT_KOHYA):
+        for table in (SINGLE_FILE_PREFIXES, components):
             for prefix, kohya in table.items():
                 if module.startswith(prefix):
                     rest = module[len(prefix) :].replace(".", "_")
