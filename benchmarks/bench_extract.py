@@ -31,19 +31,11 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import llama_shapes, machine, run_measured, write_sharded  # noqa: E402
+from common import llama_modules, llama_shapes, machine, run_measured, write_sharded  # noqa: E402
 
 HIDDEN, INTER, VOCAB, HEADS, KV_HEADS = 2048, 5632, 32000, 32, 4
 KV = HIDDEN // HEADS * KV_HEADS
-MODULES = {
-    "self_attn.q_proj": (HIDDEN, HIDDEN),
-    "self_attn.k_proj": (KV, HIDDEN),
-    "self_attn.v_proj": (KV, HIDDEN),
-    "self_attn.o_proj": (HIDDEN, HIDDEN),
-    "mlp.gate_proj": (INTER, HIDDEN),
-    "mlp.up_proj": (INTER, HIDDEN),
-    "mlp.down_proj": (HIDDEN, INTER),
-}
+MODULES = llama_modules(HIDDEN, INTER, KV)
 DELTA_RMS, NOISE_RMS = 1e-3, 1e-4
 
 

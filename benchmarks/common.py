@@ -13,15 +13,23 @@ from typing import Any
 import torch
 
 HIDDEN, INTER, VOCAB = 4096, 11008, 32000
-MODULES = {
-    "self_attn.q_proj": (HIDDEN, HIDDEN),
-    "self_attn.k_proj": (HIDDEN, HIDDEN),
-    "self_attn.v_proj": (HIDDEN, HIDDEN),
-    "self_attn.o_proj": (HIDDEN, HIDDEN),
-    "mlp.gate_proj": (INTER, HIDDEN),
-    "mlp.up_proj": (INTER, HIDDEN),
-    "mlp.down_proj": (HIDDEN, INTER),
-}
+
+
+def llama_modules(hidden: int, inter: int, kv: int | None = None) -> dict[str, tuple[int, int]]:
+    """The projections of a Llama decoder layer, ``out x in``; ``kv`` is the key/value width (grouped-query)."""
+    kv = kv or hidden
+    return {
+        "self_attn.q_proj": (hidden, hidden),
+        "self_attn.k_proj": (kv, hidden),
+        "self_attn.v_proj": (kv, hidden),
+        "self_attn.o_proj": (hidden, hidden),
+        "mlp.gate_proj": (inter, hidden),
+        "mlp.up_proj": (inter, hidden),
+        "mlp.down_proj": (hidden, inter),
+    }
+
+
+MODULES = llama_modules(HIDDEN, INTER)
 
 
 def llama_shapes(

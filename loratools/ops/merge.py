@@ -3,8 +3,8 @@
 The output keeps the base's layout: tensor names, order, dtypes, shard split, a correct index, and the other
 files of the folder (config, tokenizer, ...). Per targeted weight: ``W + sum_i w_i * delta_i`` in float32 on the
 chosen device, cast once to the stored dtype; DoRA, LoHa and LoKr modules are applied in turn on the whole tensor
-(``Module.apply``). ``modules_to_save`` tensors replace the base's. Memory stays near one chunk (plain LoRA) or one
-tensor (the rest), never a shard.
+(``Module.apply``). ``modules_to_save`` tensors replace the base's. Memory stays near one tensor (of the base's
+memory map, or in float32 for the whole-tensor kinds) plus a few chunk buffers, never a shard.
 """
 
 from __future__ import annotations
