@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 from collections.abc import Iterable
 
 
@@ -50,9 +51,35 @@ class IncompatibleAdaptersError(LoratoolsError):
     """Adapters that cannot be combined."""
 
 
-class OutputExistsError(LoratoolsError):
+class OutputError(LoratoolsError):
+    """An output that cannot be written where it was asked for (or a write that failed: a full disk, a
+    read-only folder, no permission)."""
+
+
+class OutputExistsError(OutputError):
     """Refusing to overwrite an existing output (or an input)."""
 
 
 class HubError(LoratoolsError):
     """A Hugging Face Hub request failed."""
+
+
+#: hints for what the system says when a file cannot be read or written
+_OS_HINTS = {
+    errno.ENOSPC: "the disk is full: free some space or write elsewhere",
+    errno.EDQUOT: "the disk quota is used up: free some space or write elsewhere",
+    errno.EROFS: "that file system is read-only: write elsewhere",
+    errno.EACCES: "check the permissions, or write elsewhere",
+    errno.EPERM: "check the permissions, or write elsewhere",
+    errno.EFBIG: "the file system cannot hold a file that large",
+    errno.EIO: "the disk reported an input/output error",
+    errno.ENAMETOOLONG: "use a shorter path",
+    errno.ELOOP: "a path goes round in symbolic links",
+}
+
+
+def from_os_error(e: OSError, cls: type[LoratoolsError] = OutputError) -> LoratoolsError:
+    """What the system refused (a full disk, a read-only folder, no permission) as one line and a hint."""
+    what = e.strerror or str(e)
+    message = f"{what}: {e.filename}" if e.filename is not None else what
+    return cls(message, _OS_HINTS.get(e.errno or 0))

@@ -105,8 +105,10 @@ def run(
     says: str | Collection[str] | None = None,
     seconds: float = SECONDS,
     env: dict[str, str] | None = None,
+    also: Iterable[str | os.PathLike[str]] = (),
 ) -> Outcome:
-    """``loratools ARGS`` in-process, checked against every promise (see the module's docstring)."""
+    """``loratools ARGS`` in-process, checked against every promise (see the module's docstring). ``also``: other
+    outputs the command writes beside ``out`` (merge's --report)."""
     from click.testing import CliRunner
 
     from loratools.cli import cli
@@ -115,7 +117,6 @@ def run(
     before = snapshot(inputs)
     target = Path(out) if out is not None else None
     beside = listing(target.parent) if target is not None else set()
-    existed = target is not None and (target.exists() or target.is_symlink())
     t0 = time.perf_counter()
     r = CliRunner().invoke(cli, [str(a) for a in args], env=env)
     took = time.perf_counter() - t0
@@ -131,7 +132,7 @@ def run(
         if r.exit_code != 0:
             assert now <= beside, f"left behind after a failure: {sorted(now - beside)}"
         else:
-            extra = now - beside - ({target.name} if not existed else set())
+            extra = now - beside - {target.name} - {Path(p).name for p in also}
             assert not extra, f"left beside the output: {sorted(extra)}"
             check_modes(target)
     assert took < seconds, f"took {took:.1f} s (limit {seconds} s)"

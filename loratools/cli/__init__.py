@@ -1,15 +1,31 @@
 """The ``loratools`` command. Known errors become one ``Error:`` line (and a ``Hint:``) on stderr, exit 1;
-anything else is a bug and keeps its traceback."""
+what the system refuses (a full disk, a read-only folder, no permission) likewise; Ctrl-C and SIGTERM stop the
+work cleanly (threads joined, temps removed) with exit 130 and 143. Anything else is a bug and keeps its
+traceback."""
 
 from __future__ import annotations
 
 import logging
-from typing import Any
+import os
+import signal
+import sys
+from types import FrameType
+from typing import Any, NoReturn
 
 import click
 
-from ..errors import LoratoolsError
-from .output import err_console
+from ..errors import LoratoolsError, from_os_error
+from ..io.atomic import interrupt
+from .output import error, note
+
+
+class Interrupted(BaseException):
+    """SIGTERM or SIGHUP, raised in the main thread like Ctrl-C's KeyboardInterrupt, so that the same clean-up
+    runs."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
 
 
 class Group(click.Group):
@@ -17,10 +33,20 @@ class Group(click.Group):
         try:
             return super().invoke(ctx)
         except LoratoolsError as e:
-            err_console().print(f"[bold red]Error:[/] {e.message}", highlight=False, markup=True)
-            if e.hint:
-                err_console().print(f"[yellow]Hint:[/] {e.hint}", highlight=False, markup=True)
+            error(e.message, e.hint)
             ctx.exit(1)
+        except OSError as e:
+            if isinstance(e, BrokenPipeError):
+                raise
+            known = from_os_error(e)
+            error(known.message, known.hint)
+            ctx.exit(1)
+        except KeyboardInterrupt:
+            error("interrupted (Ctrl-C); no output was left behind")
+            ctx.exit(130)
+        except Interrupted as e:
+            error(f"stopped by {signal.Signals(e.signum).name}; no output was left behind")
+            ctx.exit(128 + e.signum)
 
 
 @click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})
@@ -32,6 +58,10 @@ def cli() -> None:
     Example:
       loratools inspect fixtures/peft_llama
     """
+    log = logging.getLogger("loratools")
+    if not any(isinstance(h, _NoteHandler) for h in log.handlers):  # notes (a cleaned-up temp, ...) on stderr
+        log.addHandler(_NoteHandler())
+        log.propagate = False
 
 
 def _register() -> None:
@@ -53,12 +83,29 @@ _register()
 
 class _NoteHandler(logging.Handler):
     def emit(self, record: logging.LogRecord) -> None:
-        err_console().print(f"[yellow]Note:[/] {record.getMessage()}", highlight=False)
+        note(record.getMessage())
+
+
+def _stop(signum: int, frame: FrameType | None) -> None:
+    """The first SIGINT/SIGTERM/SIGHUP raises in the main thread; later ones are ignored, so the clean-up it
+    starts (bounded: threads finish their chunk, temps are removed) runs to its end."""
+    for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(s, signal.SIG_IGN)
+    # inside a rename or a temp's creation, the interruption waits for that step to end (milliseconds)
+    interrupt(KeyboardInterrupt() if signum == signal.SIGINT else Interrupted(signum))
+
+
+def _quiet_broken_pipe() -> NoReturn:
+    """stdout closed by the reader (``loratools inspect ... | head``): stop quietly, as cat does."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    sys.exit(141)
 
 
 def main() -> None:
-    log = logging.getLogger("loratools")
-    if not any(isinstance(h, _NoteHandler) for h in log.handlers):
-        log.addHandler(_NoteHandler())
-        log.propagate = False
-    cli(prog_name="loratools")
+    for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(s, _stop)
+    try:
+        cli(prog_name="loratools")
+    except BrokenPipeError:
+        _quiet_broken_pipe()

@@ -4,7 +4,7 @@ from typing import TYPE_CHECKING
 
 import click
 
-from .output import json_option, local, out_console, print_json, progress_bar, revision_option
+from .output import json_option, local, out_console, print_json, progress_bar, revision_option, styled
 
 if TYPE_CHECKING:
     from ..ops.diff import DiffReport
@@ -76,6 +76,7 @@ def diff_cmd(
 
 def _render(rep: DiffReport, show_all: bool) -> None:
     from rich.table import Table
+    from rich.text import Text
 
     con = out_console()
     changes = {c.name: c for c in rep.changed}
@@ -85,43 +86,45 @@ def _render(rep: DiffReport, show_all: bool) -> None:
         ("max abs diff", "right"), ("rel diff", "right"), ("cosine", "right"), ("status", "left"),
     ]:  # fmt: skip
         table.add_column(col, justify=justify)  # type: ignore[arg-type]
-    rows: list[tuple[str, list[str]]] = []
+    rows: list[tuple[str, list[str | Text]]] = []
     for t in rep.tensors:
         c = changes.pop(t.name, None)
-        status = ["[red]differs[/]"] if t.differs else []
+        status = ["differs"] if t.differs else []
         dtype = t.dtype
         if c is not None and c.a_dtype != c.b_dtype:
             dtype = f"{c.a_dtype}->{c.b_dtype}"
-            status.append("[red]dtype[/]")
+            status.append("dtype")
         if c is not None and c.a_shape != c.b_shape:
-            status.append("[red]shape[/]")
+            status.append("shape")
         if not status and not show_all:
             continue
         shape = "x".join(map(str, t.shape))
         cells = [shape, dtype, _num(t.max_abs, ".4g"), _num(t.rel_fro, ".4g"), _cosine(t.cosine)]
-        rows.append((t.name, [*cells, ", ".join(status) or "[green]same[/]"]))
+        rows.append((t.name, [*cells, Text(", ".join(status), "red") if status else Text("same", "green")]))
     for c in changes.values():  # shape changes, not compared
         shape = "x".join(map(str, c.a_shape)) + "->" + "x".join(map(str, c.b_shape))
         dtype = c.a_dtype if c.a_dtype == c.b_dtype else f"{c.a_dtype}->{c.b_dtype}"
-        rows.append((c.name, [shape, dtype, "-", "-", "-", "[red]shape[/]"]))
-    rows += [(n, ["", "", "-", "-", "-", "[red]only in A[/]"]) for n in rep.only_in_a]
-    rows += [(n, ["", "", "-", "-", "-", "[red]only in B[/]"]) for n in rep.only_in_b]
-    for name, cells in sorted(rows, key=lambda r: r[0]):
-        table.add_row(name, *cells)
+        rows.append((c.name, [shape, dtype, "-", "-", "-", Text("shape", "red")]))
+    rows += [(n, ["", "", "-", "-", "-", Text("only in A", "red")]) for n in rep.only_in_a]
+    rows += [(n, ["", "", "-", "-", "-", Text("only in B", "red")]) for n in rep.only_in_b]
+    for name, row in sorted(rows, key=lambda r: r[0]):
+        table.add_row(name, *row)
     if rows:
         con.print(table)
     notes = rep.notes if show_all else rep.notes[:SHOWN_NOTES]
     for note in notes:
-        con.print(f"[dim]note:[/] {note}", highlight=False)
+        con.print(styled(("note:", "dim"), " ", note))
     if len(notes) < len(rep.notes):
-        con.print(f"[dim]note: ... and {len(rep.notes) - len(notes)} more (--all or --json lists them)[/]")
+        con.print(styled((f"note: ... and {len(rep.notes) - len(notes)} more (--all or --json lists them)", "dim")))
     tol = f"atol {rep.atol:g}, rtol {rep.rtol:g}" if rep.atol or rep.rtol else "exact"
     if rep.identical:
-        con.print(f"[green]identical[/]: {rep.compared} tensors compared ({rep.mode}, {tol})", highlight=False)
+        con.print(styled(("identical", "green"), f": {rep.compared} tensors compared ({rep.mode}, {tol})"))
     else:
         con.print(
-            f"[red]different[/]: {rep.compared} tensors compared ({rep.mode}, {tol}), {rep.differ} differ, "
-            f"{len(rep.only_in_a)} only in A, {len(rep.only_in_b)} only in B, "
-            f"{len(rep.changed)} shape/dtype change(s)",
-            highlight=False,
+            styled(
+                ("different", "red"),
+                f": {rep.compared} tensors compared ({rep.mode}, {tol}), {rep.differ} differ, "
+                f"{len(rep.only_in_a)} only in A, {len(rep.only_in_b)} only in B, "
+                f"{len(rep.changed)} shape/dtype change(s)",
+            )
         )

@@ -1,7 +1,5 @@
 from __future__ import annotations
 
-import json
-from pathlib import Path
 from typing import Any
 
 import click
@@ -17,7 +15,10 @@ from .output import dtype_option, err_console, local, out_console, revision_opti
 @click.option("--weights", help="One weight per adapter, comma-separated (default 1 each).")
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda or auto (cuda when present).")
 @dtype_option
-@click.option("--report", "report_path", type=click.Path(), help="Also write the numerical report (.json or .html).")
+@click.option(
+    "--report", "report_path", type=click.Path(),
+    help="Also write the numerical report (.json or .html); written with the output, or not at all.",
+)  # fmt: skip
 @click.option("--all", "show_all", is_flag=True, help="Print every merged tensor, not only the 20 least retained.")
 @click.option("--force", is_flag=True, help="Overwrite the output if it exists.")
 def merge_cmd(
@@ -53,15 +54,13 @@ def merge_cmd(
     try:
         report = merge(
             base, [local(a, None) for a in adapters], out, _weights(weights), device=device, dtype=dtype,
-            force=force, progress=factory,
+            force=force, progress=factory, report_path=report_path,
         )  # fmt: skip
     finally:
         if factory is not None:
             factory.stop()  # also when the merge fails: the terminal gets its cursor back
     for w in report.warnings:
         warn(w)
-    if report_path:
-        _write_report(report, Path(report_path))
     _print(report, show_all)
 
 
@@ -105,19 +104,6 @@ def _progress_factory() -> Any:
 
     factory.stop = stop  # type: ignore[attr-defined]
     return factory
-
-
-def _write_report(report: Any, path: Path) -> None:
-    from ..io.atomic import atomic_write
-
-    if path.suffix.lower() in (".html", ".htm"):
-        from ..ops.merge_html import render
-
-        text = render(report)
-    else:
-        text = json.dumps(report.to_dict(), indent=2, default=str)
-    with atomic_write(path, force=True) as tmp:
-        tmp.write_text(text, encoding="utf-8")
 
 
 def _print(report: Any, show_all: bool) -> None:

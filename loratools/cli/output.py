@@ -6,21 +6,60 @@ import contextlib
 import functools
 import json
 import math
+import re
 import sys
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
 import click
 from rich.console import Console
+from rich.text import Text
 
 from ..units import human_bytes as human_bytes  # re-exported for the commands
 
 F = TypeVar("F", bound=Callable[..., Any])
 
 
+#: C0 and C1 control characters but tab and newline, and the bidirectional overrides: a terminal escape (or a
+#: reordering) hidden in a name or a path is shown, not run
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
+
+
+def clean(text: object) -> str:
+    """Text from files, paths and the Hub made safe for a terminal: control characters become ``\\xNN``."""
+    return _CONTROL.sub(
+        lambda m: f"\\x{ord(m.group()):02x}" if ord(m.group()) < 256 else f"\\u{ord(m.group()):04x}", str(text)
+    )
+
+
+class SafeConsole(Console):
+    """A Rich console that prints data as data: no markup (``[/x]`` in a tensor name is text, not a style
+    tag), no ``:emoji:`` codes, no highlighting, and control characters shown as ``\\xNN``. Styles come from
+    :class:`rich.text.Text` objects built by the code (see :func:`styled`), never from strings."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(markup=False, emoji=False, highlight=False, **kwargs)
+
+    def render_str(self, text: str, **kwargs: Any) -> Text:
+        kwargs.update(markup=False, emoji=False, highlight=False)
+        return super().render_str(clean(text), **kwargs)
+
+
+def styled(*parts: str | tuple[str, str]) -> Text:
+    """One line from plain pieces and (text, style) pieces, every piece cleaned: ``styled(("Error:", "bold red"),
+    " ", message)``."""
+    text = Text()
+    for part in parts:
+        if isinstance(part, tuple):
+            text.append(clean(part[0]), style=part[1])
+        else:
+            text.append(clean(part))
+    return text
+
+
 @functools.cache
-def _err() -> Console:
-    return Console(stderr=True, soft_wrap=True)
+def _err() -> SafeConsole:
+    return SafeConsole(stderr=True, soft_wrap=True)
 
 
 def err_console() -> Console:
@@ -29,7 +68,18 @@ def err_console() -> Console:
 
 def out_console() -> Console:
     # made per call so that click's test runner, which swaps sys.stdout, sees the output
-    return Console(file=sys.stdout, soft_wrap=True, width=None if sys.stdout.isatty() else 200)
+    return SafeConsole(file=sys.stdout, soft_wrap=True, width=None if sys.stdout.isatty() else 200)
+
+
+def error(message: str, hint: str | None = None) -> None:
+    """The one ``Error:`` line (and its ``Hint:``) on stderr."""
+    err_console().print(styled(("Error:", "bold red"), " ", message))
+    if hint:
+        err_console().print(styled(("Hint:", "yellow"), " ", hint))
+
+
+def note(message: str) -> None:
+    err_console().print(styled(("Note:", "yellow"), " ", message))
 
 
 def print_json(data: Any) -> None:
@@ -88,7 +138,7 @@ def progress_bar(description: str, total: int = 0) -> Iterator[Callable[[str], N
 
 
 def warn(message: str) -> None:
-    err_console().print(f"[yellow]Warning:[/] {message}", highlight=False)
+    err_console().print(styled(("Warning:", "yellow"), " ", message))
 
 
 def dtype_option(f: F) -> F:

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import click
 
-from .output import format_option, json_option, local, out_console, print_json, revision_option
+from .output import format_option, json_option, local, out_console, print_json, revision_option, styled
 
 
 @click.command("validate")
@@ -54,14 +54,16 @@ def validate_cmd(
         for f in rep.findings:
             color = "red" if f.severity == "error" else "yellow"
             where = f"{f.module}: " if f.module else ""
-            con.print(f"[{color}]{f.severity:7}[/] [dim]{f.code:16}[/] {where}{f.message}", highlight=False)
+            con.print(styled((f"{f.severity:7}", color), " ", (f"{f.code:16}", "dim"), " ", where + f.message))
         n_err = sum(f.severity == "error" for f in rep.findings)
         n_warn = len(rep.findings) - n_err
-        verdict = "[green]OK[/]" if rep.ok else "[red]FAILED[/]"
+        verdict = ("OK", "green") if rep.ok else ("FAILED", "red")
         con.print(
-            f"{verdict}: {rep.format or '?'} adapter, {rep.num_modules} modules, {n_err} error(s), "
-            f"{n_warn} warning(s){' (strict)' if strict else ''}",
-            highlight=False,
+            styled(
+                verdict,
+                f": {rep.format or '?'} adapter, {rep.num_modules} modules, {n_err} error(s), "
+                f"{n_warn} warning(s){' (strict)' if strict else ''}",
+            )
         )
     if not rep.ok:
         raise SystemExit(1)

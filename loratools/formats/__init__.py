@@ -8,6 +8,7 @@ from pathlib import Path
 from types import ModuleType
 
 from ..errors import FileFormatError, ShapeError
+from ..io.atomic import check_output
 from ..model import Adapter
 from . import diffusers, kohya, peft
 from .common import PICKLE_SUFFIXES, open_raw
@@ -81,6 +82,16 @@ def load_adapter(
     return adapter
 
 
+def input_files(source: str | os.PathLike[str]) -> list[Path]:
+    """What reading ``source`` reads: itself, and for a bare PEFT weights file the config beside it (an output
+    must never replace one of these)."""
+    p = Path(source)
+    out = [p]
+    if p.is_file() and (p.parent / peft.CONFIG).is_file():
+        out.append(p.parent / peft.CONFIG)
+    return out
+
+
 def save_adapter(
     adapter: Adapter, out: str | os.PathLike[str], format: str | None = None, *, force: bool = False
 ) -> Path:
@@ -88,5 +99,7 @@ def save_adapter(
     fmt = format or adapter.format
     if fmt not in FORMATS:
         raise FileFormatError(f"unknown format {fmt!r}", "choose one of " + ", ".join(FORMATS))
+    # never in place of what the adapter was read from, --force or not
+    check_output(out, force=force, inputs=input_files(adapter.source) if adapter.source else [])
     writer: Callable[..., Path] = FORMATS[fmt].write
     return writer(adapter, out, force=force)

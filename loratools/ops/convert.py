@@ -240,9 +240,10 @@ def convert(
     base_model: str | None = None,
     force: bool = False,
 ) -> ConvertReport:
+    from ..formats import input_files
     from ..io.atomic import check_output
 
-    check_output(out, force=force, inputs=[source])
+    check_output(out, force=force, inputs=input_files(source))
     if dtype is not None and dtype not in DTYPES:
         raise LoratoolsError(f"unknown dtype {dtype!r}", "use fp32, fp16 or bf16")
     if rank is not None and energy is not None:

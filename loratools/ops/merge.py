@@ -26,9 +26,9 @@ from pathlib import Path
 from queue import Queue
 from typing import TYPE_CHECKING, Any
 
-from ..errors import FileFormatError, IncompatibleAdaptersError, LoratoolsError, ShapeError
-from ..formats import load_adapter
-from ..io.atomic import atomic_dir, atomic_write, check_output
+from ..errors import FileFormatError, IncompatibleAdaptersError, LoratoolsError, OutputError, ShapeError
+from ..formats import input_files, load_adapter
+from ..io.atomic import check_output, stage
 from ..io.checkpoint import COMPONENTS, INDEX_SUFFIX, kohya_index
 from ..io.safetensors import Header, TensorInfo, read_bytes, read_header, read_into, tensor_bytes, tensor_from_bytes
 from ..model import DTYPE_SIZES, Adapter, Module, TensorRef, torch_dtype
@@ -469,7 +469,7 @@ def _chunk(
 
 def _merge_rows(
     fh: Any, mapped: mmap.mmap | None, info: TensorInfo, store: torch.dtype, target: Target, device: str,
-    writer: _Writer, tick: Progress | None, stats: _Stats,
+    writer: _Writer, tick: Progress | None, stats: _Stats, pool: _Pool | None,
 ) -> None:  # fmt: skip
     """Plain LoRA in row chunks: ``W[r0:r1] + U[r0:r1] @ D`` (or ``D[:, r0:r1]^T @ U^T`` for weights stored
     transposed), the factors of all adapters stacked, never the whole tensor in float32.
@@ -510,40 +510,46 @@ def _merge_rows(
     dt = torch_dtype(info.dtype)
     if info.start % DTYPE_SIZES[info.dtype]:  # a file whose data is not aligned: read it instead
         mapped = None
-    pool = _pool() if device == "cpu" and mapped is not None else None
+    if mapped is None:
+        pool = None
     if mapped is not None:
         _advise(mapped, info.start, info.nbytes, _POPULATE_READ)  # map it in one call, not page by page
     raw = bytearray(0 if mapped is not None else min(rows, step) * row_bytes)
-    for g0 in range(0, rows, group):
-        g1 = min(rows, g0 + group)
-        full = writer.buffer((g1 - g0) * per_row * store.itemsize, pinned=device.startswith("cuda"))
-        buf = full[: (g1 - g0) * per_row * store.itemsize].view(store)
-        jobs = []
-        for r0 in range(g0, g1, step):
-            n = min(g1, r0 + step) - r0
-            if mapped is not None:
-                src = torch.frombuffer(mapped, dtype=dt, count=n * per_row, offset=info.start + r0 * row_bytes)
-            else:
-                read_into(fh, info.start + r0 * row_bytes, memoryview(raw)[: n * row_bytes])
-                src = torch.frombuffer(raw, dtype=dt, count=n * per_row)
-            args = (
-                src.view(n, per_row),
-                a[r0 : r0 + n],
-                b,
-                buf[(r0 - g0) * per_row : (r0 - g0 + n) * per_row].view(n, per_row),
-                device,
-                store,
-            )
-            jobs.append((n, pool.submit(_chunk, *args) if pool else _done(_chunk(*args))))
-        for n, job in jobs:
-            mx, base_sq, lost_sq, overflow = job.result()
-            stats.max_abs = max(stats.max_abs, mx)
-            stats.base_sq += base_sq
-            stats.lost_sq += lost_sq
-            stats.overflow += overflow
-            if tick:
-                tick(n * row_bytes, 0)
-        writer.write(tensor_bytes(buf), done=lambda full=full: writer.give_back(full))  # type: ignore[misc]
+    jobs: list[tuple[int, Future[Any]]] = []
+    try:
+        for g0 in range(0, rows, group):
+            g1 = min(rows, g0 + group)
+            full = writer.buffer((g1 - g0) * per_row * store.itemsize, pinned=device.startswith("cuda"))
+            buf = full[: (g1 - g0) * per_row * store.itemsize].view(store)
+            jobs = []
+            for r0 in range(g0, g1, step):
+                n = min(g1, r0 + step) - r0
+                if mapped is not None:
+                    src = torch.frombuffer(mapped, dtype=dt, count=n * per_row, offset=info.start + r0 * row_bytes)
+                else:
+                    read_into(fh, info.start + r0 * row_bytes, memoryview(raw)[: n * row_bytes])
+                    src = torch.frombuffer(raw, dtype=dt, count=n * per_row)
+                args = (
+                    src.view(n, per_row),
+                    a[r0 : r0 + n],
+                    b,
+                    buf[(r0 - g0) * per_row : (r0 - g0 + n) * per_row].view(n, per_row),
+                    device,
+                    store,
+                )
+                jobs.append((n, pool.submit(_chunk, *args) if pool else _done(_chunk(*args))))
+            for n, job in jobs:
+                mx, base_sq, lost_sq, overflow = job.result()
+                stats.max_abs = max(stats.max_abs, mx)
+                stats.base_sq += base_sq
+                stats.lost_sq += lost_sq
+                stats.overflow += overflow
+                if tick:
+                    tick(n * row_bytes, 0)
+            writer.write(tensor_bytes(buf), done=lambda full=full: writer.give_back(full))  # type: ignore[misc]
+    except BaseException:
+        _settle(jobs)
+        raise
     if mapped is not None:  # unmapped again (it stays in the page cache): the process holds one tensor at most
         _advise(mapped, info.start, info.nbytes, getattr(mmap, "MADV_DONTNEED", None))
 
@@ -563,20 +569,27 @@ def _advise(mapped: mmap.mmap, start: int, n: int, advice: int | None) -> None:
 
 class _Pool:
     """Threads that merge chunks side by side, each running torch on one core (small chunks split across cores
-    would spend more on hand-offs than on work). Daemon threads, unlike concurrent.futures': a Ctrl-C that
-    lands while they start can never leave the interpreter waiting for one at exit."""
+    would spend more on hand-offs than on work). One pool per merge, closed by :meth:`close`: what has not
+    started is cancelled, what runs is finished, and every thread is joined before the memory map they read is
+    closed, so an error or a Ctrl-C never leaves a thread inside torch while the interpreter exits."""
 
     def __init__(self, workers: int) -> None:
-        self.q: Queue[tuple[Callable[..., Any], tuple[Any, ...], Future[Any]]] = Queue()
-        for i in range(workers):
-            threading.Thread(target=self._run, name=f"merge-{i}", daemon=True).start()
+        self.q: Queue[tuple[Callable[..., Any], tuple[Any, ...], Future[Any]] | None] = Queue()
+        self.threads = [threading.Thread(target=self._run, name=f"merge-{i}", daemon=True) for i in range(workers)]
+        for t in self.threads:
+            t.start()
 
     def _run(self) -> None:
         import torch
 
         torch.set_num_threads(1)  # this thread's own setting (OpenMP's is per thread)
         while True:
-            fn, args, future = self.q.get()
+            item = self.q.get()
+            if item is None:
+                return
+            fn, args, future = item
+            if not future.set_running_or_notify_cancel():
+                continue
             try:
                 future.set_result(fn(*args))
             except BaseException as e:  # handed to whoever waits on the result
@@ -587,6 +600,12 @@ class _Pool:
         self.q.put((fn, args, future))
         return future
 
+    def close(self) -> None:
+        for _ in self.threads:
+            self.q.put(None)
+        for t in self.threads:
+            t.join()
+
 
 def _done(result: Any) -> Future[Any]:
     future: Future[Any] = Future()
@@ -594,15 +613,24 @@ def _done(result: Any) -> Future[Any]:
     return future
 
 
-_POOL: list[_Pool | None] = []
+def _settle(jobs: list[tuple[int, Future[Any]]]) -> None:
+    """After a failure: cancel the jobs not started, wait for the running ones (a chunk takes milliseconds)."""
+    for _, job in jobs:
+        if not job.cancel():
+            with contextlib.suppress(BaseException):
+                job.exception()
 
 
-def _pool() -> _Pool | None:
-    """The chunk threads, started once; None on a single core."""
-    if not _POOL:
-        workers = min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
-        _POOL.append(_Pool(workers) if workers > 1 else None)
-    return _POOL[0]
+@contextlib.contextmanager
+def _threads(device: str) -> Iterator[_Pool | None]:
+    """The chunk threads of one merge on the CPU (None on a single core or another device)."""
+    workers = min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+    pool = _Pool(workers) if device == "cpu" and workers > 1 else None
+    try:
+        yield pool
+    finally:
+        if pool is not None:
+            pool.close()
 
 
 def _merge_tensor(
@@ -614,6 +642,7 @@ def _merge_tensor(
     device: str,
     writer: _Writer,
     tick: Progress | None,
+    pool: _Pool | None,
 ) -> _Stats:
     import torch
 
@@ -640,7 +669,7 @@ def _merge_tensor(
     else:
         base_full, start = None, None
     if _plain(target.contributions) and start is None:
-        _merge_rows(fh, mapped, info, store, target, device, writer, tick, stats)
+        _merge_rows(fh, mapped, info, store, target, device, writer, tick, stats, pool)
         return stats
     # whole tensor: DoRA (needs whole-row norms of the merged weight), LoHa, LoKr, Tucker, replacements
     if base_full is None:
@@ -702,7 +731,7 @@ def _out_dtype(info: TensorInfo, dtype: str | None) -> str:
 
 def _write_file(
     src: Path, header: Header, dest: Path, prefix: str, targets: dict[str, Target], dtype: str | None,
-    device: str, report: MergeReport, tick: Progress | None,
+    device: str, report: MergeReport, tick: Progress | None, pool: _Pool | None,
 ) -> int:  # fmt: skip
     """One safetensors file: same tensors in the same order, merged where targeted. Returns bytes of data."""
     order = sorted(header.tensors.values(), key=lambda t: (t.start, t.name))
@@ -731,7 +760,7 @@ def _write_file(
                     _copy_tensor(fh, info, dt, writer, tick)
                     report.copied += 1
                 else:
-                    stats = _merge_tensor(fh, mapped, info, dt, target, device, writer, tick)
+                    stats = _merge_tensor(fh, mapped, info, dt, target, device, writer, tick, pool)
                     report.tensors.append(
                         stats.report(prefix + info.name, info, dt, len(target.contributions),
                                      target.replacement is not None)
@@ -752,6 +781,9 @@ def _copy_other_files(layout: Layout, tmp: Path, report: MergeReport) -> None:
         rel = path.relative_to(layout.root)
         if any(part in (".git", ".cache") for part in rel.parts) or rel in skip:
             continue
+        if not (path.is_dir() or path.is_file()):  # a FIFO or a device is not part of a model
+            report.warnings.append(f"not copied: {rel} (not a regular file)")
+            continue
         if path.is_dir():
             (tmp / rel).mkdir(parents=True, exist_ok=True)
             continue
@@ -759,7 +791,7 @@ def _copy_other_files(layout: Layout, tmp: Path, report: MergeReport) -> None:
             report.warnings.append(f"not copied: {rel} (weights in another format would be the unmerged model)")
             continue
         (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(path, tmp / rel)
+        shutil.copyfile(path, tmp / rel)  # a new file: the umask's mode, as cp gives
         report.files_copied.append(str(rel))
 
 
@@ -769,6 +801,9 @@ def _write_index(layout: Layout, index: Path, tmp: Path, sizes: dict[Path, int])
     total = sum(size for rel, size in sizes.items() if rel.parent == folder)
     src.setdefault("metadata", {})["total_size"] = total
     (tmp / index).write_text(json.dumps(src, indent=2) + "\n", encoding="utf-8")
+
+
+REPORT_SUFFIXES = (".json", ".html", ".htm")
 
 
 def merge(
@@ -781,8 +816,10 @@ def merge(
     dtype: str | None = None,
     force: bool = False,
     progress: Callable[[int, int, int, int], Progress] | None = None,
+    report_path: str | os.PathLike[str] | None = None,
 ) -> MergeReport:
-    """Merge ``adapters`` into ``base``, writing ``out`` atomically in the base's layout.
+    """Merge ``adapters`` into ``base``, writing ``out`` atomically in the base's layout, and the numerical
+    report to ``report_path`` (``.json`` or ``.html``) if given: both appear, or neither does.
 
     ``progress(total_bytes, total_tensors, ...)`` may return a callback advanced by (bytes, tensors).
     """
@@ -796,7 +833,17 @@ def merge(
     if dtype is not None and dtype not in DTYPES:
         raise LoratoolsError(f"unknown dtype {dtype!r}", "use fp32, fp16 or bf16")
     out_dtype = DTYPES[dtype] if dtype else None
-    check_output(out, force=force, inputs=[base, *adapters])
+    inputs = [p for src in [base, *adapters] for p in input_files(src)]
+    check_output(out, force=force, inputs=inputs)
+    if report_path is not None:
+        check_output(report_path, force=force, inputs=inputs)
+        r, o = Path(os.path.realpath(report_path)), Path(os.path.realpath(out))
+        if r == o or r.is_relative_to(o) or o.is_relative_to(r):
+            raise OutputError(f"the report {report_path} and the output {out} overlap", "write the report beside it")
+        if Path(report_path).suffix.lower() not in REPORT_SUFFIXES:
+            raise OutputError(
+                f"report {report_path}: the report is written as .json or .html", "name it report.json or report.html"
+            )
     dev = pick_device(device, allow_auto=True)
     layout = layout_of(base)
     loaded = [load_adapter(a) for a in adapters]
@@ -807,26 +854,37 @@ def merge(
     record = provenance.record(
         "merge", [(str(a), ad.format) for a, ad in zip(adapters, loaded, strict=True)], weights=weights, dtype=dtype
     )
-    with torch.no_grad():
+    with torch.no_grad(), stage(force=force, inputs=inputs) as outputs, _threads(dev) as pool:
         if layout.single_file:
             wf = layout.files[0]
             header = _with_record(wf.header, record)
-            with atomic_write(out, force=force) as tmp:
-                _write_file(layout.root, header, tmp, wf.prefix, targets, out_dtype, dev, report, tick)
+            tmp = outputs.file(out)
+            _write_file(layout.root, header, tmp, wf.prefix, targets, out_dtype, dev, report, tick, pool)
         else:
-            with atomic_dir(out, force=force) as tmp:
-                _copy_other_files(layout, tmp, report)
-                sizes: dict[Path, int] = {}
-                for wf in layout.files:
-                    (tmp / wf.rel).parent.mkdir(parents=True, exist_ok=True)
-                    header = _with_record(wf.header, record)
-                    sizes[wf.rel] = _write_file(
-                        layout.root / wf.rel, header, tmp / wf.rel, wf.prefix, targets, out_dtype, dev, report, tick
-                    )
-                for index in layout.indexes:
-                    _write_index(layout, index, tmp, sizes)
-    report.output = str(out)
+            tmp = outputs.folder(out)
+            _copy_other_files(layout, tmp, report)
+            sizes: dict[Path, int] = {}
+            for wf in layout.files:
+                (tmp / wf.rel).parent.mkdir(parents=True, exist_ok=True)
+                header = _with_record(wf.header, record)
+                sizes[wf.rel] = _write_file(
+                    layout.root / wf.rel, header, tmp / wf.rel, wf.prefix, targets, out_dtype, dev, report, tick, pool
+                )
+            for index in layout.indexes:
+                _write_index(layout, index, tmp, sizes)
+        report.output = str(out)
+        if report_path is not None:
+            outputs.file(report_path).write_text(render_report(report, report_path), encoding="utf-8")
     return report
+
+
+def render_report(report: MergeReport, path: str | os.PathLike[str]) -> str:
+    """The report as the file ``path`` names it: a self-contained HTML page, or JSON."""
+    if Path(path).suffix.lower() in (".html", ".htm"):
+        from .merge_html import render
+
+        return render(report)
+    return json.dumps(report.to_dict(), indent=2, default=str) + "\n"
 
 
 def _with_record(header: Header, record: str) -> Header:

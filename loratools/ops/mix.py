@@ -183,11 +183,12 @@ def mix(
     progress: Progress | None = None,
 ) -> MixReport:
     """Read, mix, and write atomically. The default method is ``cat`` without ``rank``, ``svd`` with it."""
+    from ..formats import input_files
     from ..io.atomic import check_output
 
     if len(sources) < 1:
         raise LoratoolsError("mix needs at least one input")
-    check_output(out, force=force, inputs=sources)
+    check_output(out, force=force, inputs=[p for s in sources for p in input_files(s)])
     weights = weights if weights is not None else [1.0] * len(sources)
     method = method or ("svd" if rank is not None else "cat")
     if method == "cat" and rank is not None:

@@ -105,9 +105,10 @@ def resize(
     force: bool = False,
     progress: Progress | None = None,
 ) -> ResizeReport:
+    from ..formats import input_files
     from ..io.atomic import check_output
 
-    check_output(out, force=force, inputs=[source])
+    check_output(out, force=force, inputs=input_files(source))
     adapter = load_adapter(source)
     resized, report = resize_adapter(adapter, rank, energy, dtype=dtype, device=device, progress=progress)
     resized.metadata[provenance.KEY] = provenance.record(
