@@ -17,6 +17,15 @@ class LoratoolsError(Exception):
         return self.message
 
 
+class UsageError(LoratoolsError):
+    """A library function called with an argument of the wrong type or value (``param`` names it). Raised before
+    anything is read; the CLI checks the same values itself and reports them as usage errors (exit 2)."""
+
+    def __init__(self, message: str, hint: str | None = None, *, param: str | None = None) -> None:
+        super().__init__(message, hint)
+        self.param = param
+
+
 class FileFormatError(LoratoolsError):
     """A file is unreadable, truncated, or not in the format it claims to be."""
 

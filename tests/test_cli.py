@@ -81,9 +81,10 @@ def test_validate_json_and_exit_codes(tmp_path: Path) -> None:
     assert code == 1 and "alpha is 0" in out and "FAILED" in out
 
 
-def _bad_inputs(tmp: Path) -> dict[str, tuple[Path, str]]:
-    """name -> (path, text the Error line must contain)."""
-    cases: dict[str, tuple[Path, str]] = {}
+def _bad_inputs(tmp: Path) -> dict[str, tuple[Path, str, int]]:
+    """name -> (path, text the Error line must contain, validate's exit code: 1 a broken adapter, which is a
+    finding; 2 nothing validate can judge: not an adapter, not readable as weights at all)."""
+    cases: dict[str, tuple[Path, str, int]] = {}
 
     def put(name: str, data: bytes, fname: str = "x.safetensors") -> Path:
         d = tmp / name
@@ -92,45 +93,52 @@ def _bad_inputs(tmp: Path) -> dict[str, tuple[Path, str]]:
         return d / fname
 
     good = (FIXTURES / "peft_llama" / "adapter_model.safetensors").read_bytes()
-    cases["empty file"] = (put("empty", b""), "too short")
-    cases["garbage"] = (put("garbage", os.urandom(64)), "header length")
-    cases["truncated"] = (put("truncated", good[: len(good) // 2]), "truncated")
-    cases["text"] = (put("text", b"hello world, not tensors"), "header")
-    cases["pickle garbage"] = (put("pickle", b"\x80\x04garbage", "a.bin"), "pickle")
-    cases["zip not torch"] = (put("zip", b"PK\x03\x04" + b"\0" * 40, "a.pt"), "pickle")
+    cases["empty file"] = (put("empty", b""), "too short", 1)
+    cases["garbage"] = (put("garbage", os.urandom(64)), "header length", 1)
+    cases["truncated"] = (put("truncated", good[: len(good) // 2]), "truncated", 1)
+    cases["text"] = (put("text", b"hello world, not tensors"), "header", 1)
+    cases["pickle garbage"] = (put("pickle", b"\x80\x04garbage", "a.bin"), "pickle", 1)
+    cases["zip not torch"] = (put("zip", b"PK\x03\x04" + b"\0" * 40, "a.pt"), "pickle", 1)
     d = tmp / "nothing"
     d.mkdir()
-    cases["empty folder"] = (d, "no adapter found")
+    cases["empty folder"] = (d, "no adapter found", 2)
     d = tmp / "badcfg"
     shutil.copytree(FIXTURES / "peft_llama", d)
     (d / "adapter_config.json").write_text("{not json")
-    cases["bad config"] = (d, "not valid JSON")
+    cases["bad config"] = (d, "not valid JSON", 1)
     d = tmp / "noweights"
     d.mkdir()
     shutil.copy(FIXTURES / "peft_llama" / "adapter_config.json", d)
-    cases["config without weights"] = (d, "no adapter_model")
+    cases["config without weights"] = (d, "no adapter_model", 1)
     import torch
 
     from loratools.io.safetensors import write_safetensors
 
     p = tmp / "base.safetensors"
     write_safetensors(p, {"model.layers.0.mlp.up_proj.weight": torch.zeros(2, 2)})
-    cases["not an adapter"] = (p, "not a LoRA adapter")
+    cases["not an adapter"] = (p, "not a LoRA adapter", 2)
     return cases
 
 
 def test_bad_input_gives_one_error_line_and_exit_1(tmp_path: Path) -> None:
-    for name, (path, text) in _bad_inputs(tmp_path).items():
-        for cmd in (["inspect"], ["inspect", "--fast"], ["validate"]):
+    """inspect: exit 1 and one Error line. validate: a broken adapter is a finding (exit 1, FAILED on stdout,
+    valid JSON with --json); what it cannot judge is exit 2 with one Error line and nothing on stdout."""
+    for name, (path, text, validate_code) in _bad_inputs(tmp_path).items():
+        for cmd in (["inspect"], ["inspect", "--fast"], ["validate"], ["validate", "--json"]):
             r = CliRunner().invoke(cli, [*cmd, str(path)])
             assert not (r.exception and not isinstance(r.exception, SystemExit)), (name, cmd, r.exception)
-            assert r.exit_code == 1, (name, cmd, r.output)
-            if cmd[0] == "inspect":
+            want = validate_code if cmd[0] == "validate" else 1
+            assert r.exit_code == want, (name, cmd, r.output)
+            if want == 2 or cmd[0] == "inspect":
                 lines = r.stderr.strip().splitlines()
                 assert lines[0].startswith("Error: ") and text in r.stderr, (name, r.stderr)
                 assert "Traceback" not in r.output and len([x for x in lines if x.startswith("Error")]) == 1
+                assert r.stdout == "", (name, cmd, r.stdout)
+            elif "--json" in cmd:
+                data = json.loads(r.stdout)
+                assert data["ok"] is False and text.lower() in json.dumps(data).lower(), (name, data)
             else:
-                assert "FAILED" in r.stdout, (name, r.stdout)
+                assert "FAILED" in r.stdout and text.lower() in r.stdout.lower(), (name, r.stdout)
 
 
 def test_usage_errors_exit_2() -> None:

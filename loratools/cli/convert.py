@@ -3,6 +3,7 @@ from __future__ import annotations
 import click
 
 from .output import dtype_option, json_option, local, out_console, print_json, revision_option, warn
+from .params import FRACTION, refuse
 
 
 @click.command("convert")
@@ -18,7 +19,7 @@ from .output import dtype_option, json_option, local, out_console, print_json, r
 )
 @click.option(
     "--energy",
-    type=click.FloatRange(0, 1, min_open=True),
+    type=FRACTION,
     help="Or: per module, the rank keeping this energy fraction.",
 )
 @click.option(
@@ -53,6 +54,8 @@ def convert_cmd(
     """
     from ..ops.convert import convert
 
+    if rank is not None and energy is not None:
+        refuse("give at most one of --rank and --energy")
     source = local(source, revision)
     base = local(base, None, "checkpoint") if base else None
     rep = convert(
