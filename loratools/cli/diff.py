@@ -5,7 +5,7 @@ from typing import TYPE_CHECKING
 import click
 
 from .output import json_option, local, out_console, print_json, progress_bar, revision_option
-from .params import TOLERANCE
+from .params import PATH, TOLERANCE
 from .status import could_not_compare
 
 if TYPE_CHECKING:
@@ -25,8 +25,8 @@ def _cosine(c: float) -> str:
 
 
 @click.command("diff")
-@click.argument("a")
-@click.argument("b")
+@click.argument("a", type=PATH)
+@click.argument("b", type=PATH)
 @revision_option
 @click.option("--atol", type=TOLERANCE, default=0.0, show_default=True, help="Absolute tolerance per element.")
 @click.option("--rtol", type=TOLERANCE, default=0.0, show_default=True, help="Relative tolerance (times |b|).")

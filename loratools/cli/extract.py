@@ -16,16 +16,16 @@ from .output import (
     progress_bar,
     warn,
 )
-from .params import FRACTION, REGEX, device_option, one_of, refuse
+from .params import FRACTION, PATH, REGEX, device_option, one_of, refuse
 
 #: rows the table shows without --all: the modules with the largest error
 SHOWN = 20
 
 
 @click.command("extract")
-@click.argument("base")
-@click.argument("tuned")
-@click.option("-o", "--output", "out", required=True, type=click.Path(), help="Where to write the adapter.")
+@click.argument("base", type=PATH)
+@click.argument("tuned", type=PATH)
+@click.option("-o", "--output", "out", required=True, type=PATH, help="Where to write the adapter.")
 @click.option("--rank", type=click.IntRange(min=1), help="Factor every changed weight to this rank.")
 @click.option(
     "--energy",

@@ -13,7 +13,7 @@ from .output import (
     to_option,
     warn,
 )
-from .params import WEIGHTS, check_weights, device_option, refuse
+from .params import PATH, WEIGHTS, check_weights, device_option, refuse
 
 
 def _weights(value: str | None) -> list[float] | None:
@@ -22,9 +22,9 @@ def _weights(value: str | None) -> list[float] | None:
 
 
 @click.command("mix")
-@click.argument("sources", nargs=-1, required=True)
+@click.argument("sources", nargs=-1, required=True, type=PATH)
 @revision_option
-@click.option("-o", "--output", "out", required=True, type=click.Path(), help="Where to write the result.")
+@click.option("-o", "--output", "out", required=True, type=PATH, help="Where to write the result.")
 @click.option(
     "--weights", type=WEIGHTS, help="One weight per input, comma-separated (default 1 each); negative subtracts."
 )

@@ -7,6 +7,7 @@ The library checks the same values again (:mod:`loratools.ops.args`); these give
 from __future__ import annotations
 
 import math
+import os
 import re
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -14,6 +15,24 @@ from typing import Any, TypeVar
 import click
 
 F = TypeVar("F", bound=Callable[..., Any])
+
+
+class PathText(click.ParamType):  # type: ignore[type-arg]
+    """A path (or a Hub repo id, where the command takes one), as given: never empty, which would stand for the
+    current folder, and without a NUL character, which no file system accepts."""
+
+    name = "path"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> str:
+        text = os.fsdecode(value) if isinstance(value, (bytes, os.PathLike)) else str(value)
+        if not text:
+            self.fail("an empty path (give . for the current folder)", param, ctx)
+        if "\0" in text:
+            self.fail(f"{text!r} holds a NUL character", param, ctx)
+        return text
+
+
+PATH = PathText()
 
 
 class WeightList(click.ParamType):  # type: ignore[type-arg]  # generic from click 8.4; the floor is 8.1

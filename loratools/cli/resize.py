@@ -13,13 +13,13 @@ from .output import (
     revision_option,
     to_option,
 )
-from .params import FRACTION, device_option, one_of
+from .params import FRACTION, PATH, device_option, one_of
 
 
 @click.command("resize")
-@click.argument("source")
+@click.argument("source", type=PATH)
 @revision_option
-@click.option("-o", "--output", "out", required=True, type=click.Path(), help="Where to write the result.")
+@click.option("-o", "--output", "out", required=True, type=PATH, help="Where to write the result.")
 @click.option("--rank", type=click.IntRange(min=1), help="Re-compress every module to this rank.")
 @click.option(
     "--energy",

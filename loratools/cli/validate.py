@@ -3,13 +3,14 @@ from __future__ import annotations
 import click
 
 from .output import format_option, json_option, local, out_console, print_json, revision_option
+from .params import PATH
 from .status import could_not_compare
 
 
 @click.command("validate")
-@click.argument("source")
+@click.argument("source", type=PATH)
 @revision_option
-@click.option("--base", help="Base checkpoint the adapter must fit (file or folder).")
+@click.option("--base", type=PATH, help="Base checkpoint the adapter must fit (file or folder).")
 @click.option("--strict", is_flag=True, help="Treat warnings as errors.")
 @click.option("--fast", is_flag=True, help="Headers only: skip the NaN/Inf, zero-factor and hash checks.")
 @click.option(
