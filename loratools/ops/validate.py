@@ -115,10 +115,10 @@ def validate(
     try:
         rep.format = format or detect(source)
     except LoratoolsError as e:
-        damage = _damage(source, e)
-        if damage is None:
+        finding = _damage(source, e)
+        if finding is None:
             raise  # missing, or no adapter: a README, a config, a base checkpoint, a folder without one
-        add("error", "header" if isinstance(damage, HeaderError) else "unreadable", _text(damage))
+        add("error", *finding)
         return rep
     try:
         adapter = load_adapter(source, rep.format, problems=problems)
@@ -154,23 +154,25 @@ def _text(e: LoratoolsError) -> str:
     return e.message if isinstance(e, HeaderError) or not e.hint else f"{e.message} ({e.hint})"
 
 
-def _damage(source: str | os.PathLike[str], e: LoratoolsError) -> LoratoolsError | None:
-    """Why detection failed, when it is the file's own damage (a finding): a file named as weights (.safetensors
-    or a tensor pickle) whose bytes cannot be read as such. None when there is nothing to judge: the path is
-    missing, or readable weights hold no adapter, or the file is not named as weights at all (a README, a config,
-    a .gguf)."""
+def _damage(source: str | os.PathLike[str], e: LoratoolsError) -> tuple[str, str] | None:
+    """Why detection failed, as a finding (code, message), when it is the file's own damage: a file named as
+    weights (.safetensors or a tensor pickle) whose bytes cannot be read as such, or that holds no tensor at all.
+    None when there is nothing to judge: the path is missing, readable weights hold no adapter, or the file is
+    not named as weights at all (a README, a config, a .gguf)."""
     p = Path(source)
-    if not p.is_file() and isinstance(e, (HeaderError, UnsafePickleError)):
-        return e  # a folder whose one weights file is damaged
-    if not p.is_file() or p.suffix.lower() not in (".safetensors", *PICKLE_SUFFIXES):
+    if isinstance(e, (HeaderError, UnsafePickleError)) and (p.is_dir() or _named_as_weights(p)):
+        return ("header" if isinstance(e, HeaderError) else "unreadable"), _text(e)
+    if not p.is_file() or not _named_as_weights(p):
         return None
-    if isinstance(e, (HeaderError, UnsafePickleError)):
-        return e
     try:
-        open_raw(p, lenient=True)  # on this error path only: are the bytes weights at all?
+        raw = open_raw(p, lenient=True)  # on this error path only: are the bytes weights at all?
     except LoratoolsError as damage:
-        return damage
-    return None
+        return ("header" if isinstance(damage, HeaderError) else "unreadable"), _text(damage)
+    return ("empty", _text(e)) if not raw.tensors else None
+
+
+def _named_as_weights(p: Path) -> bool:
+    return p.suffix.lower() in (".safetensors", *PICKLE_SUFFIXES)
 
 
 def _check_module(m: Module, adapter: Adapter, add: Any) -> None:
