@@ -211,7 +211,7 @@ A_ = str(FIXTURES / "peft_llama")
 #: id -> (command line with {name} placeholders for the answers fixture, exit code, words on stderr for 2)
 ANSWER_CASES: dict[str, tuple[list[str], int, str]] = {
     "diff-same": (["diff", A_, str(FIXTURES / "peft_llama_bin")], 0, ""),
-    "diff-same-across-formats-tolerance": (["diff", A_, A_, "--atol", "inf"], 0, ""),
+    "diff-same-infinite-tolerance": (["diff", A_, A_, "--atol", "inf"], 0, ""),
     "diff-differs": (["diff", A_, "{changed}"], 1, ""),
     "diff-differs-tensors": (["diff", A_, "{changed}", "--mode", "tensors"], 1, ""),
     "diff-missing": (["diff", A_, "{empty}/nope"], 2, "no such file or folder"),

@@ -41,7 +41,7 @@ class WeightList(click.ParamType):  # type: ignore[type-arg]  # generic from cli
 
     name = "weights"
 
-    def get_metavar(self, param: click.Parameter, ctx: click.Context) -> str:
+    def get_metavar(self, param: click.Parameter, ctx: click.Context | None = None) -> str:  # ctx: click >= 8.2
         return "W1,W2,..."
 
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> list[float]:
@@ -88,7 +88,7 @@ class Number(click.FloatRange):
 
 #: a fraction of the Frobenius energy: (0, 1]
 FRACTION = Number(0, 1, min_open=True)
-#: a tolerance: >= 0 (inf allowed: it compares names, shapes and dtypes only)
+#: a tolerance: >= 0 (inf allowed: then only names, shapes, dtypes and NaN against a number can differ)
 TOLERANCE = Number(min=0)
 
 
@@ -117,7 +117,7 @@ class Device(click.ParamType):  # type: ignore[type-arg]
     def __init__(self, auto: bool = False) -> None:
         self.auto = auto
 
-    def get_metavar(self, param: click.Parameter, ctx: click.Context) -> str:
+    def get_metavar(self, param: click.Parameter, ctx: click.Context | None = None) -> str:  # ctx: click >= 8.2
         return "[cpu|cuda|cuda:N" + ("|auto]" if self.auto else "]")
 
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> str:
