@@ -9,6 +9,9 @@ from collections.abc import Iterable
 class LoratoolsError(Exception):
     """Base class: a problem with the user's data or request, never a bug."""
 
+    #: the CLI's exit status for it (diff and validate give 2 for "could not compare")
+    exit_code = 1
+
     def __init__(self, message: str, hint: str | None = None) -> None:
         super().__init__(message)
         self.message = message
@@ -16,6 +19,15 @@ class LoratoolsError(Exception):
 
     def __str__(self) -> str:
         return self.message
+
+
+class UsageError(LoratoolsError):
+    """A library function called with an argument of the wrong type or value (``param`` names it). Raised before
+    anything is read; the CLI checks the same values itself and reports them as usage errors (exit 2)."""
+
+    def __init__(self, message: str, hint: str | None = None, *, param: str | None = None) -> None:
+        super().__init__(message, hint)
+        self.param = param
 
 
 class FileFormatError(LoratoolsError):

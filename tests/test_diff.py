@@ -280,7 +280,7 @@ def test_bad_input() -> None:
 def test_bad_input_cli(tmp_path: Path) -> None:
     (tmp_path / "junk.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00not json at all!")
     code, out, err = run(str(tmp_path / "junk.safetensors"), str(FIXTURES / "peft_llama"))
-    assert code == 1 and out == "" and "Error:" in err and "not valid JSON" in err
+    assert code == 2 and out == "" and "Error:" in err and "not valid JSON" in err
     code, _, err = run(str(FIXTURES / "peft_llama"), str(FIXTURES / "peft_llama"), "--rtol", "-1")
     assert code == 2
     code, _, err = run(str(FIXTURES / "peft_llama"), str(FIXTURES / "kohya_sd/lora.safetensors"), "--mode", "tensors")

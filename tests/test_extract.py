@@ -290,7 +290,7 @@ def test_include_exclude(pair: tuple[Path, Path], tmp_path: Path) -> None:
     cfg = json.loads((tmp_path / "out" / "adapter_config.json").read_text())
     assert "layers\\.0\\.self_attn\\.k_proj" in cfg["target_modules"] and "layers\\.1" not in cfg["target_modules"]
     code, _, err = run(str(base), str(tuned), "--rank", "4", "--include", "(", "-o", str(tmp_path / "x"))
-    assert code == 1 and "Error: --include '('" in err
+    assert code == 2 and "Error: Invalid value for '--include': '('" in err  # a usage error, before reading
 
 
 def test_conv_and_dtype(tmp_path: Path) -> None:

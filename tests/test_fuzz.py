@@ -61,8 +61,8 @@ def test_damaged_files_never_raise(source: str, tmp_path: Path) -> None:
         for args in (["inspect", "--fast", "--json"], ["inspect", "--json"], ["validate", "--json"]):
             r = runner.invoke(cli, [*args, str(case)])
             assert r.exception is None or isinstance(r.exception, SystemExit), (i, args, r.exception)
-            assert r.exit_code in (0, 1), (i, args, r.output)
-            if r.exit_code == 1 and args[0] == "inspect":
+            assert r.exit_code in ((0, 1, 2) if args[0] == "validate" else (0, 1)), (i, args, r.output)
+            if r.exit_code == 2 or r.exit_code == 1 and args[0] == "inspect":
                 assert r.stderr.startswith("Error: "), (i, r.stderr)
 
 
@@ -101,7 +101,9 @@ def _check(path: Path) -> None:
     for args in (["inspect", "--fast", "--json"], ["inspect", "--json"], ["validate", "--json"]):
         r = runner.invoke(cli, [*args, str(path)])
         assert r.exception is None or isinstance(r.exception, SystemExit), (args, repr(r.exception))
-        assert r.exit_code in (0, 1), (args, r.output)
+        # validate: 2 when the bytes are readable weights but no adapter (nothing to judge), with one Error line
+        assert r.exit_code in ((0, 1, 2) if args[0] == "validate" else (0, 1)), (args, r.output)
+        assert r.exit_code != 2 or r.stderr.startswith("Error: "), (args, r.stderr)
 
 
 @settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck))

@@ -34,7 +34,7 @@ class Group(click.Group):
             return super().invoke(ctx)
         except LoratoolsError as e:
             error(e.message, e.hint)
-            ctx.exit(1)
+            ctx.exit(e.exit_code)
         except OSError as e:
             if isinstance(e, BrokenPipeError):
                 raise

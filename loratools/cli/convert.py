@@ -3,22 +3,23 @@ from __future__ import annotations
 import click
 
 from .output import dtype_option, json_option, local, out_console, print_json, revision_option, warn
+from .params import FRACTION, PATH, refuse
 
 
 @click.command("convert")
-@click.argument("source")
+@click.argument("source", type=PATH)
 @revision_option
 @click.option(
     "--to", "to", required=True, type=click.Choice(["peft", "kohya", "diffusers", "gguf"]), help="Target format."
 )
-@click.option("-o", "--output", "out", required=True, type=click.Path(), help="Where to write the result.")
+@click.option("-o", "--output", "out", required=True, type=PATH, help="Where to write the result.")
 @dtype_option
 @click.option(
     "--rank", type=click.IntRange(min=1), help="Rank for LoHa/LoKr modules turned into LoRA (default: exact)."
 )
 @click.option(
     "--energy",
-    type=click.FloatRange(0, 1, min_open=True),
+    type=FRACTION,
     help="Or: per module, the rank keeping this energy fraction.",
 )
 @click.option(
@@ -28,7 +29,9 @@ from .output import dtype_option, json_option, local, out_console, print_json, r
     show_default=True,
     help="keep: store each module's alpha; bake: fold every scale into the up factor (alpha = rank).",
 )
-@click.option("--base", help="Base model (folder, .safetensors or Hub id): its real module names and config.json.")
+@click.option(
+    "--base", type=PATH, help="Base model (folder, .safetensors or Hub id): its real module names and config.json."
+)
 @click.option(
     "--base-model", help="Hub id of the base model: recorded in the output; for gguf, its config.json is read."
 )
@@ -53,8 +56,10 @@ def convert_cmd(
     """
     from ..ops.convert import convert
 
+    if rank is not None and energy is not None:
+        refuse("give at most one of --rank and --energy")
     source = local(source, revision)
-    base = local(base, None, "checkpoint") if base else None
+    base = local(base, None, "checkpoint") if base is not None else None
     rep = convert(
         source, to, out, rank=rank, energy=energy, alpha_mode=alpha_mode, dtype=dtype, base=base,
         base_model=base_model, force=force,

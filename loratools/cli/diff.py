@@ -5,6 +5,8 @@ from typing import TYPE_CHECKING
 import click
 
 from .output import json_option, local, out_console, print_json, progress_bar, revision_option, styled
+from .params import PATH, TOLERANCE
+from .status import could_not_compare
 
 if TYPE_CHECKING:
     from ..ops.diff import DiffReport
@@ -23,15 +25,11 @@ def _cosine(c: float) -> str:
 
 
 @click.command("diff")
-@click.argument("a")
-@click.argument("b")
+@click.argument("a", type=PATH)
+@click.argument("b", type=PATH)
 @revision_option
-@click.option(
-    "--atol", type=click.FloatRange(min=0), default=0.0, show_default=True, help="Absolute tolerance per element."
-)
-@click.option(
-    "--rtol", type=click.FloatRange(min=0), default=0.0, show_default=True, help="Relative tolerance (times |b|)."
-)
+@click.option("--atol", type=TOLERANCE, default=0.0, show_default=True, help="Absolute tolerance per element.")
+@click.option("--rtol", type=TOLERANCE, default=0.0, show_default=True, help="Relative tolerance (times |b|).")
 @click.option(
     "--mode",
     type=click.Choice(["auto", "tensors", "deltas"]),
@@ -44,7 +42,8 @@ def _cosine(c: float) -> str:
 def diff_cmd(
     a: str, b: str, revision: str | None, atol: float, rtol: float, mode: str, show_all: bool, as_json: bool
 ) -> None:
-    """Compare two checkpoints or two adapters: exit 0 when they match within tolerance, 1 otherwise.
+    """Compare two checkpoints or two adapters: exit 0 when they match within tolerance, 1 when they differ, 2
+    when they cannot be compared.
 
     A and B are safetensors files, model folders (single or sharded with model.safetensors.index.json),
     diffusers pipeline folders, or adapters in any format loratools reads. Two adapters are compared by their
@@ -52,6 +51,10 @@ def diff_cmd(
     compared tensor by tensor by name, streaming from the files. Per pair: max |a-b|, relative Frobenius
     difference ||a-b||/||a||, and cosine. A pair differs when some element has |a-b| > atol + rtol*|b|
     (as numpy.allclose); tensors only on one side and shape or dtype changes count as differences too.
+
+    Exit 2, as diff(1) and cmp give it, when there is no answer: an input missing or unreadable, one that is
+    neither a checkpoint nor an adapter, a Hub error, or a usage error. Nothing is printed on stdout then (also
+    with --json); the Error line is on stderr.
 
     \b
     Example:
@@ -62,10 +65,11 @@ def diff_cmd(
     from ..ops.diff import plan_diff
 
     kind = "checkpoint" if mode == "tensors" else "adapter"  # a Hub id is fetched as what --mode compares
-    a, b = local(a, revision, kind), local(b, revision, kind)
-    plan = plan_diff(a, b, mode)  # type: ignore[arg-type]
-    with progress_bar("comparing", len(plan.pairs)) as tick:
-        rep = plan.run(atol, rtol, progress=tick)
+    with could_not_compare():
+        a, b = local(a, revision, kind), local(b, revision, kind)
+        plan = plan_diff(a, b, mode)  # type: ignore[arg-type]
+        with progress_bar("comparing", len(plan.pairs)) as tick:
+            rep = plan.run(atol, rtol, progress=tick)
     if as_json:
         print_json(rep.to_dict())
     else:

@@ -7,7 +7,6 @@ from typing import Any
 import click
 
 from .output import (
-    device_option,
     dtype_option,
     human_bytes,
     json_option,
@@ -17,19 +16,20 @@ from .output import (
     progress_bar,
     warn,
 )
+from .params import FRACTION, PATH, REGEX, device_option, one_of, refuse
 
 #: rows the table shows without --all: the modules with the largest error
 SHOWN = 20
 
 
 @click.command("extract")
-@click.argument("base")
-@click.argument("tuned")
-@click.option("-o", "--output", "out", required=True, type=click.Path(), help="Where to write the adapter.")
+@click.argument("base", type=PATH)
+@click.argument("tuned", type=PATH)
+@click.option("-o", "--output", "out", required=True, type=PATH, help="Where to write the adapter.")
 @click.option("--rank", type=click.IntRange(min=1), help="Factor every changed weight to this rank.")
 @click.option(
     "--energy",
-    type=click.FloatRange(0, 1, min_open=True),
+    type=FRACTION,
     help="Per module, the smallest rank keeping this fraction of the difference's Frobenius energy (e.g. 0.9).",
 )
 @click.option("--max-rank", type=click.IntRange(min=1), help="With --energy: never more than this rank.")
@@ -41,8 +41,12 @@ SHOWN = 20
     help="Changed embeddings / lm_head: factor them (lora), keep them whole (save, PEFT modules_to_save), or "
     "leave them out with a warning (skip).",
 )
-@click.option("--include", multiple=True, metavar="REGEX", help="Only tensors whose name matches (repeatable).")
-@click.option("--exclude", multiple=True, metavar="REGEX", help="Leave out tensors whose name matches (repeatable).")
+@click.option(
+    "--include", multiple=True, type=REGEX, metavar="REGEX", help="Only tensors whose name matches (repeatable)."
+)
+@click.option(
+    "--exclude", multiple=True, type=REGEX, metavar="REGEX", help="Leave out tensors whose name matches (repeatable)."
+)
 @click.option("--base-model", help="base_model_name_or_path to record (default: BASE's config, else its path).")
 @click.option(
     "--to", "to", type=click.Choice(["peft", "kohya", "diffusers"]), default="peft", show_default=True,
@@ -85,10 +89,9 @@ def extract_cmd(
     """
     from ..ops.extract import extract
 
-    if (rank is None) == (energy is None):
-        raise click.UsageError("give exactly one of --rank and --energy")
+    one_of("--rank", rank, "--energy", energy)
     if max_rank is not None and rank is not None:
-        raise click.UsageError("--max-rank goes with --energy")
+        refuse("--max-rank caps the ranks --energy picks; with --rank it has no use")
     with contextlib.ExitStack() as stack:
 
         def bar(total: int) -> Callable[[str], None]:

@@ -3,10 +3,11 @@ from __future__ import annotations
 import click
 
 from .output import format_option, human_bytes, json_option, local, num, out_console, print_json, revision_option
+from .params import PATH
 
 
 @click.command("inspect")
-@click.argument("source")
+@click.argument("source", type=PATH)
 @revision_option
 @format_option
 @click.option("--fast", is_flag=True, help="Header only: skip the delta norms (reads no tensor data).")

@@ -5,15 +5,22 @@ from typing import Any
 import click
 
 from .output import dtype_option, err_console, local, out_console, revision_option, warn
+from .params import PATH, WEIGHTS, Device, check_weights
 
 
 @click.command("merge")
-@click.argument("base")
-@click.argument("adapters", nargs=-1, required=True)
+@click.argument("base", type=PATH)
+@click.argument("adapters", nargs=-1, required=True, type=PATH)
 @revision_option
-@click.option("-o", "--output", "out", required=True, type=click.Path(), help="Where to write the merged checkpoint.")
-@click.option("--weights", help="One weight per adapter, comma-separated (default 1 each).")
-@click.option("--device", default="cpu", show_default=True, help="cpu, cuda or auto (cuda when present).")
+@click.option("-o", "--output", "out", required=True, type=PATH, help="Where to write the merged checkpoint.")
+@click.option("--weights", type=WEIGHTS, help="One weight per adapter, comma-separated (default 1 each).")
+@click.option(
+    "--device",
+    type=Device(auto=True),
+    default="cpu",
+    show_default=True,
+    help="Where the merge runs: cuda or auto (cuda when present) for a GPU.",
+)
 @dtype_option
 @click.option(
     "--report", "report_path", type=click.Path(),
@@ -26,7 +33,7 @@ def merge_cmd(
     adapters: tuple[str, ...],
     revision: str | None,
     out: str,
-    weights: str | None,
+    weights: list[float] | None,
     device: str,
     dtype: str | None,
     report_path: str | None,
@@ -46,14 +53,14 @@ def merge_cmd(
       loratools merge ./Llama-3.2-1B fixtures/peft_llama -o merged --report merged.html
       loratools merge base.safetensors a.safetensors b.safetensors --weights 1,0.5 -o out.safetensors
     """
-    from ..cli.mix import _weights
     from ..ops.merge import merge
 
+    check_weights(weights, len(adapters), "adapter")
     base = local(base, revision, "checkpoint")
     factory = _progress_factory()
     try:
         report = merge(
-            base, [local(a, None) for a in adapters], out, _weights(weights), device=device, dtype=dtype,
+            base, [local(a, None) for a in adapters], out, weights, device=device, dtype=dtype,
             force=force, progress=factory, report_path=report_path,
         )  # fmt: skip
     finally:

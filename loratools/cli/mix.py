@@ -3,7 +3,6 @@ from __future__ import annotations
 import click
 
 from .output import (
-    device_option,
     dtype_option,
     json_option,
     local,
@@ -14,22 +13,16 @@ from .output import (
     to_option,
     warn,
 )
-
-
-def _weights(value: str | None) -> list[float] | None:
-    if value is None:
-        return None
-    try:
-        return [float(v) for v in value.split(",")]
-    except ValueError:
-        raise click.BadParameter(f"{value!r} is not a comma-separated list of numbers") from None
+from .params import PATH, WEIGHTS, check_weights, device_option, refuse
 
 
 @click.command("mix")
-@click.argument("sources", nargs=-1, required=True)
+@click.argument("sources", nargs=-1, required=True, type=PATH)
 @revision_option
-@click.option("-o", "--output", "out", required=True, type=click.Path(), help="Where to write the result.")
-@click.option("--weights", help="One weight per input, comma-separated (default 1 each); negative subtracts.")
+@click.option("-o", "--output", "out", required=True, type=PATH, help="Where to write the result.")
+@click.option(
+    "--weights", type=WEIGHTS, help="One weight per input, comma-separated (default 1 each); negative subtracts."
+)
 @click.option(
     "--method",
     type=click.Choice(["cat", "svd", "linear"]),
@@ -49,7 +42,7 @@ def mix_cmd(
     sources: tuple[str, ...],
     revision: str | None,
     out: str,
-    weights: str | None,
+    weights: list[float] | None,
     method: str | None,
     rank: int | None,
     to: str | None,
@@ -73,9 +66,14 @@ def mix_cmd(
     """
     from ..ops.mix import mix
 
+    check_weights(weights, len(sources))
+    if method == "svd" and rank is None:
+        refuse("--method svd needs --rank K (or --method cat, which is exact)")
+    if method in ("cat", "linear") and rank is not None:
+        refuse(f"--rank applies to --method svd, not {method}: leave out --rank, or use --method svd")
     with progress_bar("mixing modules") as tick:
         report = mix(
-            [local(s, revision) for s in sources], out, _weights(weights), method, rank,  # type: ignore[arg-type]
+            [local(s, revision) for s in sources], out, weights, method, rank,  # type: ignore[arg-type]
             to=to, dtype=dtype, device=device, strict=strict, force=force, progress=tick,
         )  # fmt: skip
     for w in report.warnings:

@@ -148,12 +148,6 @@ def dtype_option(f: F) -> F:
     )(f)  # fmt: skip
 
 
-def device_option(f: F) -> F:
-    return click.option(
-        "--device", default="cpu", show_default=True, help="Where the linear algebra runs: cpu or cuda."
-    )(f)
-
-
 def to_option(f: F) -> F:
     return click.option(
         "--to", "to", type=click.Choice(["peft", "kohya", "diffusers"]), default=None,

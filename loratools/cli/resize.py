@@ -3,7 +3,6 @@ from __future__ import annotations
 import click
 
 from .output import (
-    device_option,
     dtype_option,
     json_option,
     local,
@@ -14,16 +13,17 @@ from .output import (
     revision_option,
     to_option,
 )
+from .params import FRACTION, PATH, device_option, one_of
 
 
 @click.command("resize")
-@click.argument("source")
+@click.argument("source", type=PATH)
 @revision_option
-@click.option("-o", "--output", "out", required=True, type=click.Path(), help="Where to write the result.")
+@click.option("-o", "--output", "out", required=True, type=PATH, help="Where to write the result.")
 @click.option("--rank", type=click.IntRange(min=1), help="Re-compress every module to this rank.")
 @click.option(
     "--energy",
-    type=click.FloatRange(0, 1, min_open=True),
+    type=FRACTION,
     help="Per module, the smallest rank keeping this fraction of the delta's Frobenius energy (e.g. 0.99).",
 )
 @to_option
@@ -55,8 +55,7 @@ def resize_cmd(
     """
     from ..ops.resize import resize
 
-    if (rank is None) == (energy is None):
-        raise click.UsageError("give exactly one of --rank and --energy")
+    one_of("--rank", rank, "--energy", energy)
     with progress_bar("resizing modules") as tick:
         report = resize(
             local(source, revision), out, rank, energy, to=to, dtype=dtype, device=device, force=force, progress=tick

@@ -3,12 +3,14 @@ from __future__ import annotations
 import click
 
 from .output import format_option, json_option, local, out_console, print_json, revision_option, styled
+from .params import PATH
+from .status import could_not_compare
 
 
 @click.command("validate")
-@click.argument("source")
+@click.argument("source", type=PATH)
 @revision_option
-@click.option("--base", help="Base checkpoint the adapter must fit (file or folder).")
+@click.option("--base", type=PATH, help="Base checkpoint the adapter must fit (file or folder).")
 @click.option("--strict", is_flag=True, help="Treat warnings as errors.")
 @click.option("--fast", is_flag=True, help="Headers only: skip the NaN/Inf, zero-factor and hash checks.")
 @click.option(
@@ -29,12 +31,16 @@ def validate_cmd(
     fmt: str | None,
     as_json: bool,
 ) -> None:
-    """Check an adapter: exit 0 when it is sound, 1 with a list of findings otherwise.
+    """Check an adapter: exit 0 when it is sound, 1 with a list of findings, 2 when it cannot be checked.
 
     Finds truncated files and lying headers, factors without partners, rank mismatches (between factors and
     against the config's rank_pattern), missing or non-positive alphas, NaN/Inf, all-zero up factors,
     mixed dtypes, config target_modules that match nothing, base-modifying inits (PiSSA, LoftQ, ...), stale
     A1111 hashes, and with --base modules the base lacks or whose shapes do not fit it.
+
+    Exit 2, as diff(1) and cmp give it, when there is nothing to judge: SOURCE missing, unreadable or holding no
+    adapter (a base checkpoint, a README, an empty folder), a --base that cannot be read, a Hub error, or a
+    usage error. Nothing is printed on stdout then (also with --json); the Error line is on stderr.
 
     \b
     Example:
@@ -44,9 +50,10 @@ def validate_cmd(
     """
     from ..ops.validate import validate
 
-    source = local(source, revision)
-    base = local(base, None, "checkpoint") if base else None
-    rep = validate(source, format=fmt, base=base, strict=strict, fast=fast, for_=for_)
+    with could_not_compare():
+        source = local(source, revision)
+        base = local(base, None, "checkpoint") if base is not None else None
+        rep = validate(source, format=fmt, base=base, strict=strict, fast=fast, for_=for_)
     if as_json:
         print_json(rep.to_dict())
     else:

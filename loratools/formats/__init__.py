@@ -7,7 +7,7 @@ from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
 
-from ..errors import FileFormatError, ShapeError
+from ..errors import FileFormatError, HeaderError, ShapeError
 from ..io.atomic import check_output
 from ..model import Adapter
 from . import diffusers, kohya, peft
@@ -49,7 +49,10 @@ def detect(source: str | os.PathLike[str]) -> str:
 
 
 def _header_keys(p: Path) -> list[str]:
-    return list(open_raw(p, lenient=True).tensors)
+    raw = open_raw(p, lenient=True)
+    if not raw.tensors and raw.problems:  # every entry lied: say how, not "holds no tensors"
+        raise HeaderError(f"{p}: {raw.problems[0]}", "the file's header is damaged")
+    return list(raw.tensors)
 
 
 def resolve_source(source: str | os.PathLike[str]) -> Path:

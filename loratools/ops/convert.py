@@ -17,16 +17,17 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..errors import IncompatibleAdaptersError, LoratoolsError, ShapeError
+from ..errors import IncompatibleAdaptersError, LoratoolsError, ShapeError, UsageError
 from ..formats import FORMATS, load_adapter, save_adapter
 from ..formats.names import component_of, from_kohya, split_kohya, to_kohya
 from ..model import Adapter, Module, TensorRef, torch_dtype
-from . import provenance
+from . import args, provenance
 from .linalg import lowrank_svd
 from .lowrank import DTYPES, factors, lora_module
 
 TARGETS = (*FORMATS, "gguf")
 SAI_PREFIXES = ("model.diffusion_model.", "cond_stage_model.", "conditioner.embedders.")
+ALPHA_MODES = ("keep", "bake")
 DIFFUSERS_COMPONENTS = {"unet", "transformer", "text_encoder", "text_encoder_2", "text_encoder_3", "prior"}
 
 
@@ -166,6 +167,21 @@ class _Caster:
         )  # fmt: skip
 
 
+def check_args(
+    to: Any, rank: Any, energy: Any, alpha_mode: Any, dtype: Any, base_model: Any = None
+) -> tuple[int | None, float | None]:
+    """The target and the options, checked before anything is read: at most one of a rank (>= 1) and an energy
+    fraction (in (0, 1]) for the modules that become LoRA."""
+    args.choice(to, "format", TARGETS, optional=False)
+    rank, energy = args.integer(rank, "rank"), args.fraction(energy, "energy")
+    if rank is not None and energy is not None:
+        raise UsageError("give at most one of rank and energy", param="energy")
+    args.choice(alpha_mode, "alpha_mode", ALPHA_MODES, optional=False)
+    args.choice(dtype, "dtype", DTYPES)
+    args.text(base_model, "base_model")
+    return rank, energy
+
+
 def convert_adapter(
     adapter: Adapter,
     to: str,
@@ -180,10 +196,11 @@ def convert_adapter(
 ) -> tuple[Adapter, ConvertReport]:
     import torch
 
-    if to not in TARGETS:
-        raise LoratoolsError(f"unknown format {to!r}", "choose one of " + ", ".join(TARGETS))
-    if alpha_mode not in ("keep", "bake"):
-        raise LoratoolsError(f"unknown --alpha-mode {alpha_mode!r}", "use keep or bake")
+    if not isinstance(adapter, Adapter):
+        raise UsageError(f"adapter must be an Adapter (loratools.load_adapter gives one), not {type(adapter).__name__}")
+    check_args(to, rank, energy, alpha_mode, dtype, base_model)
+    if base_names is not None:
+        args.strings(base_names, "base_names")
     rep = report or ConvertReport(str(adapter.source), None, adapter.format, to)
     names = _rename(adapter, to, base_names)
     meta = {k: v for k, v in adapter.metadata.items() if to == "diffusers" or k != "lora_adapter_metadata"}
@@ -243,11 +260,12 @@ def convert(
     from ..formats import input_files
     from ..io.atomic import check_output
 
+    args.path(source, "source")
+    args.path(out, "out")
+    args.optional_path(base, "base")
+    args.flag(force, "force")
+    check_args(to, rank, energy, alpha_mode, dtype, base_model)
     check_output(out, force=force, inputs=input_files(source))
-    if dtype is not None and dtype not in DTYPES:
-        raise LoratoolsError(f"unknown dtype {dtype!r}", "use fp32, fp16 or bf16")
-    if rank is not None and energy is not None:
-        raise LoratoolsError("give at most one of --rank and --energy")
     adapter = load_adapter(source)
     base_names = None
     hparams = None

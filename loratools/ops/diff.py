@@ -30,6 +30,7 @@ from ..errors import HeaderError, LoratoolsError
 from ..formats import detect, load_adapter
 from ..io.checkpoint import BaseTensor, base_tensors
 from ..model import DTYPE_SIZES, Adapter, Module, TensorRef, torch_dtype
+from . import args
 from .mix import match_key
 
 if TYPE_CHECKING:
@@ -218,8 +219,9 @@ class DiffPlan:
     notes: list[str] = field(default_factory=list)
 
     def run(self, atol: float = 0.0, rtol: float = 0.0, progress: Progress | None = None) -> DiffReport:
-        if not (atol >= 0 and rtol >= 0):
-            raise LoratoolsError(f"tolerances must be non-negative numbers, got atol={atol}, rtol={rtol}")
+        atol = args.number(atol, "atol", minimum=0, finite=False)
+        rtol = args.number(rtol, "rtol", minimum=0, finite=False)
+        args.callback(progress, "progress")
         rep = DiffReport(self.a, self.b, self.mode, atol, rtol)
         for name, compare in self.pairs:
             rep.tensors.append(compare(atol, rtol))
@@ -246,8 +248,9 @@ def _try_adapter(path: str | os.PathLike[str]) -> tuple[Adapter | None, str | No
 
 def plan_diff(a: str | os.PathLike[str], b: str | os.PathLike[str], mode: Mode = "auto") -> DiffPlan:
     """Pair up the tensors (or modules) of ``a`` and ``b``, reading headers only."""
-    if mode not in MODES:
-        raise LoratoolsError(f"unknown diff mode {mode!r}", "choose one of " + ", ".join(MODES))
+    args.path(a, "a")
+    args.path(b, "b")
+    args.choice(mode, "mode", MODES, optional=False)
     for p in (a, b):
         if not Path(p).exists():
             raise LoratoolsError(f"{p}: no such file or folder")
@@ -389,4 +392,7 @@ def diff(
 ) -> DiffReport:
     """Compare ``a`` and ``b``: two checkpoints tensor by tensor, or (``auto`` when both are adapters, or
     ``deltas``) two adapters module by module."""
+    args.number(atol, "atol", minimum=0, finite=False)  # told before anything is read
+    args.number(rtol, "rtol", minimum=0, finite=False)
+    args.callback(progress, "progress")
     return plan_diff(a, b, mode).run(atol, rtol, progress)

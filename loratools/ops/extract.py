@@ -31,14 +31,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..errors import IncompatibleAdaptersError, LoratoolsError, ShapeError
+from ..errors import IncompatibleAdaptersError, LoratoolsError, ShapeError, UsageError
 from ..formats import FORMATS, save_adapter
 from ..io.atomic import check_output
 from ..io.safetensors import read_bytes, tensor_from_bytes
 from ..model import Adapter, Extra, Layer, Module, TensorRef, target_kind, torch_dtype
-from . import provenance
+from . import args, provenance
 from .linalg import LowRankSVD, randomized_svd
-from .lowrank import DTYPES, work_device
+from .lowrank import DTYPES, pick_device, work_device
 from .merge import Layout, layout_of
 
 if TYPE_CHECKING:
@@ -132,16 +132,7 @@ class ExtractReport:
 
 
 def _selector(include: Iterable[str], exclude: Iterable[str]) -> Callable[[str], bool]:
-    def compile_all(patterns: Iterable[str], option: str) -> list[re.Pattern[str]]:
-        out = []
-        for p in patterns:
-            try:
-                out.append(re.compile(p))
-            except re.error as e:
-                raise LoratoolsError(f"{option} {p!r}: not a regular expression ({e})") from None
-        return out
-
-    inc, exc = compile_all(include, "--include"), compile_all(exclude, "--exclude")
+    inc, exc = args.regexes(include, "include"), args.regexes(exclude, "exclude")
 
     def keep(name: str) -> bool:
         if inc and not any(p.search(name) for p in inc):
@@ -349,7 +340,9 @@ def extract_adapter(
     in its config), and the report. Nothing is written."""
     import torch
 
-    _check_args(rank, energy, max_rank, embeddings, dtype)
+    args.path(base, "base")
+    args.path(tuned, "tuned")
+    _check_args(rank, energy, max_rank, embeddings, dtype, device, include, exclude, base_model, progress)
     dev, _ = work_device(device)
     la, lb = layout_of(base), layout_of(tuned)
     order = _check_pairs(la, lb, _selector(include, exclude))
@@ -574,23 +567,29 @@ def _task_type(src: Any) -> str | None:
 
 
 def _check_args(
-    rank: int | None, energy: float | None, max_rank: int | None, embeddings: str, dtype: str | None
+    rank: Any,
+    energy: Any,
+    max_rank: Any,
+    embeddings: Any,
+    dtype: Any,
+    device: Any = None,
+    include: Any = (),
+    exclude: Any = (),
+    base_model: Any = None,
+    progress: Any = None,
 ) -> None:
-    if (rank is None) == (energy is None):
-        raise LoratoolsError("give exactly one of --rank and --energy")
-    if rank is not None and rank < 1:
-        raise LoratoolsError(f"--rank must be at least 1, not {rank}")
-    if energy is not None and not 0 < energy <= 1:
-        raise LoratoolsError(f"--energy must be a fraction in (0, 1], not {energy}")
-    if max_rank is not None:
-        if rank is not None:
-            raise LoratoolsError("--max-rank caps the ranks --energy picks; with --rank it has no use")
-        if max_rank < 1:
-            raise LoratoolsError(f"--max-rank must be at least 1, not {max_rank}")
-    if embeddings not in EMBEDDING_CHOICES:
-        raise LoratoolsError(f"--embeddings {embeddings!r}: use {', '.join(EMBEDDING_CHOICES)}")
-    if dtype is not None and dtype not in DTYPES:
-        raise LoratoolsError(f"unknown dtype {dtype!r}", "use fp32, fp16 or bf16")
+    """Every argument but the paths, checked before anything is read."""
+    rank, energy = args.integer(rank, "rank"), args.fraction(energy, "energy")
+    args.one_of("rank", rank, "energy", energy)
+    if args.integer(max_rank, "max_rank") is not None and rank is not None:
+        raise UsageError("max_rank caps the ranks an energy picks; with a rank it has no use", param="max_rank")
+    args.choice(embeddings, "embeddings", EMBEDDING_CHOICES, optional=False)
+    args.choice(dtype, "dtype", DTYPES)
+    args.device(device)
+    args.regexes(include, "include")
+    args.regexes(exclude, "exclude")
+    args.text(base_model, "base_model")
+    args.callback(progress, "progress")
 
 
 # ---- provenance: sha256 of every weights file, in a thread beside the extraction --------------------------
@@ -676,11 +675,13 @@ def extract(
     The output's header metadata holds the report (:data:`META_KEY`) and a provenance record with the sha256 of
     every weights file of both checkpoints (hashed in a thread while the extraction runs).
     """
+    for value, name in ((base, "base"), (tuned, "tuned"), (out, "out")):
+        args.path(value, name)
+    fmt = args.choice(to, "format", FORMATS) or "peft"
+    args.flag(force, "force")
+    _check_args(rank, energy, max_rank, embeddings, dtype, device, include, exclude, base_model, progress)
     include, exclude = list(include), list(exclude)
-    fmt = to or "peft"
-    if fmt not in FORMATS:
-        raise LoratoolsError(f"unknown format {fmt!r}", "choose one of " + ", ".join(FORMATS))
-    _check_args(rank, energy, max_rank, embeddings, dtype)
+    pick_device(device)  # a missing GPU is told before anything is read
     check_output(out, force=force, inputs=[base, tuned])
     la, lb = layout_of(base), layout_of(tuned)
     if fmt != "peft" and not any(wf.prefix for wf in la.files):

@@ -7,9 +7,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..formats import detect, load_adapter
+from ..formats import FORMATS, detect, load_adapter
 from ..model import Adapter, Module
-from . import provenance
+from . import args, provenance
 
 
 @dataclass
@@ -129,5 +129,9 @@ def inspect_adapter(
 ) -> InspectReport:
     """Inspect a file or folder. With ``norms=False`` only the header is read (no tensor data, no torch);
     ``spectra`` adds each module's singular values, computed from its factors."""
+    args.path(source, "source")
+    args.choice(format, "format", FORMATS)
+    args.flag(norms, "norms")
+    args.flag(spectra, "spectra")
     adapter = load_adapter(source, format or detect(source))
     return report(adapter, source, norms=norms, spectra=spectra)

@@ -18,13 +18,13 @@ import os
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
-from ..errors import IncompatibleAdaptersError, LoratoolsError, ShapeError
-from ..formats import load_adapter, save_adapter
+from ..errors import IncompatibleAdaptersError, LoratoolsError, ShapeError, UsageError
+from ..formats import FORMATS, load_adapter, save_adapter
 from ..formats.kohya import kohya_name
 from ..model import Adapter, Module, rows
-from . import provenance
+from . import args, provenance
 from .linalg import lowrank_svd
-from .lowrank import Progress, factors, lora_module, refuse_dora, stored_dtype, work_device
+from .lowrank import DTYPES, Progress, factors, lora_module, pick_device, refuse_dora, stored_dtype, work_device
 
 Method = Literal["cat", "svd", "linear"]
 METHODS = ("cat", "svd", "linear")
@@ -62,6 +62,36 @@ def match_key(name: str, cross: bool) -> str:
     return name
 
 
+def check_args(
+    count: int,
+    weights: list[float] | None,
+    method: str | None,
+    rank: int | None,
+    dtype: str | None = None,
+    device: str | None = None,
+    strict: bool = False,
+    progress: Progress | None = None,
+    what: str = "input",
+) -> tuple[list[float], Method]:
+    """The arguments of a mix of ``count`` inputs, checked before anything is read: the weights (1 each by
+    default) and the method (``svd`` with a rank, ``cat`` without)."""
+    weights = args.weights(weights, count, what) if weights is not None else [1.0] * count
+    method = args.choice(method, "method", METHODS)
+    rank = args.integer(rank, "rank")
+    args.choice(dtype, "dtype", DTYPES)
+    args.device(device)
+    args.flag(strict, "strict")
+    args.callback(progress, "progress")
+    method = method or ("svd" if rank is not None else "cat")
+    if method == "svd" and rank is None:
+        raise UsageError("method svd needs a rank (--rank K)", "or use method cat, which is exact", param="rank")
+    if method != "svd" and rank is not None:
+        raise UsageError(
+            f"a rank applies to method svd, not {method}", "leave out the rank, or use method svd", param="rank"
+        )
+    return weights, method  # type: ignore[return-value]
+
+
 def mix_adapters(
     adapters: list[Adapter],
     weights: list[float],
@@ -76,12 +106,11 @@ def mix_adapters(
     """The weighted combination of ``adapters`` as a new adapter (format and naming of the first)."""
     import torch
 
-    if len(adapters) != len(weights):
-        raise LoratoolsError(f"{len(weights)} weight(s) for {len(adapters)} adapter(s)", "give one weight per input")
-    if method not in METHODS:
-        raise LoratoolsError(f"unknown method {method!r}", "use cat, svd or linear")
-    if method == "svd" and (rank is None or rank < 1):
-        raise LoratoolsError("--method svd needs --rank K (K >= 1)")
+    if not isinstance(adapters, (list, tuple)) or not all(isinstance(a, Adapter) for a in adapters):
+        raise UsageError("adapters must be a list of Adapter objects (loratools.load_adapter gives them)")
+    if not adapters:
+        raise UsageError("mix needs at least one adapter")
+    weights, method = check_args(len(adapters), weights, method, rank, dtype, device, strict, progress, "adapter")
     dev, work = work_device(device)
     first = adapters[0]
     report = MixReport(None, first.format, method, list(weights), rank)
@@ -186,13 +215,13 @@ def mix(
     from ..formats import input_files
     from ..io.atomic import check_output
 
-    if len(sources) < 1:
-        raise LoratoolsError("mix needs at least one input")
+    sources = args.path_list(sources, "sources")
+    args.path(out, "out")
+    args.choice(to, "format", FORMATS)
+    args.flag(force, "force")
+    weights, method = check_args(len(sources), weights, method, rank, dtype, device, strict, progress)
+    pick_device(device)  # a missing GPU is told before anything is read
     check_output(out, force=force, inputs=[p for s in sources for p in input_files(s)])
-    weights = weights if weights is not None else [1.0] * len(sources)
-    method = method or ("svd" if rank is not None else "cat")
-    if method == "cat" and rank is not None:
-        raise LoratoolsError("--rank applies to --method svd", "leave out --rank for an exact cat mix")
     adapters = [load_adapter(s) for s in sources]
     mixed, report = mix_adapters(
         adapters, weights, method, rank, dtype=dtype, device=device, strict=strict, progress=progress

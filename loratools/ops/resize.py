@@ -8,12 +8,12 @@ import os
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from ..errors import LoratoolsError
-from ..formats import load_adapter, save_adapter
+from ..errors import UsageError
+from ..formats import FORMATS, load_adapter, save_adapter
 from ..model import Adapter
-from . import provenance
+from . import args, provenance
 from .linalg import lowrank_svd
-from .lowrank import Progress, factors, lora_module, refuse_dora, stored_dtype, work_device
+from .lowrank import DTYPES, Progress, factors, lora_module, pick_device, refuse_dora, stored_dtype, work_device
 
 
 @dataclass
@@ -37,6 +37,18 @@ class ResizeReport:
         return asdict(self)
 
 
+def check_args(
+    rank: int | None, energy: float | None, dtype: str | None, device: str | None, progress: Progress | None
+) -> tuple[int | None, float | None]:
+    """Exactly one of a rank (>= 1) and an energy fraction (in (0, 1]), checked before anything is read."""
+    rank, energy = args.integer(rank, "rank"), args.fraction(energy, "energy")
+    args.one_of("rank", rank, "energy", energy)
+    args.choice(dtype, "dtype", DTYPES)
+    args.device(device)
+    args.callback(progress, "progress")
+    return rank, energy
+
+
 def resize_adapter(
     adapter: Adapter,
     rank: int | None = None,
@@ -46,12 +58,9 @@ def resize_adapter(
     device: str | None = None,
     progress: Progress | None = None,
 ) -> tuple[Adapter, ResizeReport]:
-    if (rank is None) == (energy is None):
-        raise LoratoolsError("give exactly one of --rank and --energy")
-    if rank is not None and rank < 1:
-        raise LoratoolsError(f"--rank must be at least 1, not {rank}")
-    if energy is not None and not 0 < energy <= 1:
-        raise LoratoolsError(f"--energy must be a fraction in (0, 1], not {energy}")
+    if not isinstance(adapter, Adapter):
+        raise UsageError(f"adapter must be an Adapter (loratools.load_adapter gives one), not {type(adapter).__name__}")
+    rank, energy = check_args(rank, energy, dtype, device, progress)
     dev, work = work_device(device)
     out = Adapter(
         format=adapter.format,
@@ -108,6 +117,12 @@ def resize(
     from ..formats import input_files
     from ..io.atomic import check_output
 
+    args.path(source, "source")
+    args.path(out, "out")
+    args.choice(to, "format", FORMATS)
+    args.flag(force, "force")
+    rank, energy = check_args(rank, energy, dtype, device, progress)
+    pick_device(device)  # a missing GPU is told before anything is read
     check_output(out, force=force, inputs=input_files(source))
     adapter = load_adapter(source)
     resized, report = resize_adapter(adapter, rank, energy, dtype=dtype, device=device, progress=progress)

@@ -10,16 +10,18 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from ..errors import HeaderError, LoratoolsError
-from ..formats import detect, load_adapter, peft, resolve_source
-from ..formats.common import open_raw
+from ..errors import FileFormatError, HeaderError, LoratoolsError, UnsafePickleError
+from ..formats import FORMATS, detect, load_adapter, peft, resolve_source
+from ..formats.common import PICKLE_SUFFIXES, open_raw
+from ..io.checkpoint import BaseTensor, base_tensors
 from ..model import Adapter, Module, TensorRef
+from . import args
 
 Severity = Literal["error", "warning"]
 
 #: every finding code, with what it means (docs/validate.md lists these)
 CODES: dict[str, str] = {
-    "unreadable": "the file or folder cannot be read as an adapter at all",
+    "unreadable": "an adapter that cannot be read (a refused pickle, a config that is not JSON, no weights)",
     "header": "a safetensors header that lies: length, JSON, dtypes, shapes or offsets",
     "structure": "keys that no rule accounts for, or two tensors for one role",
     "empty": "no LoRA modules at all",
@@ -86,21 +88,42 @@ def validate(
     for_: str | None = None,
 ) -> ValidateReport:
     """Check an adapter; ``fast`` reads headers only (no NaN scan, no hash check); ``for_`` adds what that
-    consumer (vllm, tgi, llama.cpp, ollama, diffusers, comfyui) refuses or gets wrong."""
+    consumer (vllm, tgi, llama.cpp, ollama, diffusers, comfyui) refuses or gets wrong.
+
+    What is wrong with an adapter is a finding in the report. What keeps it from being checked at all raises
+    (a LoratoolsError, as every other function does): ``source`` missing, unreadable or holding no adapter (a
+    base checkpoint, a folder with no adapter, a README, a config, a pickle that is no pickle), or a ``base``
+    that cannot be read. A weights file whose safetensors header lies, and a refused pickle, are findings: the
+    file is an adapter's, and that is what is wrong with it."""
+    from .consumers import RULES
+
+    args.path(source, "source")
+    args.choice(format, "format", FORMATS)
+    args.optional_path(base, "base")
+    for value, name in ((strict, "strict"), (fast, "fast")):
+        args.flag(value, name)
+    args.choice(for_, "for_", RULES)
+    base_weights = base_tensors(base) if base is not None else None  # unreadable: nothing to check against
     rep = ValidateReport(str(source), format, strict)
 
     def add(sev: Severity, code: str, msg: str, module: str | None = None) -> None:
         rep.findings.append(Finding(sev, code, msg, module))
 
     problems: list[str] = []
+    if Path(source).exists() and not os.access(source, os.R_OK):
+        raise FileFormatError(f"{source}: permission denied")
     try:
         rep.format = format or detect(source)
-        adapter = load_adapter(source, rep.format, problems=problems)
-    except HeaderError as e:
-        add("error", "header", e.message)
-        return rep
     except LoratoolsError as e:
-        add("error", "unreadable", e.message + (f" ({e.hint})" if e.hint else ""))
+        finding = _damage(source, e)
+        if finding is None:
+            raise  # missing, or no adapter: a README, a config, a base checkpoint, a folder without one
+        add("error", *finding)
+        return rep
+    try:
+        adapter = load_adapter(source, rep.format, problems=problems)
+    except LoratoolsError as e:
+        add("error", "header" if isinstance(e, HeaderError) else "unreadable", _text(e))
         return rep
     for msg in problems:
         add(
@@ -120,15 +143,36 @@ def validate(
     if not fast:
         _check_values(adapter, add)
         _check_hash(adapter, add)
-    if base is not None:
-        _check_base(adapter, base, add)
+    if base is not None and base_weights is not None:
+        _check_base(adapter, base, base_weights, add)
     if for_ is not None:
-        from .consumers import RULES
-
-        if for_ not in RULES:
-            raise LoratoolsError(f"unknown consumer {for_!r}", "choose one of " + ", ".join(RULES))
         RULES[for_](adapter, lambda sev, msg, hint: add(sev, "consumer", msg + (f" (fix: {hint})" if hint else "")))  # type: ignore[arg-type]
     return rep
+
+
+def _text(e: LoratoolsError) -> str:
+    return e.message if isinstance(e, HeaderError) or not e.hint else f"{e.message} ({e.hint})"
+
+
+def _damage(source: str | os.PathLike[str], e: LoratoolsError) -> tuple[str, str] | None:
+    """Why detection failed, as a finding (code, message), when it is the file's own damage: a file named as
+    weights (.safetensors or a tensor pickle) whose bytes cannot be read as such, or that holds no tensor at all.
+    None when there is nothing to judge: the path is missing, readable weights hold no adapter, or the file is
+    not named as weights at all (a README, a config, a .gguf)."""
+    p = Path(source)
+    if isinstance(e, (HeaderError, UnsafePickleError)) and (p.is_dir() or _named_as_weights(p)):
+        return ("header" if isinstance(e, HeaderError) else "unreadable"), _text(e)
+    if not p.is_file() or not _named_as_weights(p):
+        return None
+    try:
+        raw = open_raw(p, lenient=True)  # on this error path only: are the bytes weights at all?
+    except LoratoolsError as damage:
+        return ("header" if isinstance(damage, HeaderError) else "unreadable"), _text(damage)
+    return ("empty", _text(e)) if not raw.tensors else None
+
+
+def _named_as_weights(p: Path) -> bool:
+    return p.suffix.lower() in (".safetensors", *PICKLE_SUFFIXES)
 
 
 def _check_module(m: Module, adapter: Adapter, add: Any) -> None:
@@ -236,14 +280,9 @@ def _check_hash(adapter: Adapter, add: Any) -> None:
         add("warning", "stale-hash", "header sshs_model_hash does not match the tensors (A1111 trusts it)")
 
 
-def _check_base(adapter: Adapter, base: str | os.PathLike[str], add: Any) -> None:
-    from ..io.checkpoint import base_tensors, kohya_index
+def _check_base(adapter: Adapter, base: str | os.PathLike[str], tensors: dict[str, BaseTensor], add: Any) -> None:
+    from ..io.checkpoint import kohya_index
 
-    try:
-        tensors = base_tensors(base)
-    except LoratoolsError as e:
-        add("error", "unreadable", f"base {base}: {e.message}")
-        return
     index = kohya_index(list(tensors)) if adapter.format == "kohya" else {}
     for m in adapter.modules.values():
         module = index.get(m.name, m.name)
