@@ -334,7 +334,7 @@ class Module:
             w1, w2 = _lokr_half(f, "1"), _lokr_half(f, "2")
             while w1.dim() < w2.dim():
                 w1 = w1.unsqueeze(-1)
-            d = torch.kron(w1, w2)
+            d = torch.kron(w1.contiguous(), w2.contiguous())  # a Tucker rebuild is a permuted view: kron needs it dense
         else:
             d = f["diff"]
         d = d.reshape(self.delta_shape())
