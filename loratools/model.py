@@ -215,6 +215,8 @@ class Module:
         shape = self.delta_shape()
         if 0 in shape:
             return [f"the delta would be {list(shape)}: only a rank may be 0"]
+        if len(shape) < 2 and (self.layer == "embedding" or self.fan_in_fan_out):
+            return [f"a {len(shape)}-D delta {list(shape)} on a layer stored transposed (embedding, fan_in_fan_out)"]
         if self.magnitude is not None:
             problems += self._check_magnitude(self.magnitude.shape)
         if self.bias is not None:

@@ -302,3 +302,68 @@ def test_shapes_lycoris_makes_are_taken_with_its_delta(case: str, unet: Path, tm
             hostile.run(args, inputs=[path], says="DoRA")  # DoRA neither mixes nor becomes plain LoRA
             continue
         hostile.run(args, inputs=[path, unet], code=0)
+
+
+# ---- Module.check() is complete: whatever shapes it passes, every operation on them runs ------------------------
+
+KIND_FACTORS = {
+    "lora": ["down", "up", "mid"],
+    "loha": ["w1a", "w1b", "w2a", "w2b", "t1", "t2"],
+    "lokr": ["w1", "w1a", "w1b", "w2", "w2a", "w2b", "t2"],
+    "full": ["diff"],
+}
+
+
+def test_check_is_complete() -> None:
+    """Random factor shapes of every kind (0-5 dims, sizes 0-4, with magnitudes, biases, layouts): either
+    ``check()`` names a problem, or delta, delta_norm (equal to the dense norm), apply and the SVD factors all run
+    and agree on the shape. A shape check that misses a case shows up here as a torch exception."""
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    from loratools.errors import LoratoolsError
+    from loratools.model import Module, TensorRef
+    from loratools.ops.lowrank import factors
+
+    shape = st.lists(st.sampled_from([0, 1, 1, 2, 2, 3, 4]), min_size=0, max_size=5).map(tuple)
+    module = st.sampled_from(sorted(KIND_FACTORS)).flatmap(
+        lambda kind: st.tuples(
+            st.just(kind),
+            st.dictionaries(st.sampled_from(KIND_FACTORS[kind]), shape, min_size=1, max_size=6),
+            st.none() | st.lists(st.integers(1, 4), min_size=1, max_size=4).map(tuple),
+            st.none() | st.integers(1, 4),
+            st.sampled_from(["out", "in"]),
+            st.sampled_from(["linear", "conv", "embedding"]),
+            st.booleans(),
+        )
+    )
+
+    examples = int(__import__("os").environ.get("LORATOOLS_FUZZ_EXAMPLES", "300"))
+
+    @settings(max_examples=examples, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
+    @given(module)
+    def run(spec: tuple) -> None:  # type: ignore[type-arg]
+        kind, shapes, mag, bias, axis, layer, fifo = spec
+        g = torch.Generator().manual_seed(len(shapes))
+        m = Module(
+            "m", kind, {k: TensorRef.of(torch.randn(s, generator=g, dtype=torch.float64)) for k, s in shapes.items()},
+            alpha=2.0, layer=layer, fan_in_fan_out=fifo, dora_axis=axis,
+            magnitude=None if mag is None else TensorRef.of(torch.rand(mag, dtype=torch.float64) + 0.5),
+            bias=None if bias is None else TensorRef.of(torch.randn(bias, dtype=torch.float64)),
+        )  # fmt: skip
+        if m.check():
+            with pytest.raises(LoratoolsError):
+                m.delta()
+            return
+        d = m.delta(dtype=torch.float64)
+        assert tuple(d.shape) == m.weight_shape()
+        assert m.delta_norm() == pytest.approx(float(d.norm()), rel=1e-9, abs=1e-12)
+        w = torch.randn(m.weight_shape(), generator=g, dtype=torch.float64) + 3
+        try:
+            assert m.apply(w, 0.5, dtype=torch.float64).shape == w.shape
+        except LoratoolsError as e:  # DoRA on a row that W + delta makes all zero: refused, never NaN
+            assert "all-zero" in str(e)
+        up, down = factors(m, "cpu", torch.float64)
+        torch.testing.assert_close(up @ down, m.delta_matrix(dtype=torch.float64), rtol=1e-8, atol=1e-10)
+
+    run()
