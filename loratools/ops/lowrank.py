@@ -76,34 +76,46 @@ def check_dense_all(modules: Iterable[Module]) -> None:
 
 
 def refuse_nonfinite(m: Module, *computed: torch.Tensor, what: str = "") -> None:
-    """Refuse NaN or Inf in ``computed`` (tensors made from ``m``), saying where it comes from."""
+    """Refuse NaN or Inf in ``computed`` (tensors made from ``m``), or a size the SVD cannot take, saying where it
+    comes from."""
     import torch
 
-    if all(bool(torch.isfinite(t).all()) for t in computed) and _in_range(computed):
+    finite = all(bool(torch.isfinite(t).all()) for t in computed)
+    bound = _norm_bound(computed)
+    if finite and bound < _limit(computed):
         return
     if m.alpha is not None and not math.isfinite(m.alpha):
-        why = f"alpha is {m.alpha}"
+        why = f"alpha is {m.alpha}: the result would not be a number"
     else:
         bad = [role for role, ref in m.factors.items() if not _finite(ref.load())]
-        why = f"NaN or Inf in its {', '.join(bad)} factor(s)" if bad else f"{what or 'its delta'} overflows"
+        if bad:
+            why = f"NaN or Inf in its {', '.join(bad)} factor(s): the result would not be a number"
+        else:
+            dtype = str(computed[0].dtype).removeprefix("torch.")
+            why = f"{what or 'its delta'} overflows {dtype} arithmetic (a norm of {bound:.3g})"
     raise LoratoolsError(
-        f"{m.name}: {why}: the result would not be a number",
-        "`loratools validate` lists every such module; fix or leave out the adapter",
+        f"{m.name}: {why}", "`loratools validate` lists every such module; fix or leave out the adapter"
     )
 
 
-def _in_range(computed: tuple[torch.Tensor, ...]) -> bool:
-    """Whether the product of ``computed`` (one matrix, or up and down) stays far inside its dtype's range, so
-    that the QRs and the SVD that follow cannot overflow (each entry of ``up @ down``, of its Gram matrices and
-    of the small core is bounded by ``||up|| * ||down||``)."""
+def _norm_bound(computed: tuple[torch.Tensor, ...]) -> float:
+    """``||up|| * ||down||`` (or one matrix's norm): it bounds every entry of the product, of its Gram matrices
+    and of the small SVD core, and the singular values."""
+    import torch
+
+    bound = 1.0
+    for t in computed:
+        bound *= float(torch.linalg.vector_norm(t.double())) if t.is_floating_point() else 0.0
+    return bound if math.isfinite(bound) else math.inf
+
+
+def _limit(computed: tuple[torch.Tensor, ...]) -> float:
+    """A norm the SVD and its energies (squared singular values) can take in the work dtype, with room to spare."""
     import torch
 
     if not computed or not computed[0].is_floating_point():
-        return True
-    bound = 1.0
-    for t in computed:
-        bound *= float(torch.linalg.vector_norm(t.double()))
-    return math.isfinite(bound) and bound < torch.finfo(computed[0].dtype).max / 2**20
+        return math.inf
+    return math.sqrt(torch.finfo(computed[0].dtype).max) / 2**10
 
 
 def _finite(t: torch.Tensor) -> bool:
