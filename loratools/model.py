@@ -463,6 +463,7 @@ def _product_norm(up: torch.Tensor, down: torch.Tensor) -> float:
 
 
 def _lokr_norm(m: Module, i: str) -> float:
+    """``||w_i||`` of one side of a LoKr product, never forming a low-rank side."""
     import torch
 
     f64 = torch.float64
@@ -471,10 +472,9 @@ def _lokr_norm(m: Module, i: str) -> float:
         return float(f[f"w{i}"].load().to(f64).norm())
     if f"t{i}" not in f:
         return _product_norm(f[f"w{i}a"].load().to(f64), f[f"w{i}b"].load().to(f64))
-    n, limit = (
-        math.prod(f[f"w{i}a"].shape[1:]) * math.prod(f[f"w{i}b"].shape[1:]) * math.prod(f[f"t{i}"].shape[2:]),
-        max_delta(),
-    )
+    # a Tucker half is dense (out2 x in2 x kh x kw), and bounded like a delta
+    n = math.prod(f[f"w{i}a"].shape[1:]) * math.prod(f[f"w{i}b"].shape[1:]) * math.prod(f[f"t{i}"].shape[2:])
+    limit = max_delta()
     if n > limit:
         raise LoratoolsError(
             f"{m.name}: its Tucker w{i} would have {n:,} elements, more than the limit of {limit:,}",

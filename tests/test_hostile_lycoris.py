@@ -338,7 +338,7 @@ def test_check_is_complete() -> None:
         )
     )
 
-    examples = int(__import__("os").environ.get("LORATOOLS_FUZZ_EXAMPLES", "300"))
+    examples = int(__import__("os").environ.get("LORATOOLS_FUZZ_EXAMPLES", "150"))
 
     @settings(max_examples=examples, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
     @given(module)
