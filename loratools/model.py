@@ -20,11 +20,12 @@ Tensors are held as :class:`TensorRef` so header-only facts (shapes, dtypes, ran
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
-from .errors import ShapeError
+from .errors import LoratoolsError, ShapeError
 
 if TYPE_CHECKING:
     import torch
@@ -180,63 +181,61 @@ class Module:
         return out
 
     def check(self) -> list[str]:
-        """Shape problems of the factors, as messages (empty when they fit)."""
+        """Shape problems of the factors, as messages (empty when they fit).
+
+        The rules are those of LyCORIS' own rebuild (``lycoris.functional``), held as strictly as ComfyUI's loader
+        (the strictest consumer): Tucker cores are ``rank x rank x kh x kw``; a factor has at most 5 dims; only a
+        rank may be 0 (the module then adds nothing); a DoRA magnitude has one entry per output row (or input
+        column); a LoRA bias one per output row. Every shape :meth:`delta_matrix` and :meth:`apply` rely on is
+        checked here, so that no tensor operation ever meets a shape it cannot take.
+        """
+        have = self.factors.keys()
         required, optional = FACTORS[self.kind]
-        missing = [n for n in required if n not in self.factors]
+        missing = [n for n in required if n not in have]
         if self.kind == "lokr":
-            if not ({"w1"} <= self.factors.keys() or {"w1a", "w1b"} <= self.factors.keys()):
-                missing.append("w1 (or w1a+w1b)")
-            if not ({"w2"} <= self.factors.keys() or {"w2a", "w2b"} <= self.factors.keys()):
-                missing.append("w2 (or w2a+w2b)")
+            for i in ("1", "2"):
+                full, a, b = f"w{i}", f"w{i}a", f"w{i}b"
+                if full in have and (a in have or b in have):
+                    both = ", ".join(LOKR_KEYS[n] for n in (full, a, b) if n in have)
+                    return [f"both a full and a low-rank w{i} ({both}): LoKr takes one or the other"]
+                if full not in have and not {a, b} <= have:
+                    missing.append(f"{LOKR_KEYS[full]} (or {LOKR_KEYS[a]} + {LOKR_KEYS[b]})")
         if missing:
             return [f"missing factor(s) {', '.join(missing)}"]
-        unknown = set(self.factors) - set(required) - set(optional)
+        unknown = set(have) - set(required) - set(optional)
         if unknown:
             return [f"unexpected factor(s) {', '.join(sorted(unknown))}"]
         f = {k: v.shape for k, v in self.factors.items()}
-        problems: list[str] = []
-        if self.kind == "lora":
-            down, up = f["down"], f["up"]
-            if len(up) < 2 or len(down) < 2:
-                return [f"factors must be at least 2-D (down {list(down)}, up {list(up)})"]
-            if "mid" in f:
-                mid = f["mid"]
-                if mid[0] != up[1] or mid[1] != down[0]:
-                    problems.append(f"Tucker core {list(mid)} does not fit up {list(up)} and down {list(down)}")
-            elif up[1] != down[0]:
-                problems.append(f"rank mismatch: down has rank {down[0]}, up has rank {up[1]}")
-            if any(s != 1 for s in up[2:]):
-                problems.append(f"up factor {list(up)} must be 1x1 in its kernel dims")
-        elif self.kind == "loha":
-            for i in ("1", "2"):
-                a, b = f[f"w{i}a"], f[f"w{i}b"]
-                t = f.get(f"t{i}")
-                if t is not None:
-                    if not (a[0] == t[0] and b[0] == t[1]):
-                        problems.append(f"Tucker core t{i} {list(t)} does not fit w{i}a {list(a)}, w{i}b {list(b)}")
-                elif a[1] != b[0]:
-                    problems.append(f"rank mismatch: w{i}a {list(a)} and w{i}b {list(b)}")
-            if not problems and self._loha_shape(1) != self._loha_shape(2):
-                problems.append("the two Hadamard halves have different shapes")
-        elif self.kind == "lokr":
-            for i in ("1", "2"):
-                if f"w{i}a" in f and f"t{i}" not in f and f[f"w{i}a"][1] != f[f"w{i}b"][0]:
-                    problems.append(f"rank mismatch: w{i}a {list(f[f'w{i}a'])} and w{i}b {list(f[f'w{i}b'])}")
-        if not problems and self.magnitude is not None:
-            out, inn = self.weight_shape()[:2] if len(self.weight_shape()) >= 2 else (0, 0)
-            n = self.magnitude.numel
-            if self.dora_axis == "out" and n != out or self.dora_axis == "in" and n != inn:
-                problems.append(
-                    f"DoRA magnitude {list(self.magnitude.shape)} does not fit the weight {list(self.weight_shape())}"
-                )
+        deep = [f"{k} {list(s)}" for k, s in f.items() if len(s) > 5]
+        if deep:
+            return [f"factor(s) with more than 5 dims: {', '.join(deep)}"]
+        problems = {"lora": _check_lora, "loha": _check_loha, "lokr": _check_lokr, "full": _check_full}[self.kind](f)
+        if problems:
+            return problems
+        shape = self.delta_shape()
+        if 0 in shape:
+            return [f"the delta would be {list(shape)}: only a rank may be 0"]
+        if len(shape) < 2 and (self.layer == "embedding" or self.fan_in_fan_out):
+            return [f"a {len(shape)}-D delta {list(shape)} on a layer stored transposed (embedding, fan_in_fan_out)"]
+        if self.magnitude is not None:
+            problems += self._check_magnitude(self.magnitude.shape)
+        if self.bias is not None:
+            bias = self.bias.shape
+            if math.prod(bias) != shape[0] or sum(n != 1 for n in bias) > 1:
+                problems.append(f"bias {list(bias)} does not fit the delta {list(shape)}: one value per output row")
         return problems
 
-    def _loha_shape(self, i: int) -> tuple[int, int]:
-        f = self.factors
-        a, b = f[f"w{i}a"].shape, f[f"w{i}b"].shape
-        if f"t{i}" in f:  # Tucker: a is r x out, b is r x in
-            return a[1], b[1]
-        return a[0], math.prod(b[1:])
+    def _check_magnitude(self, mag: tuple[int, ...]) -> list[str]:
+        ws = self.weight_shape()
+        if len(ws) < 2:
+            return [f"DoRA magnitude on a {len(ws)}-D weight {list(ws)}: DoRA needs a matrix or a conv kernel"]
+        # stored layout -> (out, in) orientation (fan_in_fan_out weights are stored in x out)
+        out, inn = (ws[1], ws[0]) if self.fan_in_fan_out else (ws[0], ws[1])
+        want = out if self.dora_axis == "out" else inn
+        if len(mag) > 5 or math.prod(mag) != want or sum(s != 1 for s in mag) > 1:
+            per = "output row" if self.dora_axis == "out" else "input column"
+            return [f"DoRA magnitude {list(mag)} does not fit the weight {list(ws)}: one value per {per} ({want})"]
+        return []
 
     def delta_shape(self) -> tuple[int, ...]:
         """Shape of the delta in (out, in[, kh, kw]) orientation, before any fan_in_fan_out/embedding transpose."""
@@ -272,19 +271,55 @@ class Module:
         return sum(t.numel for t in self.tensors().values())
 
     # ---- the math ----------------------------------------------------------------------------------
+    def dense_numel(self) -> int:
+        """Elements of the dense delta this module's math forms (header-only)."""
+        return math.prod(self.delta_shape())
+
+    def check_dense(self) -> None:
+        """Refuse, before any work, a dense delta larger than :func:`max_delta` elements.
+
+        Only modules that must be densified (LoHa, LoKr, Tucker, full diffs) are bounded: plain LoRA is mixed,
+        re-compressed and merged through its factors. Where a base weight is at hand (:meth:`apply`), the delta
+        is bounded by that weight instead, which the base file holds.
+        """
+        problems = self.check()
+        if problems:
+            raise ShapeError(f"{self.name}: {problems[0]}")
+        if self.is_two_factor():
+            return
+        n, limit = self.dense_numel(), max_delta()
+        if n > limit:
+            raise LoratoolsError(
+                f"{self.name}: its {self.type} delta would be {'x'.join(map(str, self.delta_shape()))} = {n:,} "
+                f"elements, more than the limit of {limit:,} for a dense delta",
+                f"set {MAX_DELTA_ENV} to a larger number of elements to allow it "
+                f"(about {n * 8 * 3 / 2**30:.1f} GiB of float64 work)",
+            )
+
     def delta(self, dtype: torch.dtype | None = None, device: str | torch.device | None = None) -> torch.Tensor:
         """The module's contribution to its base weight, scale included, in the weight's stored layout.
 
-        Computed in float32 (or ``dtype``) whatever the stored dtype.
+        Computed in float32 (or ``dtype``) whatever the stored dtype; bounded as :meth:`delta_matrix` is.
         """
         d = self.delta_matrix(dtype, device).reshape(self.delta_shape())
+        return self._stored(d)
+
+    def _stored(self, d: torch.Tensor) -> torch.Tensor:
         if self.layer == "embedding" or self.fan_in_fan_out:
             d = d.transpose(0, 1)
         return d
 
     def delta_matrix(self, dtype: torch.dtype | None = None, device: str | torch.device | None = None) -> torch.Tensor:
         """The delta as an ``out x in*kh*kw`` matrix, scale included, before any layout transpose: the
-        orientation of ``up @ down``, in which factors are mixed and re-compressed."""
+        orientation of ``up @ down``, in which factors are mixed and re-compressed.
+
+        LoHa, LoKr, Tucker and full modules larger than :func:`max_delta` elements are refused
+        (:meth:`check_dense`): their files are small, the delta they claim need not be."""
+        self.check_dense()
+        return self._dense(dtype, device)
+
+    def _dense(self, dtype: torch.dtype | None, device: str | torch.device | None) -> torch.Tensor:
+        """:meth:`delta_matrix` with no size bound: the caller has bounded it (the shapes are checked)."""
         import torch
 
         problems = self.check()
@@ -298,17 +333,10 @@ class Module:
         elif self.kind == "loha":
             d = _loha_half(f, "1") * _loha_half(f, "2")
         elif self.kind == "lokr":
-            w1 = f["w1"] if "w1" in f else f["w1a"] @ f["w1b"]
-            if "w2" in f:
-                w2 = f["w2"]
-            elif "t2" in f:
-                w2 = torch.einsum("ij...,ip,jq->pq...", f["t2"], f["w2a"], f["w2b"])
-            else:
-                b = f["w2b"]
-                w2 = (f["w2a"] @ b.reshape(b.shape[0], -1)).reshape(-1, *b.shape[1:])
+            w1, w2 = _lokr_half(f, "1"), _lokr_half(f, "2")
             while w1.dim() < w2.dim():
                 w1 = w1.unsqueeze(-1)
-            d = torch.kron(w1, w2)
+            d = torch.kron(w1.contiguous(), w2.contiguous())  # a Tucker rebuild is a permuted view: kron needs it dense
         else:
             d = f["diff"]
         d = d.reshape(self.delta_shape())
@@ -333,51 +361,236 @@ class Module:
         return rows(up), rows(down) * self.scale
 
     def apply(self, weight: torch.Tensor, multiplier: float = 1.0, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """The merged weight ``W + multiplier * delta`` (DoRA: rescaled to the magnitude), computed in fp32.
+        """The merged weight, computed in fp32 (or ``dtype``).
+
+        Without DoRA: ``W + multiplier * delta``. With DoRA, ComfyUI's rule (``weight_decompose``; LyCORIS'
+        ``apply_dora_scale`` is the same): ``W' = W + multiplier * (W_dora - W)``, where
+        ``W_dora = m * (W + delta) / ||W + delta||`` (the norm per output row, or per input column) is the DoRA
+        merge at multiplier 1, PEFT's ``merge_and_unload``. Multiplier 1 gives ``W_dora``, 0 gives ``W``, 0.5 the
+        weight halfway between.
 
         ``weight`` is in its stored layout; a delta of the same number of elements in another shape (a 1x1
-        conv LoRA on a linear weight) is reshaped to it.
+        conv LoRA on a linear weight) is reshaped to it. The delta is bounded by the weight, not by
+        :func:`max_delta`: it is checked to fit before it is formed.
         """
         import torch
 
         work = dtype or torch.float32
         w = weight.to(work)
-        d = self.delta(dtype=work, device=weight.device)
-        if d.shape != w.shape:
-            if d.numel() != w.numel():
-                raise ShapeError(
-                    f"{self.name}: delta {list(d.shape)} does not fit weight {list(w.shape)}",
-                    "is the adapter made for this base model?",
-                )
-            d = d.reshape(w.shape)
-        merged = w + multiplier * d
+        shape = self.weight_shape()
+        if math.prod(shape) != w.numel():
+            raise ShapeError(
+                f"{self.name}: delta {list(shape)} does not fit weight {list(w.shape)}",
+                "is the adapter made for this base model?",
+            )
+        d = self._stored(self._dense(work, weight.device).reshape(self.delta_shape())).reshape(w.shape)
         if self.magnitude is None:
-            return merged
-        # DoRA: norm of the merged weight per output row (or input column), in (out, in, ...) orientation
-        m = self.magnitude.load().to(device=weight.device, dtype=work).reshape(-1)
+            return w + multiplier * d
+        dora = self._dora(w + d, work)
+        if multiplier == 1.0:
+            return dora
+        return w + multiplier * (dora - w)
+
+    def _dora(self, merged: torch.Tensor, work: torch.dtype) -> torch.Tensor:
+        """``m * merged / ||merged||``, the norm per output row (or input column) in (out, in, ...) orientation."""
+
+        assert self.magnitude is not None
+        m = self.magnitude.load().to(device=merged.device, dtype=work).reshape(-1)
         oriented = merged.transpose(0, 1) if self.fan_in_fan_out else merged
         if self.dora_axis == "out":
             norm = oriented.reshape(oriented.shape[0], -1).norm(dim=1)
-            factor = (m / norm).reshape(-1, *([1] * (oriented.dim() - 1)))
+            shape = (-1, *([1] * (oriented.dim() - 1)))
         else:
             norm = oriented.transpose(0, 1).reshape(oriented.shape[1], -1).norm(dim=1)
-            factor = (m / norm).reshape(1, -1, *([1] * (oriented.dim() - 2)))
-        if multiplier != 1.0:
-            factor = multiplier * (factor - 1) + 1
-        out: torch.Tensor = oriented * factor
+            shape = (1, -1, *([1] * (oriented.dim() - 2)))
+        zero = norm == 0
+        if bool(zero.any()):
+            where = "row" if self.dora_axis == "out" else "column"
+            raise ShapeError(
+                f"{self.name}: W + delta has an all-zero {where} ({int(zero.nonzero()[0])}): "
+                "DoRA's rescale m / ||W + delta|| is undefined there"
+            )
+        out: torch.Tensor = oriented * (m / norm).reshape(shape)
         return out.transpose(0, 1) if self.fan_in_fan_out else out
 
     def delta_norm(self) -> float:
-        """Frobenius norm of the delta; for plain LoRA from the r x r Gram matrices, never the dense delta."""
+        """Frobenius norm of the delta, never from a dense delta that the factors need not form: plain LoRA from
+        the r x r Gram matrices, LoKr as ``||w1|| * ||w2||`` (the norm of a Kronecker product), full diffs from
+        the stored diff; LoHa and Tucker modules from their dense delta, bounded by :meth:`check_dense`."""
         import torch
 
-        if self.kind == "lora" and "mid" not in self.factors and not self.check():
-            a = self.factors["down"].load().to(torch.float64)
-            b = self.factors["up"].load().to(torch.float64)
-            a, b = rows(a), rows(b)
-            sq = torch.sum((a @ a.T) * (b.T @ b)).clamp_min(0).item()
-            return math.sqrt(sq) * abs(self.scale)
-        return float(self.delta(dtype=torch.float64).norm().item())
+        problems = self.check()
+        if problems:
+            raise ShapeError(f"{self.name}: {problems[0]}")
+        f64 = torch.float64
+        if self.kind == "lora" and "mid" not in self.factors:
+            return _product_norm(self.factors["up"].load().to(f64), self.factors["down"].load().to(f64)) * abs(
+                self.scale
+            )
+        if self.kind == "lokr":
+            return _lokr_norm(self, "1") * _lokr_norm(self, "2") * abs(self.scale)
+        if self.kind == "full":
+            return float(self.factors["diff"].load().to(f64).norm()) * abs(self.scale)
+        return float(self.delta_matrix(dtype=f64).norm().item())
+
+
+#: the most elements a dense delta may have where no base weight bounds it; LORATOOLS_MAX_DELTA overrides it
+MAX_DELTA = 2**26
+MAX_DELTA_ENV = "LORATOOLS_MAX_DELTA"
+
+
+def max_delta() -> int:
+    """The limit on a dense delta's elements: :data:`MAX_DELTA` (64 Mi elements, 512 MiB in float64; the largest
+    weights of SDXL, Flux and 8B LLMs fit), or the environment's ``LORATOOLS_MAX_DELTA``."""
+    raw = os.environ.get(MAX_DELTA_ENV, "").strip()
+    if not raw:
+        return MAX_DELTA
+    try:
+        n = int(raw.replace("_", ""))
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise LoratoolsError(f"{MAX_DELTA_ENV}={raw[:40]!r} is not a positive whole number of elements")
+    return n
+
+
+def _product_norm(up: torch.Tensor, down: torch.Tensor) -> float:
+    """``||up @ down||`` (Frobenius) from the r x r Gram matrices, without forming the product."""
+    import torch
+
+    a, b = rows(down), rows(up)
+    return math.sqrt(torch.sum((a @ a.T) * (b.T @ b)).clamp_min(0).item())
+
+
+def _lokr_norm(m: Module, i: str) -> float:
+    """``||w_i||`` of one side of a LoKr product, never forming a low-rank side."""
+    import torch
+
+    f64 = torch.float64
+    f = m.factors
+    if f"w{i}" in f:
+        return float(f[f"w{i}"].load().to(f64).norm())
+    if f"t{i}" not in f:
+        return _product_norm(f[f"w{i}a"].load().to(f64), f[f"w{i}b"].load().to(f64))
+    # a Tucker half is dense (out2 x in2 x kh x kw), and bounded like a delta
+    n = math.prod(f[f"w{i}a"].shape[1:]) * math.prod(f[f"w{i}b"].shape[1:]) * math.prod(f[f"t{i}"].shape[2:])
+    limit = max_delta()
+    if n > limit:
+        raise LoratoolsError(
+            f"{m.name}: its Tucker w{i} would have {n:,} elements, more than the limit of {limit:,}",
+            f"set {MAX_DELTA_ENV} to a larger number of elements to allow it",
+        )
+    t = {k: f[k].load().to(f64) for k in (f"t{i}", f"w{i}a", f"w{i}b")}
+    return float(_lokr_half(t, i).norm())
+
+
+Shape = tuple[int, ...]
+
+#: canonical LoKr factor names -> their LyCORIS key suffixes, for messages
+LOKR_KEYS = {
+    "w1": "lokr_w1", "w1a": "lokr_w1_a", "w1b": "lokr_w1_b",
+    "w2": "lokr_w2", "w2a": "lokr_w2_a", "w2b": "lokr_w2_b", "t2": "lokr_t2",
+}  # fmt: skip
+
+
+def _ones(shape: Shape) -> bool:
+    return all(s == 1 for s in shape)
+
+
+def _dims(name: str, shape: Shape, allowed: tuple[int, ...]) -> list[str]:
+    if len(shape) in allowed:
+        return []
+    want = " or ".join(f"{n}-D" for n in allowed)
+    return [f"{name} {list(shape)} must be {want}"]
+
+
+def _tucker(name: str, t: Shape, a_name: str, a: Shape, b_name: str, b: Shape) -> list[str]:
+    """A Tucker core ``rank x rank x kh x kw`` between ``a`` (rank x out) and ``b`` (rank x in)."""
+    problems = _dims(name, t, (4,)) + _dims(a_name, a, (2,)) + _dims(b_name, b, (2,))
+    if not problems and not (t[0] == a[0] == t[1] == b[0]):
+        problems.append(
+            f"Tucker core {name} {list(t)} does not fit {a_name} {list(a)} and {b_name} {list(b)}: "
+            "it must be rank x rank x kh x kw"
+        )
+    return problems
+
+
+def _check_lora(f: Mapping[str, Shape]) -> list[str]:
+    down, up = f["down"], f["up"]
+    if len(up) < 2 or len(down) < 2:
+        return [f"factors must be at least 2-D (down {list(down)}, up {list(up)})"]
+    if not _ones(up[2:]):
+        return [f"up factor {list(up)} must be 1x1 in its kernel dims"]
+    if "mid" not in f:
+        if up[1] != down[0]:
+            return [f"rank mismatch: down has rank {down[0]}, up has rank {up[1]}"]
+        return []
+    mid = f["mid"]
+    if len(mid) != 4:
+        return [f"Tucker core (lora_mid) {list(mid)} must be 4-D: rank x rank x kh x kw"]
+    if not _ones(down[2:]):
+        return [f"with a Tucker core the kernel is the core's: down {list(down)} must be 1x1 in its kernel dims"]
+    if not (mid[0] == mid[1] == down[0] == up[1]):
+        return [
+            f"Tucker core {list(mid)} does not fit up {list(up)} and down {list(down)}: "
+            "it must be rank x rank x kh x kw, with the rank of both"
+        ]
+    return []
+
+
+def _check_loha(f: Mapping[str, Shape]) -> list[str]:
+    if ("t1" in f) != ("t2" in f):
+        return ["one Tucker core (hada_t1 / hada_t2) without the other: both halves are Tucker or neither"]
+    problems: list[str] = []
+    halves: list[Shape] = []
+    for i in ("1", "2"):
+        a, b = f[f"w{i}a"], f[f"w{i}b"]
+        if f"t{i}" in f:
+            found = _tucker(f"hada_t{i}", f[f"t{i}"], f"hada_w{i}_a", a, f"hada_w{i}_b", b)
+            halves.append((a[1], b[1], *f[f"t{i}"][2:]) if not found else ())
+        else:
+            found = _dims(f"hada_w{i}_a", a, (2,)) + _dims(f"hada_w{i}_b", b, (2, 4))
+            if not found and a[1] != b[0]:
+                found.append(f"rank mismatch: hada_w{i}_a {list(a)} and hada_w{i}_b {list(b)}")
+            halves.append((a[0], *b[1:]) if not found else ())
+        problems += found
+    if not problems and halves[0] != halves[1]:
+        problems.append(f"the two Hadamard halves have different shapes ({list(halves[0])} and {list(halves[1])})")
+    return problems
+
+
+def _check_lokr(f: Mapping[str, Shape]) -> list[str]:
+    problems: list[str] = []
+    if "w1" in f:
+        problems += _dims("lokr_w1", f["w1"], (2,))
+    else:
+        a, b = f["w1a"], f["w1b"]
+        problems += _dims("lokr_w1_a", a, (2,)) + _dims("lokr_w1_b", b, (2,))
+        if not problems and a[1] != b[0]:
+            problems.append(f"rank mismatch: lokr_w1_a {list(a)} and lokr_w1_b {list(b)}")
+    if "t2" in f and "w2" in f:
+        return ["lokr_t2 goes with lokr_w2_a + lokr_w2_b, not with a full lokr_w2"]
+    if "w2" in f:
+        problems += _dims("lokr_w2", f["w2"], (2, 4))
+    elif "t2" in f:
+        problems += _tucker("lokr_t2", f["t2"], "lokr_w2_a", f["w2a"], "lokr_w2_b", f["w2b"])
+    else:
+        a, b = f["w2a"], f["w2b"]
+        found = _dims("lokr_w2_a", a, (2,)) + _dims("lokr_w2_b", b, (2, 4))
+        if not found and a[1] != b[0]:
+            found.append(f"rank mismatch: lokr_w2_a {list(a)} and lokr_w2_b {list(b)}")
+        problems += found
+    if not problems and "w1b" in f and "w2b" in f and f["w1b"][0] != f["w2b"][0]:
+        problems.append(
+            f"w1 and w2 are both low-rank with different ranks ({f['w1b'][0]} and {f['w2b'][0]}): "
+            "which one alpha divides by is ambiguous (LyCORIS gives both the same)"
+        )
+    return problems
+
+
+def _check_full(f: Mapping[str, Shape]) -> list[str]:
+    diff = f["diff"]
+    return [] if diff else ["a full diff must be at least 1-D, found a scalar"]
 
 
 def rows(t: torch.Tensor) -> torch.Tensor:
@@ -393,6 +606,18 @@ def _loha_half(f: Mapping[str, torch.Tensor], i: str) -> torch.Tensor:
     if t is not None:  # Tucker: a is r x out, b is r x in, t is r x r x kh x kw
         return torch.einsum("ij...,ip,jq->pq...", t, a, b)
     return a @ rows(b)
+
+
+def _lokr_half(f: Mapping[str, torch.Tensor], i: str) -> torch.Tensor:
+    """One side of the Kronecker product: ``w`` itself, ``a @ b`` (conv kernels kept), or a Tucker rebuild."""
+    import torch
+
+    if f"w{i}" in f:
+        return f[f"w{i}"]
+    a, b = f[f"w{i}a"], f[f"w{i}b"]
+    if f"t{i}" in f:
+        return torch.einsum("ij...,ip,jq->pq...", f[f"t{i}"], a, b)
+    return (a @ rows(b)).reshape(-1, *b.shape[1:])
 
 
 ExtraRole = Literal["modules_to_save", "base_layer", "trainable_tokens", "other"]

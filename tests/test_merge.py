@@ -342,3 +342,89 @@ def test_unaligned_tensor_data_is_read_rather_than_mapped(
     a = safetensors.torch.load_file(str(tmp_path / "aligned.safetensors"))
     b = safetensors.torch.load_file(str(tmp_path / "unaligned.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+# ---- DoRA with a weight: W' = W + w * (W_dora - W) (ComfyUI's rule), and what has no defined meaning ------------
+
+
+def _dora(axis: str = "out", fan_in_fan_out: bool = False, seed: int = 0) -> tuple[Any, torch.Tensor]:
+    """A DoRA module (in memory) on a 6 x 5 weight, and that weight in its stored layout, all float64."""
+    from loratools.model import Module, TensorRef
+
+    g = torch.Generator().manual_seed(seed)
+    up, down = torch.randn(6, 2, generator=g, dtype=torch.float64), torch.randn(2, 5, generator=g, dtype=torch.float64)
+    mag = torch.rand(6 if axis == "out" else 5, generator=g, dtype=torch.float64) + 0.5
+    m = Module(
+        "x", "lora", {"down": TensorRef.of(down), "up": TensorRef.of(up)}, alpha=3.0,
+        fan_in_fan_out=fan_in_fan_out, magnitude=TensorRef.of(mag), dora_axis=axis,  # type: ignore[arg-type]
+    )  # fmt: skip
+    w = torch.randn(6, 5, generator=g, dtype=torch.float64)
+    return m, (w.T.contiguous() if fan_in_fan_out else w)
+
+
+@pytest.mark.parametrize(("axis", "fan_in_fan_out"), [("out", False), ("in", False), ("out", True)])
+def test_dora_weight_rule_by_hand_in_float64(axis: str, fan_in_fan_out: bool) -> None:
+    m, stored = _dora(axis, fan_in_fan_out)
+    w = stored.T if fan_in_fan_out else stored  # (out, in)
+    up, down = m.factors["up"].load(), m.factors["down"].load()
+    v = w + 1.5 * up @ down  # alpha 3 / rank 2
+    norm = v.norm(dim=1, keepdim=True) if axis == "out" else v.norm(dim=0, keepdim=True)
+    w_dora = m.magnitude.load().reshape(norm.shape) * v / norm  # type: ignore[union-attr]
+    for weight in (1.0, 0.0, 0.5, -0.7, 2.0):
+        want = w + weight * (w_dora - w)
+        got = m.apply(stored, weight, dtype=torch.float64)
+        torch.testing.assert_close(got.T if fan_in_fan_out else got, want, rtol=1e-13, atol=1e-13)
+    assert torch.equal(m.apply(stored, 0.0, dtype=torch.float64), stored)  # w = 0: the base, exactly
+
+
+def test_dora_zero_norm_row_is_refused() -> None:
+    m, w = _dora()
+    zero = -(m.delta(dtype=torch.float64))  # W + delta = 0
+    with pytest.raises(ShapeError, match="all-zero row"):
+        m.apply(zero, 1.0, dtype=torch.float64)
+
+
+def test_dora_weights_1_0_half_against_peft(mf: ModuleType, bases: dict[str, Path], tmp_path: Path) -> None:
+    """w = 1 is PEFT's merge_and_unload, w = 0 the base exactly, w = 0.5 halfway between the two."""
+    from peft import PeftModel
+
+    base = load_dir(bases["tiny_llama"])
+    with torch.no_grad():
+        peft_merged = PeftModel.from_pretrained(mf.tiny_llama(), FIXTURES / "peft_llama_dora").merge_and_unload()
+        peft = peft_merged.state_dict()
+    got = {}
+    for w in (1.0, 0.0, 0.5):
+        merge(bases["tiny_llama"], [FIXTURES / "peft_llama_dora"], tmp_path / f"w{w}", [w])
+        got[w] = load_dir(tmp_path / f"w{w}")
+    targets = [k for k in base if not torch.equal(got[1.0][k], base[k])]
+    assert len(targets) >= len(load_adapter(FIXTURES / "peft_llama_dora").modules)
+    for k in base:
+        torch.testing.assert_close(got[1.0][k], peft[k], rtol=1e-5, atol=1e-6)
+        assert torch.equal(got[0.0][k], base[k]), k
+        torch.testing.assert_close(got[0.5][k], (base[k] + peft[k]) / 2, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "adapters", [["peft_llama_dora", "peft_llama"], ["peft_llama", "peft_llama_dora"], ["peft_llama_dora"] * 2]
+)
+def test_several_adapters_on_a_dora_weight_are_refused(
+    adapters: list[str], bases: dict[str, Path], tmp_path: Path
+) -> None:
+    import hostile
+
+    paths = [FIXTURES / a for a in adapters]
+    out = tmp_path / "out"
+    r = hostile.run(
+        ["merge", bases["tiny_llama"], *paths, "-o", out], inputs=[bases["tiny_llama"], *paths], out=out,
+        says=["model.layers.0.self_attn.q_proj.weight", "DoRA", "order"],
+    )  # fmt: skip
+    assert "Hint: merge them one at a time" in r.stderr and "mix" in r.stderr
+
+
+@pytest.mark.parametrize("weights", ["1", "0.5", "1,1", "1,0"])
+def test_mix_refuses_dora_inputs_at_any_weight(weights: str, tmp_path: Path) -> None:
+    import hostile
+
+    inputs = [FIXTURES / "peft_llama_dora"] if "," not in weights else [FIXTURES / "peft_llama", FIXTURES / "peft_llama_dora"]  # fmt: skip
+    out = tmp_path / "mixed"
+    hostile.run(["mix", *inputs, "--weights", weights, "-o", out], inputs=inputs, out=out, says="DoRA")

@@ -23,7 +23,7 @@ from ..formats.names import component_of, from_kohya, split_kohya, to_kohya
 from ..model import Adapter, Module, TensorRef, torch_dtype
 from . import args, provenance
 from .linalg import lowrank_svd
-from .lowrank import DTYPES, factors, lora_module
+from .lowrank import DTYPES, check_dense_all, factors, lora_module
 
 TARGETS = (*FORMATS, "gguf")
 SAI_PREFIXES = ("model.diffusion_model.", "cond_stage_model.", "conditioner.embedders.")
@@ -217,6 +217,8 @@ def convert_adapter(
             rep.notes.append("the diffusers file stores no alpha (no lora_adapter_metadata): alpha = rank")
     caster = _Caster(DTYPES[dtype], rep) if dtype else None
     lycoris_ok = to == "kohya"
+    if not lycoris_ok:  # the dense deltas about to be formed, bounded before any work (headers only)
+        check_dense_all(m for m in adapter.modules.values() if m.kind != "lora" or "mid" in m.factors)
     for src, m in adapter.modules.items():
         new = m
         kept = 1.0
@@ -266,6 +268,10 @@ def convert(
     args.flag(force, "force")
     check_args(to, rank, energy, alpha_mode, dtype, base_model)
     check_output(out, force=force, inputs=input_files(source))
+    if to == "gguf":
+        from ..formats import gguf
+
+        gguf.require()  # before any work: the optional package is there
     adapter = load_adapter(source)
     base_names = None
     hparams = None
@@ -273,9 +279,8 @@ def convert(
         from .merge import layout_of
 
         base_names = list(layout_of(base).names())
-        hparams = _hparams(Path(base))
-    elif to == "gguf":
-        hparams = _hub_hparams(base_model or adapter.base_model)
+    if to == "gguf":
+        hparams = _hparams(Path(base)) if base is not None else _hub_hparams(base_model or adapter.base_model)
     rep = ConvertReport(str(source), None, adapter.format, to)
     if to == "gguf":
         _drop_unchanged_base_layers(adapter, base, rep)
@@ -292,7 +297,8 @@ def convert(
     if to == "gguf":
         from ..formats import gguf
 
-        written = gguf.write(converted, out, hparams=hparams, force=force)
+        blocks = gguf.blocks_of(base_names) if base_names is not None else None
+        written = gguf.write(converted, out, hparams=hparams, base_blocks=blocks, force=force)
     else:
         written = save_adapter(converted, out, to, force=force)
     rep.output = str(written)
@@ -350,15 +356,40 @@ def _hub_hparams(model_id: str | None) -> dict[str, Any] | None:
     return _hparams(hub.fetch(f"{model_id}/config.json", kind="file", progress=False))
 
 
+#: the most bytes a base config.json may have (real ones are a few KB; a vision-language config a few hundred)
+MAX_CONFIG_BYTES = 4 << 20
+
+
 def _hparams(base: Path) -> dict[str, Any] | None:
+    """The base model's config.json beside ``base`` (a folder, or a file in one); None when there is none."""
     import json
 
     folder = base if base.is_dir() else base.parent
     cfg = folder / "config.json"
-    if not cfg.is_file():
+    if not cfg.exists():
         return None
+    if not cfg.is_file():
+        raise LoratoolsError(f"{cfg}: not a regular file", "the base's config.json must be a JSON file")
     try:
-        value = json.loads(cfg.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        raise LoratoolsError(f"{cfg}: not valid JSON") from None
-    return value if isinstance(value, dict) else None
+        with open(cfg, "rb") as fh:
+            raw = fh.read(MAX_CONFIG_BYTES + 1)
+    except OSError as e:
+        raise LoratoolsError(f"{cfg}: cannot be read ({e.strerror or e})") from None
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise LoratoolsError(f"{cfg}: larger than {MAX_CONFIG_BYTES >> 20} MiB: not a model config")
+
+    def unique(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        keys = [k for k, _ in pairs]
+        dup = next((k for k in keys if keys.count(k) > 1), None)
+        if dup is not None:
+            raise LoratoolsError(f"{cfg}: the key {json.dumps(dup)[:60]} appears twice")
+        return dict(pairs)
+
+    try:
+        value = json.loads(raw.decode("utf-8"), object_pairs_hook=unique)
+    except (ValueError, RecursionError) as e:
+        why = "nested too deeply" if isinstance(e, RecursionError) else "not valid JSON"
+        raise LoratoolsError(f"{cfg}: {why}") from None
+    if not isinstance(value, dict):
+        raise LoratoolsError(f"{cfg}: a {type(value).__name__}, not a JSON object: not a model config")
+    return value

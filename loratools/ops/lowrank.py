@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import math
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING
 
 from ..errors import IncompatibleAdaptersError, LoratoolsError
@@ -54,11 +55,73 @@ def refuse_dora(m: Module, what: str) -> None:
 
 def factors(m: Module, device: str, work: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """``(up, down)`` with ``up @ down == m.delta_matrix()``, scale folded in. LoHa, LoKr, Tucker and full
-    modules go through their dense delta (small by construction) and an exact SVD."""
+    modules go through their dense delta (bounded by ``Module.check_dense``) and an exact SVD.
+
+    NaN or Inf (in a factor, in alpha, or from an overflow of the scale) is refused here, naming the module,
+    before any SVD sees it."""
+    m.check_dense()
     got = m.lora_factors(dtype=work, device=device)
     if got is not None:
+        refuse_nonfinite(m, *got)
         return got
-    return dense_factors(m.delta_matrix(dtype=work, device=device))
+    delta = m.delta_matrix(dtype=work, device=device)
+    refuse_nonfinite(m, delta)
+    return dense_factors(delta)
+
+
+def check_dense_all(modules: Iterable[Module]) -> None:
+    """Every module's dense-delta bound, from the headers alone: refused before any work starts."""
+    for m in modules:
+        m.check_dense()
+
+
+def refuse_nonfinite(m: Module, *computed: torch.Tensor, what: str = "") -> None:
+    """Refuse NaN or Inf in ``computed`` (tensors made from ``m``), or a size the SVD cannot take, saying where it
+    comes from."""
+    import torch
+
+    finite = all(bool(torch.isfinite(t).all()) for t in computed)
+    bound = _norm_bound(computed)
+    if finite and bound < _limit(computed):
+        return
+    if m.alpha is not None and not math.isfinite(m.alpha):
+        why = f"alpha is {m.alpha}: the result would not be a number"
+    else:
+        bad = [role for role, ref in m.factors.items() if not _finite(ref.load())]
+        if bad:
+            why = f"NaN or Inf in its {', '.join(bad)} factor(s): the result would not be a number"
+        else:
+            dtype = str(computed[0].dtype).removeprefix("torch.")
+            why = f"{what or 'its delta'} overflows {dtype} arithmetic (a norm of {bound:.3g})"
+    raise LoratoolsError(
+        f"{m.name}: {why}", "`loratools validate` lists every such module; fix or leave out the adapter"
+    )
+
+
+def _norm_bound(computed: tuple[torch.Tensor, ...]) -> float:
+    """``||up|| * ||down||`` (or one matrix's norm): it bounds every entry of the product, of its Gram matrices
+    and of the small SVD core, and the singular values."""
+    import torch
+
+    bound = 1.0
+    for t in computed:
+        bound *= float(torch.linalg.vector_norm(t.double())) if t.is_floating_point() else 0.0
+    return bound if math.isfinite(bound) else math.inf
+
+
+def _limit(computed: tuple[torch.Tensor, ...]) -> float:
+    """A norm the SVD and its energies (squared singular values) can take in the work dtype, with room to spare."""
+    import torch
+
+    if not computed or not computed[0].is_floating_point():
+        return math.inf
+    return math.sqrt(torch.finfo(computed[0].dtype).max) / 2**10
+
+
+def _finite(t: torch.Tensor) -> bool:
+    import torch
+
+    return not t.is_floating_point() or bool(torch.isfinite(t).all())
 
 
 def lora_module(template: Module, up: torch.Tensor, down: torch.Tensor, dtype: str) -> Module:

@@ -165,7 +165,16 @@ def _candidates(full: str, names: dict[str, tuple[int, str]]) -> list[str]:
 
 
 def resolve(adapters: list[Adapter], weights: list[float], layout: Layout) -> dict[str, Target]:
-    """Base tensor name -> what to do to it. Every module must map to exactly one base tensor."""
+    """Base tensor name -> what to do to it. Every module must map to exactly one base tensor.
+
+    Refused here, before any output exists: weights, alphas or adapter tensors that are not finite (the merged
+    weights would be NaN), and a DoRA module sharing its weight with another adapter's module (see
+    :func:`_refuse_shared_dora`)."""
+    bad = [w for w in weights if not math.isfinite(w)]
+    if bad:
+        raise LoratoolsError(f"weight {bad[0]} is not a finite number", "give finite weights, e.g. --weights 1,0.5")
+    for a in adapters:
+        _refuse_nonfinite(a)
     names = layout.names()
     kohya = kohya_index(list(names))  # flattened kohya name -> dotted base module
     targets: dict[str, Target] = {}
@@ -228,7 +237,43 @@ def resolve(adapters: list[Adapter], weights: list[float], layout: Layout) -> di
                 raise ShapeError(f"{m.name}: delta is {list(ws)}, base tensor {name} is {list(info.shape)}")
         if not info.dtype.startswith(("F", "BF")):
             raise ShapeError(f"{name}: stored as {info.dtype}; only float weights can take a delta")
+        _refuse_shared_dora(name, t)
     return targets
+
+
+def _refuse_shared_dora(name: str, t: Target) -> None:
+    """A DoRA module on a weight that another module also changes has no order-free meaning: DoRA rescales the
+    whole weight it is given, so ``W + w1 (DoRA(W) - W)`` then a LoRA on top differs from the other order, and
+    PEFT's ``merge_and_unload``, ComfyUI and LyCORIS each apply them in their own order. Refused."""
+    dora = [m for _, m in t.contributions if m.magnitude is not None]
+    if dora and len(t.contributions) > 1:
+        raise IncompatibleAdaptersError(
+            f"{name}: {len(t.contributions)} adapter modules change this weight and {dora[0].name} is DoRA: "
+            "the result would depend on the order they are applied in",
+            "merge them one at a time (the output of one merge is the base of the next), "
+            "or mix the non-DoRA adapters first (loratools mix) and merge that",
+        )
+
+
+def _refuse_nonfinite(a: Adapter) -> None:
+    """NaN or Inf in an adapter's alphas or tensors would make the merged weights NaN: refused, naming them."""
+    import torch
+
+    where = a.source or a.format
+    for m in a.modules.values():
+        if m.alpha is not None and not math.isfinite(m.alpha):
+            raise LoratoolsError(f"{m.name}: alpha is {m.alpha} in {where}: the merged weight would not be a number")
+        for role, ref in m.tensors().items():
+            t = ref.load()
+            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                raise LoratoolsError(
+                    f"{m.name}: NaN or Inf in its {role} tensor ({where}): the merged weight would not be a number",
+                    "`loratools validate` lists every such module",
+                )
+    for key, extra in a.extras.items():
+        t = extra.ref.load()
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise LoratoolsError(f"{key}: NaN or Inf in this saved tensor ({where})")
 
 
 # ---- the report -------------------------------------------------------------------------------------------

@@ -24,7 +24,18 @@ from ..formats.kohya import kohya_name
 from ..model import Adapter, Module, rows
 from . import args, provenance
 from .linalg import lowrank_svd
-from .lowrank import DTYPES, Progress, factors, lora_module, pick_device, refuse_dora, stored_dtype, work_device
+from .lowrank import (
+    DTYPES,
+    Progress,
+    check_dense_all,
+    factors,
+    lora_module,
+    pick_device,
+    refuse_dora,
+    refuse_nonfinite,
+    stored_dtype,
+    work_device,
+)
 
 Method = Literal["cat", "svd", "linear"]
 METHODS = ("cat", "svd", "linear")
@@ -133,6 +144,7 @@ def mix_adapters(
         for name, m in a.modules.items():
             refuse_dora(m, "mixing it")
             order.setdefault(match_key(name, cross), []).append((w, m))
+    check_dense_all(m for a in adapters for m in a.modules.values())  # before any work: headers only
     out = Adapter(format=first.format, config=dict(first.config), base_model=first.base_model)
     for key in ("ss_base_model_version", "modelspec.architecture", "ss_sd_model_name"):
         values = {a.metadata.get(key) for a in adapters}
@@ -163,6 +175,7 @@ def mix_adapters(
                 ups.append(u)
                 downs.append(d * w)
             up, down = torch.cat(ups, dim=1), torch.cat(downs, dim=0)
+        refuse_nonfinite(template, up, down, what="the weighted sum")
         energy = None
         if method == "svd":
             assert rank is not None
@@ -190,8 +203,9 @@ def _linear(parts: list[tuple[float, Module]], dev: str, work: Any) -> tuple[Any
         u = rows(m.factors["up"].load().to(dev, work))
         d = rows(m.factors["down"].load().to(dev, work))
         ws = w * m.scale
-        root = math.sqrt(abs(ws))
+        root = math.sqrt(abs(ws)) if math.isfinite(ws) else math.nan
         u, d = u * root, d * (root if ws >= 0 else -root)
+        refuse_nonfinite(m, u, d, what="the weighted factors")
         up = u if up is None else up + u
         down = d if down is None else down + d
     return up, down

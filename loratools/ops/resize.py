@@ -13,7 +13,17 @@ from ..formats import FORMATS, load_adapter, save_adapter
 from ..model import Adapter
 from . import args, provenance
 from .linalg import lowrank_svd
-from .lowrank import DTYPES, Progress, factors, lora_module, pick_device, refuse_dora, stored_dtype, work_device
+from .lowrank import (
+    DTYPES,
+    Progress,
+    check_dense_all,
+    factors,
+    lora_module,
+    pick_device,
+    refuse_dora,
+    stored_dtype,
+    work_device,
+)
 
 
 @dataclass
@@ -70,6 +80,7 @@ def resize_adapter(
         base_model=adapter.base_model,
     )
     report = ResizeReport(None, adapter.format, rank, energy)
+    check_dense_all(adapter.modules.values())  # before any work: headers only
     for name, m in adapter.modules.items():
         old = m.rank
         plain = m.is_two_factor()

@@ -1,0 +1,306 @@
+"""Hostile GGUF exports: base configs with wrong, missing, huge or contradictory values, config files that are not
+configs, head counts that do not divide the rows, and no ``gguf`` package. Each is one Error line (nothing written),
+or a correct file, in bounded time: no count from a config is ever looped over.
+
+The base is built from code: a safetensors file with the tiny Llama's tensor names (two blocks), and a config.json
+per case beside it.
+"""
+
+from __future__ import annotations
+
+import builtins
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import hostile
+import pytest
+import torch
+from conftest import FIXTURES
+from safetensors.torch import save_file
+
+from loratools.errors import LoratoolsError
+from loratools.formats import gguf as gguf_format
+from loratools.model import Adapter, Module, TensorRef
+
+ADAPTER = FIXTURES / "peft_llama"  # q/k/v/o on both blocks: q 32 rows (4 heads of 8), k 16 rows (2 kv heads)
+GOOD = {
+    "architectures": ["LlamaForCausalLM"],
+    "model_type": "llama",
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "hidden_size": 32,
+}
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny Llama's tensor names and shapes (values do not matter to an export)."""
+    shapes = {"model.embed_tokens.weight": (128, 32), "model.norm.weight": (32,), "lm_head.weight": (128, 32)}
+    for i in range(2):
+        p = f"model.layers.{i}."
+        shapes |= {
+            p + "self_attn.q_proj.weight": (32, 32), p + "self_attn.k_proj.weight": (16, 32),
+            p + "self_attn.v_proj.weight": (16, 32), p + "self_attn.o_proj.weight": (32, 32),
+            p + "mlp.gate_proj.weight": (64, 32), p + "mlp.up_proj.weight": (64, 32), p + "mlp.down_proj.weight": (32, 64),
+            p + "input_layernorm.weight": (32,), p + "post_attention_layernorm.weight": (32,),
+        }  # fmt: skip
+    path = tmp_path_factory.mktemp("weights") / "model.safetensors"
+    save_file({k: torch.zeros(s) for k, s in shapes.items()}, str(path))
+    return path
+
+
+def base_with(weights: Path, tmp_path: Path, config: Any = None, *, raw: bytes | None = None) -> Path:
+    """A base folder: the weights (linked) and a config.json holding ``config`` (as JSON) or ``raw`` bytes."""
+    folder = tmp_path / "base"
+    folder.mkdir()
+    (folder / "model.safetensors").symlink_to(weights)
+    if raw is not None:
+        (folder / "config.json").write_bytes(raw)
+    elif config is not None:
+        (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+def export(base: Path, tmp_path: Path, *, says: str | list[str], code: int = 1, adapter: Path = ADAPTER) -> str:
+    out = tmp_path / "out.gguf"
+    r = hostile.run(
+        ["convert", adapter, "--to", "gguf", "--base", base, "-o", out],
+        inputs=[adapter, base], out=out if code else None, code=code, says=says, seconds=10,
+    )  # fmt: skip
+    assert out.exists() == (code == 0)
+    return r.stderr
+
+
+def edited(**changes: Any) -> dict[str, Any]:
+    cfg = dict(GOOD)
+    for k, v in changes.items():
+        if v is ...:
+            cfg.pop(k, None)
+        else:
+            cfg[k] = v
+    return cfg
+
+
+#: id -> (config, words of the Error)
+CONFIGS: dict[str, tuple[dict[str, Any], str | list[str]]] = {
+    "layers-1e9": (edited(num_hidden_layers=10**9), ["num_hidden_layers 1000000000", "hold 2 blocks"]),
+    "layers-1e30": (edited(num_hidden_layers=10**30), "hold 2 blocks"),
+    "layers-1": (edited(num_hidden_layers=1), "hold 2 blocks"),
+    "layers-0": (edited(num_hidden_layers=0), ["num_hidden_layers", "positive integer"]),
+    "layers-negative": (edited(num_hidden_layers=-2), "positive integer"),
+    "layers-float": (edited(num_hidden_layers=2.0), ["positive integer", "2.0"]),
+    "layers-true": (edited(num_hidden_layers=True), ["positive integer", "true"]),
+    "layers-string": (edited(num_hidden_layers="2"), "positive integer"),
+    "layers-null": (edited(num_hidden_layers=None), "positive integer"),
+    "layers-list": (edited(num_hidden_layers=[2]), "positive integer"),
+    "layers-missing": (edited(num_hidden_layers=...), "has no num_hidden_layers"),
+    "heads-0": (edited(num_attention_heads=0), ["num_attention_heads", "positive integer"]),
+    "heads-negative": (edited(num_attention_heads=-4), "positive integer"),
+    "heads-float": (edited(num_attention_heads=4.0), "positive integer"),
+    "heads-true": (edited(num_attention_heads=True, num_key_value_heads=...), "positive integer"),
+    "heads-missing": (edited(num_attention_heads=...), "has no num_attention_heads"),
+    "heads-3": (edited(num_attention_heads=3, num_key_value_heads=...), ["output rows", "3 heads", "do not split"]),
+    "heads-64": (edited(num_attention_heads=64), ["q_proj", "64 heads"]),
+    "heads-1e30": (edited(num_attention_heads=10**30, num_key_value_heads=...), "do not split"),
+    "heads-16-sizes-differ": (edited(num_attention_heads=16), "one size"),
+    "kv-0": (edited(num_key_value_heads=0), ["num_key_value_heads", "positive integer"]),
+    "kv-3": (edited(num_key_value_heads=3), "must divide"),
+    "kv-8-above-heads": (edited(num_key_value_heads=8), "must divide"),
+    "kv-string": (edited(num_key_value_heads="2"), "positive integer"),
+    "kv-null-means-heads": (edited(num_key_value_heads=None), "one size"),
+    "kv-1-sizes-differ": (edited(num_key_value_heads=1), "one size"),
+    "arch-string": (edited(architectures="LlamaForCausalLM"), "list of names"),
+    "arch-int": (edited(architectures=[1]), "list of names"),
+    "arch-dict": (edited(architectures=[{"a": 1}]), "list of names"),
+    "arch-unknown": (edited(architectures=["GPT2LMHeadModel"]), "knows no rules"),
+    "arch-empty-model-type": (edited(architectures=[]), ["knows no rules", "llama"]),
+    "arch-none-at-all": (edited(architectures=..., model_type=...), "names no architecture"),
+    "arch-huge-name": (edited(architectures=["X" * 100_000]), "knows no rules"),
+}
+#: the cases every default run tries; the rest run under -m slow
+CONFIG_DEFAULT = {
+    "layers-1e9", "layers-true", "layers-missing", "heads-0", "heads-3", "heads-16-sizes-differ", "kv-3",
+    "kv-null-means-heads", "arch-dict", "arch-huge-name",
+}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "case", [pytest.param(c, marks=() if c in CONFIG_DEFAULT else pytest.mark.slow) for c in sorted(CONFIGS)]
+)
+def test_hostile_base_config(case: str, weights: Path, tmp_path: Path) -> None:
+    config, says = CONFIGS[case]
+    stderr = export(base_with(weights, tmp_path, config), tmp_path, says=says)
+    assert max(len(line) for line in stderr.splitlines()) < 400  # a value from the config is shown cut short
+
+
+#: id -> (raw config.json bytes, words of the Error)
+FILES: dict[str, tuple[bytes, list[str]]] = {
+    "a-list": (b"[1, 2]", ["config.json", "not a JSON object"]),
+    "a-string": (b'"llama"', ["config.json", "not a JSON object"]),
+    "null": (b"null", ["config.json", "not a JSON object"]),
+    "not-json": (b"{num_hidden_layers: 2", ["config.json", "not valid JSON"]),
+    "empty": (b"", ["config.json", "not valid JSON"]),
+    "not-utf8": (b'{"model_type": "\xff\xfe"}', ["config.json", "not valid JSON"]),
+    "deeply-nested": (b'{"x": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", ["config.json", "nested too deeply"]),
+    "duplicate-key": (
+        json.dumps(GOOD)[:-1].encode() + b', "num_hidden_layers": 99}',
+        ["config.json", "appears twice"],
+    ),  # fmt: skip
+    "nan-layers": (
+        json.dumps(GOOD).replace("2,", "NaN,", 1).encode(),
+        ["num_hidden_layers", "positive integer", "NaN"],
+    ),  # fmt: skip
+    "infinity-heads": (
+        json.dumps(GOOD).replace('"num_attention_heads": 4', '"num_attention_heads": Infinity').encode(),
+        ["positive integer", "Infinity"],
+    ),  # fmt: skip
+    "5000-digit-int": (
+        json.dumps(GOOD).replace('"num_hidden_layers": 2', '"num_hidden_layers": ' + "9" * 5000).encode(),
+        ["config.json", "not valid JSON"],
+    ),  # fmt: skip
+    "5-mib": (b'{"pad": "' + b"x" * (5 << 20) + b'"}', ["config.json", "larger than"]),
+}
+FILE_DEFAULT = {"a-list", "not-json", "deeply-nested", "duplicate-key", "5-mib"}
+
+
+@pytest.mark.parametrize(
+    "case", [pytest.param(c, marks=() if c in FILE_DEFAULT else pytest.mark.slow) for c in sorted(FILES)]
+)
+def test_config_file_that_is_not_a_config(case: str, weights: Path, tmp_path: Path) -> None:
+    raw, says = FILES[case]
+    export(base_with(weights, tmp_path, raw=raw), tmp_path, says=says)
+
+
+@pytest.mark.parametrize("kind", ["missing", "folder", "fifo", "device-link"])
+def test_config_json_that_is_not_a_file(kind: str, weights: Path, tmp_path: Path) -> None:
+    """No config: the export says it needs one; a folder, a FIFO or a link to a device: refused, never read
+    (a FIFO would block the read forever)."""
+    base = base_with(weights, tmp_path)
+    cfg = base / "config.json"
+    if kind == "folder":
+        cfg.mkdir()
+    elif kind == "fifo":
+        os.mkfifo(cfg)
+    elif kind == "device-link":
+        cfg.symlink_to("/dev/zero")
+    export(base, tmp_path, says="needs the base model's config.json" if kind == "missing" else "not a regular file")
+
+
+def test_good_config_exports_bounded_by_the_adapter(weights: Path, tmp_path: Path) -> None:
+    """The same export with a sound config works (a control for every case above)."""
+    export(base_with(weights, tmp_path, GOOD), tmp_path, says=[], code=0)
+
+
+# ---- without the gguf package -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("how", ["sys-modules", "import-hook"])
+def test_without_the_gguf_package(how: str, weights: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """One Error with the install hint, before the adapter is even read (a missing adapter is not reached)."""
+    if how == "sys-modules":
+        monkeypatch.setitem(sys.modules, "gguf", None)  # import gguf -> ImportError
+    else:
+        real = builtins.__import__
+
+        def no_gguf(name: str, *args: Any, **kwargs: Any) -> Any:
+            if name == "gguf" or name.startswith("gguf."):
+                raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+            return real(name, *args, **kwargs)
+
+        monkeypatch.delitem(sys.modules, "gguf", raising=False)
+        monkeypatch.setattr(builtins, "__import__", no_gguf)
+    base = base_with(weights, tmp_path, GOOD)
+    out = tmp_path / "out.gguf"
+    r = hostile.run(
+        ["convert", ADAPTER, "--to", "gguf", "--base", base, "-o", out],
+        inputs=[ADAPTER, base], out=out, says=["gguf package", "pip install"],
+    )  # fmt: skip
+    assert "Hint:" in r.stderr
+    missing = tmp_path / "no-such-adapter"
+    hostile.run(["convert", missing, "--to", "gguf", "--base", base, "-o", out], out=out, says="gguf package")
+    hostile.call(gguf_format.plan, Adapter("peft"), GOOD, raises=LoratoolsError, says="gguf package")
+
+
+# ---- the planner, as a library call -------------------------------------------------------------------------------
+
+
+def adapter(*mods: tuple[str, int, float | None], kind: str = "lora") -> Adapter:
+    """``(module name, rank, alpha)`` modules with the tiny Llama's shapes."""
+    a = Adapter("peft")
+    rows = {"q_proj": 32, "k_proj": 16, "v_proj": 16, "o_proj": 32}
+    for name, rank, alpha in mods:
+        out = rows[name.rsplit(".", 1)[-1]]
+        g = torch.Generator().manual_seed(rank)
+        f = {"down": TensorRef.of(torch.randn(rank, 32, generator=g)), "up": TensorRef.of(torch.randn(out, rank, generator=g))}  # fmt: skip
+        a.modules[name] = Module(name, kind, f, alpha=alpha)  # type: ignore[arg-type]
+    return a
+
+
+Q0, Q1 = "model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.q_proj"
+
+#: id -> (adapter, config, words of the Error)
+PLANS: dict[str, tuple[Any, dict[str, Any], str]] = {
+    "rank-0": (lambda: adapter((Q0, 0, 1.0)), GOOD, "rank 0"),
+    "nan-alpha": (lambda: adapter((Q0, 4, math.nan)), GOOD, "alpha is nan"),
+    "inf-alpha": (lambda: adapter((Q0, 4, math.inf)), GOOD, "alpha is inf"),
+    "alpha-beyond-float32": (lambda: adapter((Q0, 4, 1e300)), GOOD, "overflows float32"),
+    "block-beyond-the-base": (
+        lambda: adapter((Q1, 4, 8.0), ("model.layers.5.self_attn.q_proj", 4, 8.0)),
+        GOOD,
+        "num_hidden_layers is 2",
+    ),  # fmt: skip
+    "block-number-of-12-digits": (
+        lambda: adapter(("model.layers.999999999999.self_attn.q_proj", 4, 8.0)),
+        edited(num_hidden_layers=10**13),
+        "no llama GGUF tensor",
+    ),  # fmt: skip
+    "block-number-with-leading-zero": (
+        lambda: adapter(("model.layers.01.self_attn.q_proj", 4, 8.0)),
+        GOOD,
+        "no llama GGUF tensor",
+    ),  # fmt: skip
+    "module-name-of-100k-chars": (
+        lambda: adapter(("model." + "x" * 100_000 + ".q_proj", 4, 8.0)),
+        GOOD,
+        "no llama GGUF tensor",
+    ),  # fmt: skip
+    "loha-module": (
+        lambda: Adapter(
+            "kohya",
+            modules={
+                "m": Module("m", "loha", {k: TensorRef.of(torch.ones(2, 2)) for k in ("w1a", "w1b", "w2a", "w2b")})
+            },
+        ),
+        GOOD,
+        "only plain LoRA",
+    ),  # fmt: skip
+}
+
+
+@pytest.mark.parametrize("case", sorted(PLANS))
+def test_hostile_plan(case: str) -> None:
+    build, config, says = PLANS[case]
+    hostile.call(gguf_format.plan, build(), config, raises=LoratoolsError, says=says, seconds=5)
+
+
+def test_a_huge_block_count_costs_nothing() -> None:
+    """num_hidden_layers 10^9 (a Hub config, no weights to check it against) and a module in block 999,999,999:
+    the name map is made for block 0 alone, so this takes milliseconds, not the hours a map of every block would."""
+    a = adapter((Q1, 4, 8.0), ("model.layers.999999999.self_attn.k_proj", 2, 4.0))
+    t0 = time.perf_counter()
+    arch, alpha, tensors = gguf_format.plan(a, edited(num_hidden_layers=10**9))
+    assert time.perf_counter() - t0 < 2
+    assert arch == "llama" and [t[0] for t in tensors] == ["blk.1.attn_q.weight", "blk.999999999.attn_k.weight"]
+
+
+def test_zero_alphas_keep_a_usable_file_alpha() -> None:
+    """All alphas 0: each module adds nothing; the file alpha llama.cpp divides by stays 1 (not 0)."""
+    a = adapter((Q0, 4, 0.0), (Q1, 4, 0.0))
+    _, alpha, tensors = gguf_format.plan(a, GOOD)
+    assert alpha == 1.0 and all(not bool(b.any()) for _, _, b in tensors)
