@@ -85,8 +85,8 @@ MAX_FILES = 100_000
 MAX_NAME = 1000
 #: the most bytes one file may announce: huggingface_hub's own limit for downloads over plain HTTP (50 GB)
 MAX_FILE = 50 * 1000**3
-#: the most times the download of one file may break off and resume
-MAX_CUTS = 5
+#: the most times one request may be retried (huggingface_hub resumes a download as long as bytes keep coming)
+MAX_RETRIES = 5
 
 _PART = r"[A-Za-z0-9_](?:[A-Za-z0-9_.-]{0,94}[A-Za-z0-9_])?"
 _REPO_RE = re.compile(rf"^({_PART})/({_PART})(?:/(.+))?$")
@@ -264,8 +264,9 @@ class _Watch:
     start: float = field(default_factory=time.monotonic)
     received: int = 0
     size: int | None = None  # the size the Hub announced for the file
-    cuts: int = 0
-    trouble: str | None = None
+    asked: dict[str, int] = field(default_factory=dict)  # how often each request was sent
+    last: dict[str, str] = field(default_factory=dict)  # what went wrong with it last time
+    trouble: str | None = None  # what went wrong last, for the message
 
     def allowed(self) -> float:
         if self.listing:
@@ -284,23 +285,32 @@ class _Watch:
             f"(now {_secs(self.seconds)})",
         )
 
-    def broke_off(self, e: BaseException) -> None:
-        self.cuts += 1
-        self.trouble = f"the connection broke off {self.cuts} time{'s' if self.cuts > 1 else ''}"
-        if self.cuts >= MAX_CUTS:
+    def sent(self, method: str, url: str) -> None:
+        """A request goes out: a repeat is a retry (or a redirect loop), and there is a limit to those."""
+        key = f"{method} {url}"
+        self.asked[key] = n = self.asked.get(key, 0) + 1
+        if n > 1:
+            self.trouble = self.last.get(key) or "the Hub failed to answer"
+        if n > MAX_RETRIES + 1:
             raise HubError(
-                f"downloading {self.what} from {self.where}: the connection broke off {self.cuts} times",
+                f"{'reading' if self.listing else 'downloading'} {self.what} from {self.where}: gave up after "
+                f"{n - 1} attempts ({self.trouble})",
                 "the Hub or the network is failing: try again later",
-            ) from e
+            )
 
-    def check(self, status: int, headers: Any, method: str) -> int:
+    def broke_off(self, key: str) -> None:
+        self.trouble = self.last[key] = "the connection broke off"
+
+    def check(self, status: int, headers: Any, method: str, key: str) -> int:
         """What an answer's headers say, checked; returns the most body bytes it may have."""
         if status == 429:
             raise HubError(
                 f"the Hub at {self.where} is rate limiting this client (429 Too Many Requests)", _wait_hint(headers)
             )
         if status >= 500:
-            self.trouble = f"the Hub answered {status}"
+            self.trouble = self.last[key] = f"the Hub answered {status}"
+        elif 300 <= status < 400:
+            self.last[key] = "it redirects in a loop"
         limit = ANSWER_LIMIT if self.listing or status >= 300 else MAX_FILE
         for key in ("X-Linked-Size", "Content-Length"):
             value = str(headers.get(key) or "").strip()
@@ -359,8 +369,8 @@ def _timed_stream(http: Any) -> type:
         return cls
 
     class Timed(http.SyncByteStream):  # type: ignore[misc]
-        def __init__(self, inner: Any, watch: _Watch, limit: int) -> None:
-            self.inner, self.watch, self.limit = inner, watch, limit
+        def __init__(self, inner: Any, watch: _Watch, limit: int, key: str) -> None:
+            self.inner, self.watch, self.limit, self.key = inner, watch, limit, key
 
         def __iter__(self) -> Iterator[bytes]:
             w, got = self.watch, 0
@@ -380,8 +390,8 @@ def _timed_stream(http: Any) -> type:
                 if w.left() <= 0.05:
                     raise w.late() from None
                 raise
-            except (http.RemoteProtocolError, http.ReadError) as e:
-                w.broke_off(e)
+            except (http.RemoteProtocolError, http.ReadError):
+                w.broke_off(self.key)
                 raise
 
         def close(self) -> None:
@@ -395,6 +405,7 @@ def _on_request(request: Any) -> None:
     w = _WATCH.get()
     if w is None:
         return
+    w.sent(request.method, str(request.url))
     left = w.left()
     if left <= 0:
         raise w.late()
@@ -407,8 +418,9 @@ def _on_response(response: Any) -> None:
     w = _WATCH.get()
     if w is None:
         return
-    limit = w.check(response.status_code, response.headers, response.request.method)
-    response.stream = _timed_stream(_http_module(response))(response.stream, w, limit)
+    key = f"{response.request.method} {response.request.url}"
+    limit = w.check(response.status_code, response.headers, response.request.method, key)
+    response.stream = _timed_stream(_http_module(response))(response.stream, w, limit, key)
 
 
 @contextlib.contextmanager
@@ -822,7 +834,9 @@ def shards_of(index: Any, what: str, names: set[str]) -> set[str]:
     return shards
 
 
-def _checkpoint_folder(tree: _Tree, folder: str, read_json: Callable[[str], Any], subfolders: bool) -> list[str]:
+def _checkpoint_folder(
+    tree: _Tree, folder: str, read_json: Callable[[str], Any], subfolders: bool, repo: str = ""
+) -> list[str]:
     """The files of one model folder a merge needs: its config and other small files, and its safetensors weights
     (the shards its index names, when it has one); never weights in other formats. With ``subfolders``, the same
     for every folder below it (not hidden)."""
@@ -834,7 +848,9 @@ def _checkpoint_folder(tree: _Tree, folder: str, read_json: Callable[[str], Any]
         top = [f for f in tree.files.get(here, []) if not f.startswith(".")]
         names = set(top)
         indexes = [f for f in top if f.endswith(INDEX_SUFFIX)]
-        shards = shards_of(read_json(prefix + indexes[0]), prefix + indexes[0], names) if len(indexes) == 1 else None
+        shards = None
+        if len(indexes) == 1:
+            shards = shards_of(read_json(prefix + indexes[0]), f"{repo}/{prefix}{indexes[0]}".lstrip("/"), names)
         for f in top:
             if _not_read(f) or _variant_of(f, names):
                 continue
@@ -854,7 +870,7 @@ def plan_checkpoint(files: set[str], ref: RepoRef, read_json: Callable[[str], An
     if path is not None and path in files:
         if path.endswith(INDEX_SUFFIX):
             folder = str(PurePosixPath(path).parent) if "/" in path else ""
-            return Plan(_checkpoint_folder(tree, folder, read_json, False), path)
+            return Plan(_checkpoint_folder(tree, folder, read_json, False, ref.repo_id), path)
         if not path.endswith(".safetensors"):
             raise FileFormatError(f"{ref}: not a .safetensors checkpoint", "loratools merges into safetensors weights")
         return Plan([path], path)
@@ -874,9 +890,9 @@ def plan_checkpoint(files: set[str], ref: RepoRef, read_json: Callable[[str], An
         ]
         for sub in subs:
             if not sub.startswith("."):
-                wanted += _checkpoint_folder(tree, f"{prefix}{sub}", read_json, True)
+                wanted += _checkpoint_folder(tree, f"{prefix}{sub}", read_json, True, ref.repo_id)
     else:
-        wanted = _checkpoint_folder(tree, folder, read_json, False)
+        wanted = _checkpoint_folder(tree, folder, read_json, False, ref.repo_id)
     if not any(f.endswith(".safetensors") for f in wanted):
         where = f"{ref.repo_id}/{folder}" if folder else ref.repo_id
         raise FileFormatError(
@@ -1396,7 +1412,9 @@ def select(
         if secret:
             raise LoratoolsError(
                 f"refusing to upload {rel}: it holds {secret}",
-                "remove it from the file (and revoke a token that was ever shared), or leave the file out",
+                "remove the token from the file (and revoke it if the file was ever shared)"
+                if "token" in secret
+                else "a private key never belongs in a repo: remove it from the file, or leave the file out",
             )
     return list(chosen.items()), sorted(left, key=lambda lo: lo.path)
 

@@ -14,12 +14,13 @@ from pathlib import Path
 from typing import Any
 
 import click
+import hubserver
 import numpy as np
 import pytest
 import yaml
 from click.testing import CliRunner
 from conftest import FIXTURES
-from hubserver import HubServer
+from hubserver import TOKEN, HubServer
 from safetensors.numpy import save as st_save
 
 from loratools import hub, load_adapter
@@ -28,59 +29,7 @@ from loratools.cli.push import push_cmd
 from loratools.errors import FileFormatError, HubError, LoratoolsError
 from loratools.ops.inspect import inspect_adapter
 
-TOKEN = "hf_test_SECRETtoken_0123456789"
-
-
-@pytest.fixture(autouse=True)
-def no_internet(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[Any]]:
-    """Any connection or name lookup beyond 127.0.0.1 is refused and recorded; the test then fails."""
-    attempts: list[Any] = []
-    local = ("127.0.0.1", "localhost", "::1")
-    real_connect, real_gai = socket.socket.connect, socket.getaddrinfo
-
-    def connect(self: socket.socket, address: Any) -> None:
-        if isinstance(address, tuple) and address[0] not in local:
-            attempts.append(address)
-            raise OSError(f"test guard: no network beyond 127.0.0.1 ({address[0]})")
-        real_connect(self, address)
-
-    def getaddrinfo(host: Any, *args: Any, **kwargs: Any) -> Any:
-        if host not in (*local, None):
-            attempts.append(host)
-            raise socket.gaierror(f"test guard: no name lookups ({host})")
-        return real_gai(host, *args, **kwargs)
-
-    monkeypatch.setattr(socket.socket, "connect", connect)
-    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
-    yield attempts
-    assert not attempts, f"a test tried to reach {attempts}"
-
-
-@pytest.fixture
-def hf_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """A private HF_HOME and cache, no token, online, no Xet, no telemetry."""
-    import huggingface_hub.constants as constants
-
-    home = tmp_path / "hf-home"
-    monkeypatch.setenv("HF_HOME", str(home))
-    monkeypatch.setenv("HF_HUB_CACHE", str(home / "hub"))
-    monkeypatch.setenv("HF_HUB_DISABLE_XET", "1")
-    monkeypatch.setenv("HF_HUB_DISABLE_TELEMETRY", "1")
-    monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)
-    monkeypatch.setattr(constants, "HF_HUB_DISABLE_TELEMETRY", True)  # read at import: no user-agent registry fetch
-    # other test modules import huggingface_hub with HF_HUB_OFFLINE=1 (the fixture builders set it): online here
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
-    for var in ("HF_TOKEN", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_TOKEN_PATH", "HUGGINGFACE_HUB_CACHE"):
-        monkeypatch.delenv(var, raising=False)
-    return home
-
-
-@pytest.fixture
-def server(hf_env: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[HubServer]:
-    with HubServer(tokens={TOKEN}) as s:
-        monkeypatch.setenv("HF_ENDPOINT", s.url)  # set after huggingface_hub's import: loratools reads it per call
-        monkeypatch.setenv("HF_TOKEN", TOKEN)
-        yield s
+no_internet, hf_env, server = hubserver.no_internet, hubserver.hf_env, hubserver.server  # the shared fixtures
 
 
 def front_matter(text: str) -> tuple[dict[str, Any], str]:
