@@ -149,6 +149,11 @@ def is_model_id(value: str | None) -> bool:
     return bool(value) and _MODEL_ID_RE.match(value or "") is not None and ".." not in (value or "")
 
 
+def printable(name: str) -> str:
+    """A file name for a one-line message: as it is, or quoted with its control characters escaped."""
+    return repr(name) if _CONTROL_RE.search(name) else name
+
+
 def _show(value: object, limit: int = 80) -> str:
     """A value from the world, quoted for a one-line message (control characters escaped, long text cut)."""
     text = str(value)
@@ -1353,9 +1358,11 @@ def select(
         if patterns:
             raise LoratoolsError("--include applies to a folder SOURCE, and SOURCE is a file", "leave out --include")
         if src.name.startswith("."):
-            raise LoratoolsError(f"refusing to upload {src.name}: a hidden file", "rename it without the leading dot")
+            raise LoratoolsError(
+                f"refusing to upload {printable(src.name)}: a hidden file", "rename it without the leading dot"
+            )
         if not src.is_file():
-            raise LoratoolsError(f"cannot upload {src}: {SPECIAL}")
+            raise LoratoolsError(f"cannot upload {printable(str(src))}: {SPECIAL}")
         chosen[src.name] = src
     else:
         found, left = _scan(src)
@@ -1365,7 +1372,7 @@ def select(
             problem = by_rel[rel].problem
             if problem:
                 raise LoratoolsError(
-                    f"cannot upload {rel}, a file of the adapter: {problem}",
+                    f"cannot upload {printable(rel)}, a file of the adapter: {problem}",
                     "copy the file itself into the folder (cp -L)",
                 )
             chosen[rel] = by_rel[rel].path
@@ -1385,7 +1392,7 @@ def select(
                     chosen[f.rel] = f.path
                 elif exact:
                     raise LoratoolsError(
-                        f"refusing to upload {f.rel}: {problem}",
+                        f"refusing to upload {printable(f.rel)}: {problem}",
                         "pass --allow-pickles if you trust it"
                         if problem == PICKLE
                         else "copy what belongs to the upload into the folder",
@@ -1401,17 +1408,18 @@ def select(
     pickles = [rel for rel in chosen if is_pickle(rel)]
     if pickles and not allow_pickles:
         raise LoratoolsError(
-            f"refusing to upload pickle file(s): {', '.join(pickles[:6])}" + (" ..." if len(pickles) > 6 else ""),
+            f"refusing to upload pickle file(s): {', '.join(map(printable, pickles[:6]))}"
+            + (" ..." if len(pickles) > 6 else ""),
             "a pickle can run code when it is loaded: save the adapter as safetensors, or pass --allow-pickles",
         )
     for rel, p in chosen.items():
         try:
             secret = secret_in(p, token)
         except OSError as e:
-            raise LoratoolsError(f"cannot read {rel}: {e.strerror or type(e).__name__}") from None
+            raise LoratoolsError(f"cannot read {printable(rel)}: {e.strerror or type(e).__name__}") from None
         if secret:
             raise LoratoolsError(
-                f"refusing to upload {rel}: it holds {secret}",
+                f"refusing to upload {printable(rel)}: it holds {secret}",
                 "remove the token from the file (and revoke it if the file was ever shared)"
                 if "token" in secret
                 else "a private key never belongs in a repo: remove it from the file, or leave the file out",

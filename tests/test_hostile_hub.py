@@ -107,6 +107,14 @@ LISTINGS: list[Any] = [
     pytest.param(info([*ADAPTER, "a\x00b"]), "control characters", id="nul-name"),
     pytest.param(info([*ADAPTER, "x" * 5000]), "a file name of 5000 characters", id="long-name"),
     pytest.param(
+        info([*ADAPTER, "[/x]\x00"]),
+        "'[/x]\\x00'",
+        marks=pytest.mark.xfail(
+            strict=False, reason="markup in messages is escaped by the CLI's error printer: its fix"
+        ),
+        id="markup-in-a-name",
+    ),
+    pytest.param(
         info([*ADAPTER, "adapter_config.json/x.safetensors"]),
         "'adapter_config.json' is both a file and a folder",
         id="file-and-folder",
@@ -348,7 +356,6 @@ def test_a_hostile_file_answer(
             pytest.param({"raw": b"garbage\r\n\r\n"}, "the Hub failed to answer", id="not-http-again-and-again"),
         ],
         "one-byte-every-2s",
-        "cut-again-and-again",
     ),
 )
 def test_a_slow_or_failing_download_meets_its_deadline(

@@ -82,7 +82,7 @@ def push_cmd(
     from rich.table import Table
     from rich.text import Text
 
-    from ..hub import push
+    from ..hub import printable, push
 
     rep = push(
         source, repo_id, private=private, revision=revision, message=message, create_pr=create_pr,
@@ -103,12 +103,12 @@ def push_cmd(
     for col, justify in [("file", "left"), ("size", "right"), ("from", "left")]:
         table.add_column(col, justify=justify)  # type: ignore[arg-type]
     for f in rep.files:
-        table.add_row(Text(f.path), human_bytes(f.size), Text(f.source))
+        table.add_row(Text(printable(f.path)), human_bytes(f.size), Text(printable(f.source)))
     con.print(table)
     if rep.left_out:
         con.print(f"left out ({len(rep.left_out)}):", highlight=False, markup=False)
         for lo in rep.left_out:
-            con.print(f"  {escape(lo.path)}: [dim]{escape(lo.why)}[/]", highlight=False)
+            con.print(f"  {escape(printable(lo.path))}: [dim]{escape(lo.why)}[/]", highlight=False)
     if rep.dry_run:
         notes = {
             "generated": "README.md (model card made by loratools):",
