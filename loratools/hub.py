@@ -317,8 +317,8 @@ class _Watch:
         elif 300 <= status < 400:
             self.last[key] = "it redirects in a loop"
         limit = ANSWER_LIMIT if self.listing or status >= 300 else MAX_FILE
-        for key in ("X-Linked-Size", "Content-Length"):
-            value = str(headers.get(key) or "").strip()
+        for header in ("X-Linked-Size", "Content-Length"):
+            value = str(headers.get(header) or "").strip()
             if not value.isdigit():
                 continue
             n = int(value)
@@ -328,7 +328,7 @@ class _Watch:
                     f"{human_bytes(ANSWER_LIMIT if self.listing else MAX_FILE)}",
                     "is HF_ENDPOINT a Hugging Face Hub? a file list or a file that large is not an adapter's",
                 )
-            announces_file = key == "X-Linked-Size" or (status == 200 and method in ("HEAD", "GET"))
+            announces_file = header == "X-Linked-Size" or (status == 200 and method in ("HEAD", "GET"))
             if not self.listing and self.size is None and status < 300 and announces_file:
                 self.size = n
         if self.listing:
@@ -384,8 +384,10 @@ def _timed_stream(http: Any) -> type:
                     got += len(chunk)
                     w.received += len(chunk)
                     if got > self.limit:
+                        announced = not w.listing and self.limit == w.size
                         raise HubError(
-                            f"the Hub at {w.where} sent more than the {self.limit} bytes it announced for {w.what}",
+                            f"the Hub at {w.where} sent more than {self.limit} bytes for {w.what}"
+                            + (", more than it announced" if announced else ""),
                             "is HF_ENDPOINT a Hugging Face Hub (or a mirror of one)?",
                         )
                     if w.left() <= 0:
@@ -630,12 +632,12 @@ def _bad_name(name: object) -> str | None:
         return f"a file name of {len(name)} characters"
     if _CONTROL_RE.search(name):
         return f"a file name with control characters ({_show(name)})"
-    if "\\" in name or re.match(r"^[A-Za-z]:", name):
-        return f"a file name that is a Windows path ({_show(name)})"
-    if name.startswith("/"):
+    if name.startswith(("/", "\\")) or re.match(r"^[A-Za-z]:", name):
         return f"an absolute file name ({_show(name)})"
-    if any(p in ("", ".", "..") for p in name.split("/")):
-        return f"a file name with an empty, '.' or '..' part ({_show(name)})"
+    if ".." in name.replace("\\", "/").split("/"):  # a way out of the cache, on any system (as huggingface_hub checks)
+        return f"a file name with a '..' part ({_show(name)})"
+    if any(p in ("", ".") for p in name.split("/")):
+        return f"a file name with an empty or '.' part ({_show(name)})"
     return None
 
 
