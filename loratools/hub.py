@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from urllib.parse import quote
 
 from .errors import FileFormatError, HubError, LoratoolsError
+from .io.pickle import PICKLE_SUFFIXES as PICKLE_SUFFIXES  # every pickle container: push refuses them unasked
 from .io.pickle import is_pickle
 from .units import human_bytes
 
