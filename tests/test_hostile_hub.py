@@ -581,9 +581,14 @@ MISTYPED = "fixtures/peft_lama"
 def test_a_mistyped_path_offline(
     hf_env: Path, tmp_path: Path, in_fixtures: None, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    import socket
+
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # nothing may be asked
-    got = hostile.run(["inspect", MISTYPED], says=[], seconds=3)
+    with socket.socket() as silent:  # a Hub that never answers: a request would hang, not fail
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{silent.getsockname()[1]}")
+        got = hostile.run(["inspect", MISTYPED], says=[], seconds=3)
     error = next(line for line in got.stderr.splitlines() if line.startswith("Error:"))
     assert error.startswith(f"Error: {MISTYPED}: no such local file or folder, and no Hub repo {MISTYPED} in the cache")
     assert "Hint: check the path" in got.stderr
