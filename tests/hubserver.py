@@ -16,23 +16,39 @@ store of repos (commits as whole file maps):
 Writes need a token from ``tokens`` (401 without one); a wrong token is 401 on any request; private repos are not
 found without a token; gated repos refuse downloads (403 ``GatedRepo``). Unknown repos, revisions and files are 404
 with the ``X-Error-Code`` the client turns into its typed errors. ``log`` records every request as
-(method, path, authenticated); ``force`` makes every answer one status (429 rate limits, 5xx).
+(method, path, authenticated), ``authorizations`` every Authorization header received; ``force`` makes every answer
+one status (429 rate limits, 5xx).
+
+A hostile Hub: ``serve(method, path_regex, reply)`` answers matching requests with ``reply`` (a :class:`Reply`, or a
+function of the request's path returning one) before any route, and a reply can lie and misbehave: announce another
+Content-Length (``length``), send its body slowly (``pause`` seconds between ``chunk``-byte pieces), break the
+connection after ``cut`` bytes, or write ``raw`` bytes that are not HTTP at all.
+
+The fixtures at the end (``no_internet``, ``hf_env``, ``server``) are shared by the Hub tests.
 """
 
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import itertools
 import json
 import re
+import socket
 import threading
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
+import pytest
 import yaml
+
+TOKEN = "hf_test_SECRETtoken_0123456789"
 
 
 def blob_sha(data: bytes) -> str:
@@ -56,6 +72,15 @@ class Reply:
     body: bytes = b""
     headers: dict[str, str] = field(default_factory=dict)
     head_length: int | None = None  # Content-Length to announce for HEAD
+    # a hostile server's ways
+    length: int | str | None = None  # the Content-Length to announce instead of the body's ("" : none at all)
+    pause: float = 0.0  # seconds between pieces of the body
+    chunk: int = 1 << 16  # bytes per piece
+    cut: int | None = None  # close the connection after this many bytes of the body
+    raw: bytes | None = None  # written as it is instead of an HTTP answer, then the connection is closed
+
+
+Rule = tuple[str | None, "re.Pattern[str]", "Reply | Callable[[str], Reply | None]"]
 
 
 def _json(status: int, data: Any, **headers: str) -> Reply:
@@ -74,7 +99,9 @@ class HubServer:
         self.tokens = set(tokens or ())
         self.repos: dict[str, Repo] = {}
         self.log: list[tuple[str, str, bool]] = []
+        self.authorizations: list[str] = []
         self.force: tuple[int, dict[str, str]] | None = None
+        self.rules: list[Rule] = []
         self.lock = threading.RLock()
         self._counter = itertools.count(1)
         self._httpd: ThreadingHTTPServer | None = None
@@ -87,11 +114,11 @@ class HubServer:
         class Handler(_Handler):
             server_hub = hub
 
-        httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        httpd = _Quiet(("127.0.0.1", 0), Handler)
         httpd.daemon_threads = True
         httpd.block_on_close = False
         self._httpd = httpd
-        threading.Thread(target=httpd.serve_forever, args=(0.05,), name="hubserver", daemon=True).start()
+        threading.Thread(target=httpd.serve_forever, args=(0.01,), name="hubserver", daemon=True).start()
         return self
 
     def stop(self) -> None:
@@ -136,6 +163,11 @@ class HubServer:
             repo = self.repos[repo_id]
             return dict(repo.commits[repo.refs.get(revision, revision)])
 
+    def serve(self, method: str | None, path: str, reply: Reply | Callable[[str], Reply | None]) -> None:
+        """Answer ``method`` (None: any) requests whose path matches the regex ``path`` with ``reply``."""
+        with self.lock:
+            self.rules.append((method, re.compile(path), reply))
+
     def requests(self, method: str | None = None, contains: str = "") -> list[str]:
         return [p for m, p, _ in self.log if (method is None or m == method) and contains in p]
 
@@ -156,6 +188,13 @@ class HubServer:
         token = auth[7:].strip() if auth.lower().startswith("bearer ") else None
         with self.lock:
             self.log.append((method, unquote(split.path), token in self.tokens))
+            if auth:
+                self.authorizations.append(auth)
+            for want, pattern, reply in self.rules:
+                if (want is None or want == method) and pattern.search(unquote(split.path)):
+                    answer = reply(unquote(split.path)) if callable(reply) else reply
+                    if answer is not None:
+                        return answer
             if token is not None and token not in self.tokens:
                 return _error(401, None, "Invalid credentials in Authorization header")
             if self.force is not None:
@@ -354,13 +393,42 @@ class _Handler(BaseHTTPRequestHandler):
             else:
                 status, body = 206, body[start : end + 1]
                 headers["Content-Range"] = f"bytes {start}-{end}/{len(reply.body)}"
+        if reply.raw is not None:
+            self.wfile.write(reply.raw)
+            self.wfile.flush()
+            self._hang_up()
+            return
         self.send_response(status)
         for k, v in headers.items():
             self.send_header(k, v)
-        self.send_header("Content-Length", str(len(body)))
+        length = reply.length if reply.length is not None else len(body)
+        if method == "HEAD" and reply.length is None and reply.head_length is not None and status == 200:
+            length = reply.head_length
+        if length != "":
+            self.send_header("Content-Length", str(length))
+        else:
+            self.close_connection = True  # the body ends when the connection does
         self.end_headers()
-        if method != "HEAD":
-            self.wfile.write(body)
+        if method == "HEAD":
+            return
+        if reply.cut is not None:
+            body = body[: reply.cut]
+        try:
+            for i in range(0, len(body), reply.chunk):
+                if i and reply.pause:
+                    time.sleep(reply.pause)
+                self.wfile.write(body[i : i + reply.chunk])
+                self.wfile.flush()
+        except OSError:  # the client gave up
+            self.close_connection = True
+            return
+        if reply.cut is not None or length == "":
+            self._hang_up()
+
+    def _hang_up(self) -> None:
+        self.close_connection = True
+        with contextlib.suppress(OSError):
+            self.connection.shutdown(socket.SHUT_RDWR)
 
     def do_GET(self) -> None:
         self._answer("GET")
@@ -370,3 +438,69 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_POST(self) -> None:
         self._answer("POST")
+
+
+class _Quiet(ThreadingHTTPServer):
+    daemon_threads = True
+    block_on_close = False
+
+    def handle_error(self, request: Any, client_address: Any) -> None:  # a client that hung up is not news
+        pass
+
+
+# ---- fixtures shared by the Hub tests -----------------------------------------------------------------------------
+
+
+@pytest.fixture(autouse=True)
+def no_internet(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[Any]]:
+    """Any connection or name lookup beyond 127.0.0.1 is refused and recorded; the test then fails."""
+    attempts: list[Any] = []
+    local = ("127.0.0.1", "localhost", "::1")
+    real_connect, real_gai = socket.socket.connect, socket.getaddrinfo
+
+    def connect(self: socket.socket, address: Any) -> None:
+        if isinstance(address, tuple) and address[0] not in local:
+            attempts.append(address)
+            raise OSError(f"test guard: no network beyond 127.0.0.1 ({address[0]})")
+        real_connect(self, address)
+
+    def getaddrinfo(host: Any, *args: Any, **kwargs: Any) -> Any:
+        if host not in (*local, None):
+            attempts.append(host)
+            raise socket.gaierror(f"test guard: no name lookups ({host})")
+        return real_gai(host, *args, **kwargs)
+
+    monkeypatch.setattr(socket.socket, "connect", connect)
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    yield attempts
+    assert not attempts, f"a test tried to reach {attempts}"
+
+
+@pytest.fixture
+def hf_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A private HF_HOME and cache, no token, online, no Xet, no telemetry, the default deadline."""
+    import huggingface_hub.constants as constants
+
+    home = tmp_path / "hf-home"
+    monkeypatch.setenv("HF_HOME", str(home))
+    monkeypatch.setenv("HF_HUB_CACHE", str(home / "hub"))
+    monkeypatch.setenv("HF_HUB_DISABLE_XET", "1")
+    monkeypatch.setenv("HF_HUB_DISABLE_TELEMETRY", "1")
+    monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)
+    monkeypatch.setattr(constants, "HF_HUB_DISABLE_TELEMETRY", True)  # read at import: no user-agent registry fetch
+    # other test modules import huggingface_hub with HF_HUB_OFFLINE=1 (the fixture builders set it): online here
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    for var in (
+        "HF_TOKEN", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_TOKEN_PATH", "HUGGINGFACE_HUB_CACHE",
+        "LORATOOLS_HUB_DEADLINE",
+    ):  # fmt: skip
+        monkeypatch.delenv(var, raising=False)
+    return home
+
+
+@pytest.fixture
+def server(hf_env: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[HubServer]:
+    with HubServer(tokens={TOKEN}) as s:
+        monkeypatch.setenv("HF_ENDPOINT", s.url)  # set after huggingface_hub's import: loratools reads it per call
+        monkeypatch.setenv("HF_TOKEN", TOKEN)
+        yield s

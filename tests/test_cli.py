@@ -218,7 +218,7 @@ ANSWER_CASES: dict[str, tuple[list[str], int, str]] = {
     "diff-truncated": (["diff", A_, "{truncated}"], 2, "truncated"),
     "diff-deltas-of-a-checkpoint": (["diff", A_, "{base}", "--mode", "deltas"], 2, "not a LoRA adapter"),
     "diff-readme": (["diff", A_, str(FIXTURES / "README.md")], 2, "README.md"),
-    "diff-hub-error": (["diff", A_, "nobody/no-such-adapter"], 2, "not in the cache"),
+    "diff-hub-error": (["diff", A_, "nobody/no-such-adapter"], 2, "no Hub repo nobody/no-such-adapter in the cache"),
     "validate-sound": (["validate", A_], 0, ""),
     "validate-findings": (["validate", "{alpha0}"], 1, ""),
     "validate-damaged-is-a-finding": (["validate", "{truncated}"], 1, ""),
@@ -227,7 +227,7 @@ ANSWER_CASES: dict[str, tuple[list[str], int, str]] = {
     "validate-empty-folder": (["validate", "{empty}"], 2, "no adapter found"),
     "validate-readme": (["validate", str(FIXTURES / "README.md")], 2, "README.md"),
     "validate-base-missing": (["validate", A_, "--base", "{empty}/nope"], 2, "no such file or folder"),
-    "validate-hub-error": (["validate", "nobody/no-such-adapter"], 2, "not in the cache"),
+    "validate-hub-error": (["validate", "nobody/no-such-adapter"], 2, "no Hub repo nobody/no-such-adapter in the cache"),
 }
 
 

@@ -14,12 +14,13 @@ from pathlib import Path
 from typing import Any
 
 import click
+import hubserver
 import numpy as np
 import pytest
 import yaml
 from click.testing import CliRunner
 from conftest import FIXTURES
-from hubserver import HubServer
+from hubserver import TOKEN, HubServer
 from safetensors.numpy import save as st_save
 
 from loratools import hub, load_adapter
@@ -28,59 +29,7 @@ from loratools.cli.push import push_cmd
 from loratools.errors import FileFormatError, HubError, LoratoolsError
 from loratools.ops.inspect import inspect_adapter
 
-TOKEN = "hf_test_SECRETtoken_0123456789"
-
-
-@pytest.fixture(autouse=True)
-def no_internet(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[Any]]:
-    """Any connection or name lookup beyond 127.0.0.1 is refused and recorded; the test then fails."""
-    attempts: list[Any] = []
-    local = ("127.0.0.1", "localhost", "::1")
-    real_connect, real_gai = socket.socket.connect, socket.getaddrinfo
-
-    def connect(self: socket.socket, address: Any) -> None:
-        if isinstance(address, tuple) and address[0] not in local:
-            attempts.append(address)
-            raise OSError(f"test guard: no network beyond 127.0.0.1 ({address[0]})")
-        real_connect(self, address)
-
-    def getaddrinfo(host: Any, *args: Any, **kwargs: Any) -> Any:
-        if host not in (*local, None):
-            attempts.append(host)
-            raise socket.gaierror(f"test guard: no name lookups ({host})")
-        return real_gai(host, *args, **kwargs)
-
-    monkeypatch.setattr(socket.socket, "connect", connect)
-    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
-    yield attempts
-    assert not attempts, f"a test tried to reach {attempts}"
-
-
-@pytest.fixture
-def hf_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """A private HF_HOME and cache, no token, online, no Xet, no telemetry."""
-    import huggingface_hub.constants as constants
-
-    home = tmp_path / "hf-home"
-    monkeypatch.setenv("HF_HOME", str(home))
-    monkeypatch.setenv("HF_HUB_CACHE", str(home / "hub"))
-    monkeypatch.setenv("HF_HUB_DISABLE_XET", "1")
-    monkeypatch.setenv("HF_HUB_DISABLE_TELEMETRY", "1")
-    monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)
-    monkeypatch.setattr(constants, "HF_HUB_DISABLE_TELEMETRY", True)  # read at import: no user-agent registry fetch
-    # other test modules import huggingface_hub with HF_HUB_OFFLINE=1 (the fixture builders set it): online here
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
-    for var in ("HF_TOKEN", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_TOKEN_PATH", "HUGGINGFACE_HUB_CACHE"):
-        monkeypatch.delenv(var, raising=False)
-    return home
-
-
-@pytest.fixture
-def server(hf_env: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[HubServer]:
-    with HubServer(tokens={TOKEN}) as s:
-        monkeypatch.setenv("HF_ENDPOINT", s.url)  # set after huggingface_hub's import: loratools reads it per call
-        monkeypatch.setenv("HF_TOKEN", TOKEN)
-        yield s
+no_internet, hf_env, server = hubserver.no_internet, hubserver.hf_env, hubserver.server  # the shared fixtures
 
 
 def front_matter(text: str) -> tuple[dict[str, Any], str]:
@@ -209,26 +158,39 @@ def test_pickles_are_refused_unless_asked(server: HubServer) -> None:
     assert {"adapter_model.bin", "adapter_config.json", "README.md"} <= set(server.files("me/bin"))
 
 
-def test_symlinks_out_of_source_are_refused(server: HubServer, tmp_path: Path) -> None:
+def test_links_out_of_source_are_never_followed(server: HubServer, tmp_path: Path) -> None:
     src = tmp_path / "adapter"
     shutil.copytree(FIXTURES / "peft_llama", src)
     secret = tmp_path / "secret.txt"
     secret.write_text("not for the Hub")
     (src / "notes.txt").symlink_to(secret)
-    with pytest.raises(LoratoolsError, match="refusing to upload notes.txt: a symlink to .*outside"):
-        hub.push(src, "me/x")
-    (src / "notes.txt").unlink()
     (src / "more").symlink_to(tmp_path, target_is_directory=True)
-    with pytest.raises(LoratoolsError, match="refusing to upload more: a symlink to .*outside"):
-        hub.push(src, "me/x")
-    assert server.log == []
-    (src / "more").unlink()
-    (src / "copy.json").symlink_to(src / "adapter_config.json")  # inside: fine
     (src / ".env").write_text("HF_TOKEN=...")  # hidden: left out
-    rep = hub.push(src, "me/x")
-    assert rep.skipped == [".env"]
-    assert server.files("me/x")["copy.json"] == (src / "adapter_config.json").read_bytes()
-    assert ".env" not in server.files("me/x")
+    (src / "env.txt").symlink_to(src / ".env")  # a link to a hidden file: left out
+    (src / "copy.json").symlink_to(src / "adapter_config.json")  # inside: fine, once named
+    with pytest.raises(LoratoolsError, match="refusing to upload notes.txt: a link to a file outside the folder"):
+        hub.push(src, "me/x", include=["notes.txt"])
+    with pytest.raises(LoratoolsError, match="refusing to upload env.txt: a link to a hidden file"):
+        hub.push(src, "me/x", include=["env.txt"])
+    assert server.log == []
+    rep = hub.push(src, "me/x", include=["copy.json"])
+    assert {(lo.path, lo.why) for lo in rep.left_out} == {
+        (".env", hub.HIDDEN), ("env.txt", hub.LINK_HIDDEN), ("more/", hub.LINK_DIR), ("notes.txt", hub.LINK_OUT),
+    }  # fmt: skip
+    assert rep.skipped == [".env", "env.txt", "more/", "notes.txt"]
+    files = server.files("me/x")
+    assert files["copy.json"] == (src / "adapter_config.json").read_bytes()
+    assert set(files) == {
+        ".gitattributes",
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "copy.json",
+        "README.md",
+    }
+    (src / "adapter_model.safetensors").rename(tmp_path / "weights.safetensors")
+    (src / "adapter_model.safetensors").symlink_to(tmp_path / "weights.safetensors")
+    with pytest.raises(LoratoolsError, match="cannot upload adapter_model.safetensors, a file of the adapter: a link"):
+        hub.push(src, "me/y")
 
 
 def test_existing_readme_kept_or_updated(server: HubServer, tmp_path: Path) -> None:
@@ -449,7 +411,11 @@ def test_fetch_at_a_revision(server: HubServer) -> None:
 
 def test_unknown_repo_and_file(server: HubServer) -> None:
     with pytest.raises(HubError, match=r"^nobody/nothing: no such local file or folder, and no repo nobody/nothing on 127\.0\.0\.1:\d+ \(not found, or private\)$"):  # fmt: skip
+        hub.resolve("nobody/nothing")  # a SOURCE that could have been a local path: the error says so first
+    with pytest.raises(HubError, match=r"^no repo nobody/nothing on 127\.0\.0\.1:\d+ \(not found, or private\)$"):
         hub.fetch("nobody/nothing")
+    with pytest.raises(HubError, match=r"^no repo nobody/nothing on"):
+        hub.resolve("hf://nobody/nothing")
     peft_repo(server)
     with pytest.raises(HubError, match="has no file or folder missing.safetensors"):
         hub.fetch("someone/llama-lora/missing.safetensors")

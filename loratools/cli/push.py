@@ -2,7 +2,17 @@ from __future__ import annotations
 
 import click
 
-from .output import human_bytes, json_option, out_console, print_json
+from .output import human_bytes, json_option, out_console, print_json, styled
+
+
+def _patterns(ctx: click.Context, param: click.Parameter, value: tuple[str, ...]) -> tuple[str, ...]:
+    from ..hub import include_problem
+
+    for pattern in value:
+        problem = include_problem(pattern)
+        if problem:
+            raise click.BadParameter(f"{pattern!r}: {problem}")
+    return value
 
 
 @click.command("push")
@@ -18,7 +28,22 @@ from .output import human_bytes, json_option, out_console, print_json
     help="Update the metadata block of an existing README.md (the folder's, or else the repo's) instead of "
     "leaving it as it is.",
 )
-@click.option("--allow-pickles", is_flag=True, help="Upload pickle files (.bin, .pt, .pth, .ckpt) too.")
+@click.option(
+    "--include",
+    "include",
+    multiple=True,
+    metavar="PATTERN",
+    callback=_patterns,
+    help="Upload the files this pattern names too (relative to SOURCE, fnmatch-style: 'samples/*.png', 'notes.md'; "
+    "a folder's name stands for its files). Repeatable. Never a hidden file, a link out of SOURCE, or a pickle "
+    "without --allow-pickles.",
+)
+@click.option(
+    "--allow-pickles",
+    is_flag=True,
+    help="Upload pickle files (.bin, .pt, .pth, .ckpt, .pkl, .joblib, .npy, ...) the adapter is made of or "
+    "--include names.",
+)
 @click.option("--dry-run", is_flag=True, help="Print the files and the model card; upload nothing, send no request.")
 @json_option
 def push_cmd(
@@ -29,47 +54,60 @@ def push_cmd(
     message: str | None,
     create_pr: bool,
     update_card: bool,
+    include: tuple[str, ...],
     allow_pickles: bool,
     dry_run: bool,
     as_json: bool,
 ) -> None:
     """Publish an adapter on the Hugging Face Hub, with a model card.
 
-    SOURCE is an adapter folder or file; REPO_ID is owner/name. The repo is created when missing, and the folder's
-    files (or the file) go up in one commit. When the folder has no README.md, loratools writes a model card:
-    YAML metadata (base_model, library_name, tags) and the adapter's facts from `inspect` (rank, alpha, targets,
-    size), and for files loratools made, the recipe (e.g. "mix of A (0.7) and B (0.3), svd to rank 16"). SOURCE is
-    never modified. Symlinks leading out of SOURCE and pickle files are refused. The token comes from HF_TOKEN (or
-    `hf auth login`); HF_ENDPOINT picks another Hub.
+    SOURCE is an adapter folder or file; REPO_ID is owner/name. The repo is created when missing, and what an
+    adapter repo is made of goes up in one commit: the adapter's files (a PEFT config and weights, a diffusers or
+    kohya .safetensors), README.md, the tokenizer and chat template files saved beside an adapter, a LICENSE, and the
+    files --include names. Everything else (notes, training arguments, keys, hidden files...) is left out and listed
+    with the reason. A link leading out of SOURCE or to a hidden file is never followed, pickles are refused unless
+    --allow-pickles, and a file holding the token in use is refused. When the folder has no README.md, loratools
+    writes a model card: YAML metadata (base_model, library_name, tags) and the adapter's facts from `inspect`
+    (rank, alpha, targets, size), and for files loratools made, the recipe (e.g. "mix of A (0.7) and B (0.3), svd
+    to rank 16"). SOURCE is never modified. The token comes from HF_TOKEN (or `hf auth login`); HF_ENDPOINT picks
+    another Hub.
 
     \b
     Example:
       loratools push fixtures/peft_llama me/llama-lora --dry-run
       loratools push mixed me/style-mix --private -m "mix v2"
+      loratools push out me/style --include 'samples/*.png'
     """
-    from ..hub import push
+    from rich.table import Table
+    from rich.text import Text
+
+    from ..hub import printable, push
 
     rep = push(
         source, repo_id, private=private, revision=revision, message=message, create_pr=create_pr,
-        dry_run=dry_run, update_card=update_card, allow_pickles=allow_pickles,
+        dry_run=dry_run, update_card=update_card, allow_pickles=allow_pickles, include=include,
     )  # fmt: skip
     if as_json:
         print_json(rep.to_dict())
         return
-    from rich.table import Table
-
     con = out_console()
     target = f"{rep.repo_id} ({'pull request against ' if rep.create_pr else 'branch '}{rep.revision})"
     if rep.dry_run:
-        con.print(f"would upload {len(rep.files)} file(s), {human_bytes(rep.total_size)}, to {target}", highlight=False)
+        con.print(
+            f"would upload {len(rep.files)} file(s), {human_bytes(rep.total_size)}, to {target}",
+            highlight=False,
+            markup=False,
+        )
     table = Table(show_edge=False, header_style="bold")
     for col, justify in [("file", "left"), ("size", "right"), ("from", "left")]:
         table.add_column(col, justify=justify)  # type: ignore[arg-type]
     for f in rep.files:
-        table.add_row(f.path, human_bytes(f.size), f.source)
+        table.add_row(Text(printable(f.path)), human_bytes(f.size), Text(printable(f.source)))
     con.print(table)
-    if rep.skipped:
-        con.print("left out (hidden): " + ", ".join(rep.skipped), highlight=False)
+    if rep.left_out:
+        con.print(f"left out ({len(rep.left_out)}):", highlight=False, markup=False)
+        for lo in rep.left_out:
+            con.print(styled(f"  {printable(lo.path)}: ", (lo.why, "dim")))
     if rep.dry_run:
         notes = {
             "generated": "README.md (model card made by loratools):",
@@ -83,4 +121,8 @@ def push_cmd(
     if rep.card_action == "kept-remote":
         con.print("README.md: the repo already has one; it stays (pass --update-card to update its metadata)")
     done = f"opened {rep.pr_url}" if rep.pr_url else f"committed {rep.commit_url}"
-    con.print(f"pushed {len(rep.files)} file(s), {human_bytes(rep.total_size)}, to {target}: {done}", highlight=False)
+    con.print(
+        f"pushed {len(rep.files)} file(s), {human_bytes(rep.total_size)}, to {target}: {done}",
+        highlight=False,
+        markup=False,
+    )

@@ -9,9 +9,10 @@ from types import ModuleType
 
 from ..errors import FileFormatError, HeaderError, ShapeError
 from ..io.atomic import check_output
+from ..io.pickle import is_torch_pickle
 from ..model import Adapter
 from . import diffusers, kohya, peft
-from .common import PICKLE_SUFFIXES, open_raw
+from .common import open_raw
 
 FORMATS: dict[str, ModuleType] = {"peft": peft, "kohya": kohya, "diffusers": diffusers}
 
@@ -35,7 +36,7 @@ def detect(source: str | os.PathLike[str]) -> str:
         )
     if p.name in peft.WEIGHTS and (p.parent / peft.CONFIG).is_file():
         return peft.NAME
-    keys = list(open_raw(p).tensors) if p.suffix.lower() in PICKLE_SUFFIXES else _header_keys(p)
+    keys = list(open_raw(p).tensors) if is_torch_pickle(p) else _header_keys(p)
     for name, mod in FORMATS.items():
         if mod.looks_like(keys):
             return name

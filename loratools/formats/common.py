@@ -11,10 +11,12 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import FileFormatError, ShapeError, UnknownKeysError
+from ..io.pickle import TORCH_SUFFIXES, is_torch_pickle
 from ..io.safetensors import Header, read_header
 from ..model import Adapter, Kind, Module, TensorRef
 
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
+#: what ``open_raw`` reads as a (torch) pickle: the torch view of io.pickle's one table, under its old name
+PICKLE_SUFFIXES = TORCH_SUFFIXES
 SHARED_ROLES = ("alpha", "magnitude", "bias")
 
 
@@ -35,7 +37,7 @@ def open_raw(path: str | os.PathLike[str], *, lenient: bool = False) -> RawFile:
         raise FileFormatError(f"{p}: no such file or folder")
     if p.is_dir():
         raise FileFormatError(f"{p}: is a folder, expected a file")
-    if p.suffix.lower() in PICKLE_SUFFIXES:
+    if is_torch_pickle(p):
         from ..io.pickle import read_pickle
 
         data = read_pickle(p)

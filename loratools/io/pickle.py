@@ -1,6 +1,10 @@
 """Legacy pickle files (``adapter_model.bin``, ``.pt``, ``.ckpt``): read only with ``weights_only=True``.
 
 A payload that tries to build anything but tensors and plain containers is refused, never run.
+
+The one table of file names that can carry a pickle payload lives here, with its two views: what loratools reads as
+a torch pickle (:func:`is_torch_pickle`), and every pickle container, which ``push`` never uploads unasked and a
+checkpoint download never fetches (:func:`is_pickle`).
 """
 
 from __future__ import annotations
@@ -16,6 +20,35 @@ from ..errors import FileFormatError, UnsafePickleError
 
 if TYPE_CHECKING:
     import torch
+
+#: what ``torch.save`` writes and ``torch.load`` reads: loratools reads these (with ``weights_only=True``)
+TORCH_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pth.tar")
+#: every file kind that can hold a pickle payload, i.e. code that runs when it is loaded
+PICKLE_SUFFIXES = (
+    *TORCH_SUFFIXES,
+    ".pt2",  # torch.export archives (their constants are torch.save pickles)
+    ".tar",  # torch's legacy tar format: torch.load reads it
+    ".pkl", ".pickle", ".p",  # pickle.dump
+    ".dill",  # dill, a superset of pickle
+    ".joblib", ".sav",  # joblib / scikit-learn dumps (pickle inside)
+    ".npy", ".npz",  # numpy object arrays are pickled (np.load(..., allow_pickle=True) runs them)
+    ".pdparams", ".pdopt",  # PaddlePaddle's paddle.save (pickle)
+)  # fmt: skip
+#: compression a pickle container is often wrapped in (``x.pkl.gz`` is read by pandas and joblib as it is)
+COMPRESSION_SUFFIXES = (".gz", ".bz2", ".xz", ".lzma", ".zst", ".z", ".lz4")
+
+
+def is_torch_pickle(name: str | os.PathLike[str]) -> bool:
+    """A file loratools reads with ``torch.load`` (``adapter_model.bin``, ``x.pt``, ``x.pth.tar``...)."""
+    return Path(name).name.lower().endswith(TORCH_SUFFIXES)
+
+
+def is_pickle(name: str | os.PathLike[str]) -> bool:
+    """A file that can carry a pickle payload, also compressed (``x.pkl.gz``): never uploaded or fetched unasked."""
+    low = Path(name).name.lower()
+    if low.endswith(COMPRESSION_SUFFIXES):
+        low = low.rsplit(".", 1)[0]
+    return low.endswith(PICKLE_SUFFIXES)
 
 
 def read_pickle(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
