@@ -56,3 +56,7 @@ class OutputExistsError(LoratoolsError):
 
 class HubError(LoratoolsError):
     """A Hugging Face Hub request failed."""
+
+
+class ArgumentError(LoratoolsError):
+    """A library call given an argument of the wrong type or value (``load_adapter(None)``)."""

@@ -7,7 +7,8 @@ from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
 
-from ..errors import FileFormatError, ShapeError
+from ..errors import ArgumentError, FileFormatError, ShapeError
+from ..io.safetensors import shown
 from ..model import Adapter
 from . import diffusers, kohya, peft
 from .common import PICKLE_SUFFIXES, open_raw
@@ -15,9 +16,34 @@ from .common import PICKLE_SUFFIXES, open_raw
 FORMATS: dict[str, ModuleType] = {"peft": peft, "kohya": kohya, "diffusers": diffusers}
 
 
+def _path(value: object, what: str) -> Path:
+    """A path argument of the library, checked: a str or os.PathLike naming something (not bytes, not empty,
+    no NUL byte)."""
+    if not isinstance(value, (str, os.PathLike)):
+        raise ArgumentError(f"{what} must be a path (str or os.PathLike), not {type(value).__name__}")
+    text = os.fspath(value)
+    if not isinstance(text, str):
+        raise ArgumentError(f"{what} must be a str path, not {type(text).__name__}")
+    if not text:
+        raise ArgumentError(f"{what} is an empty path")
+    if "\0" in text:
+        raise ArgumentError(f"{what} {text!r} holds a NUL byte")
+    return Path(text)
+
+
+def _format(value: object) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise ArgumentError(f"format must be a string ({', '.join(FORMATS)}) or None, not {type(value).__name__}")
+    if value not in FORMATS:
+        raise FileFormatError(f"unknown format {value!r}", "choose one of " + ", ".join(FORMATS))
+    return value
+
+
 def detect(source: str | os.PathLike[str]) -> str:
     """The format of a file or folder, from its layout and its keys (header only)."""
-    p = Path(source)
+    p = _path(source, "source")
     if not p.exists():
         raise FileFormatError(f"{p}: no such file or folder")
     if p.is_dir():
@@ -40,9 +66,9 @@ def detect(source: str | os.PathLike[str]) -> str:
             return name
     if not keys:
         raise FileFormatError(f"{p}: holds no tensors")
-    shown = ", ".join(sorted(keys)[:3])
+    some = ", ".join(shown(k, 80) for k in sorted(keys)[:3])
     raise FileFormatError(
-        f"{p}: not a LoRA adapter in any known format (keys like {shown})",
+        f"{p}: not a LoRA adapter in any known format (keys like {some})",
         "known: " + ", ".join(FORMATS) + "; pass --format to force one",
     )
 
@@ -69,10 +95,13 @@ def load_adapter(
     Every key is accounted for: unknown keys raise :class:`UnknownKeysError`. With ``problems`` (a list), damage
     is collected there instead of raised, as far as the file can still be read (validate uses this).
     """
-    fmt = format or detect(source)
-    if fmt not in FORMATS:
-        raise FileFormatError(f"unknown format {fmt!r}", "choose one of " + ", ".join(FORMATS))
-    adapter: Adapter = FORMATS[fmt].read(resolve_source(source), problems=problems)
+    src = _path(source, "source")
+    if problems is not None and not isinstance(problems, list):
+        raise ArgumentError(
+            f"problems must be a list (findings are appended to it) or None, not {type(problems).__name__}"
+        )
+    fmt = _format(format) or detect(src)
+    adapter: Adapter = FORMATS[fmt].read(resolve_source(src), problems=problems)
     if problems is None:
         for m in adapter.modules.values():
             found = m.check()
@@ -85,8 +114,13 @@ def save_adapter(
     adapter: Adapter, out: str | os.PathLike[str], format: str | None = None, *, force: bool = False
 ) -> Path:
     """Write ``adapter`` in ``format`` (default: the format it was read from), atomically."""
-    fmt = format or adapter.format
-    if fmt not in FORMATS:
-        raise FileFormatError(f"unknown format {fmt!r}", "choose one of " + ", ".join(FORMATS))
+    if not isinstance(adapter, Adapter):
+        raise ArgumentError(f"adapter must be an Adapter (from load_adapter), not {type(adapter).__name__}")
+    target = _path(out, "out")
+    if not isinstance(force, bool):
+        raise ArgumentError(f"force must be True or False, not {type(force).__name__}")
+    fmt = _format(format) or _format(adapter.format)
+    if fmt is None:
+        raise ArgumentError("the adapter has no format of its own: pass format=")
     writer: Callable[..., Path] = FORMATS[fmt].write
-    return writer(adapter, out, force=force)
+    return writer(adapter, target, force=force)

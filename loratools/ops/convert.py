@@ -332,14 +332,12 @@ def _hub_hparams(model_id: str | None) -> dict[str, Any] | None:
 
 
 def _hparams(base: Path) -> dict[str, Any] | None:
-    import json
+    from ..io import jsonfile
 
     folder = base if base.is_dir() else base.parent
     cfg = folder / "config.json"
     if not cfg.is_file():
         return None
-    try:
-        value = json.loads(cfg.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        raise LoratoolsError(f"{cfg}: not valid JSON") from None
+    # the one JSON reader: size and depth limits, duplicate keys refused (transformers writes NaN/Infinity)
+    value = jsonfile.load(cfg, what="model config", nonfinite=True)
     return value if isinstance(value, dict) else None

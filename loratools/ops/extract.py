@@ -32,7 +32,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..errors import IncompatibleAdaptersError, LoratoolsError, ShapeError
-from ..formats import FORMATS, save_adapter
+from ..formats import FORMATS, patterns, save_adapter
+from ..io import jsonfile
 from ..io.atomic import check_output
 from ..io.safetensors import read_bytes, tensor_from_bytes
 from ..model import Adapter, Extra, Layer, Module, TensorRef, target_kind, torch_dtype
@@ -132,21 +133,14 @@ class ExtractReport:
 
 
 def _selector(include: Iterable[str], exclude: Iterable[str]) -> Callable[[str], bool]:
-    def compile_all(patterns: Iterable[str], option: str) -> list[re.Pattern[str]]:
-        out = []
-        for p in patterns:
-            try:
-                out.append(re.compile(p))
-            except re.error as e:
-                raise LoratoolsError(f"{option} {p!r}: not a regular expression ({e})") from None
-        return out
-
-    inc, exc = compile_all(include, "--include"), compile_all(exclude, "--exclude")
+    # user patterns: Python re syntax, matched at bounded cost (a pathological one is refused, never hangs)
+    inc = patterns.pattern_set(list(include), "--include", "search", LoratoolsError)
+    exc = patterns.pattern_set(list(exclude), "--exclude", "search", LoratoolsError)
 
     def keep(name: str) -> bool:
-        if inc and not any(p.search(name) for p in inc):
+        if inc.patterns and not inc.any(name):
             return False
-        return not any(p.search(name) for p in exc)
+        return not exc.any(name)
 
     return keep
 
@@ -547,10 +541,12 @@ def _regex(modules: list[str]) -> str:
 
 
 def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        value = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+    if not path.is_file():
         return {}
+    try:
+        value = jsonfile.load(path, what="model config", nonfinite=True)
+    except LoratoolsError:
+        return {}  # only names and task types come from it: a config that cannot be read says nothing
     return value if isinstance(value, dict) else {}
 
 
