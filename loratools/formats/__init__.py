@@ -7,7 +7,7 @@ from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
 
-from ..errors import ArgumentError, FileFormatError, ShapeError
+from ..errors import ArgumentError, FileFormatError, HeaderError, ShapeError
 from ..io.safetensors import shown
 from ..model import Adapter
 from . import diffusers, kohya, peft
@@ -60,10 +60,13 @@ def detect(source: str | os.PathLike[str]) -> str:
         )
     if p.name in peft.WEIGHTS and (p.parent / peft.CONFIG).is_file():
         return peft.NAME
-    keys = list(open_raw(p).tensors) if p.suffix.lower() in PICKLE_SUFFIXES else _header_keys(p)
+    raw = open_raw(p, lenient=p.suffix.lower() not in PICKLE_SUFFIXES)  # damage is for the reader to report
+    keys = list(raw.tensors)
     for name, mod in FORMATS.items():
         if mod.looks_like(keys):
             return name
+    if raw.problems:
+        raise HeaderError(f"{p.name}: {raw.problems[0]}")
     if not keys:
         raise FileFormatError(f"{p}: holds no tensors")
     some = ", ".join(shown(k, 80) for k in sorted(keys)[:3])
@@ -71,10 +74,6 @@ def detect(source: str | os.PathLike[str]) -> str:
         f"{p}: not a LoRA adapter in any known format (keys like {some})",
         "known: " + ", ".join(FORMATS) + "; pass --format to force one",
     )
-
-
-def _header_keys(p: Path) -> list[str]:
-    return list(open_raw(p, lenient=True).tensors)
 
 
 def resolve_source(source: str | os.PathLike[str]) -> Path:
@@ -102,11 +101,19 @@ def load_adapter(
         )
     fmt = _format(format) or detect(src)
     adapter: Adapter = FORMATS[fmt].read(resolve_source(src), problems=problems)
-    if problems is None:
-        for m in adapter.modules.values():
+    for m in adapter.modules.values():
+        # zero-size tensors are valid safetensors, but a factor without elements is a rank-0 module: it adds
+        # nothing, its scale divides by zero, and PEFT refuses r=0
+        empty = sorted(role for role, t in m.factors.items() if t.numel == 0)
+        if empty:
+            msg = f"{shown(m.name)}: factor(s) {', '.join(empty)} hold no elements (rank 0): the module adds nothing"
+            if problems is None:
+                raise ShapeError(msg, "remove the module, or retrain it with a rank above 0")
+            problems.append(msg)
+        elif problems is None:
             found = m.check()
             if found:
-                raise ShapeError(f"{m.name}: {found[0]}", "run `loratools validate` for every finding")
+                raise ShapeError(f"{shown(m.name)}: {found[0]}", "run `loratools validate` for every finding")
     return adapter
 
 
