@@ -58,7 +58,7 @@ def detect(source: str | os.PathLike[str]) -> str:
             f"{p}: no adapter found in this folder",
             f"expected {peft.CONFIG} (PEFT), {diffusers.FILENAME} (diffusers) or one .safetensors file",
         )
-    if p.name in peft.WEIGHTS and (p.parent / peft.CONFIG).is_file():
+    if p.name in peft.WEIGHTS and peft.has_config(p.parent):
         return peft.NAME
     raw = open_raw(p, lenient=p.suffix.lower() not in PICKLE_SUFFIXES)  # damage is for the reader to report
     keys = list(raw.tensors)

@@ -46,8 +46,14 @@ TABLE = KeyTable(
 BASE_MODIFYING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga", "eva")
 
 
+def has_config(folder: Path) -> bool:
+    """Whether ``folder`` holds an ``adapter_config.json`` of any kind: one that is a folder, a FIFO or a broken
+    link is then refused when read, never silently skipped (the weights would be read with a guessed alpha)."""
+    return os.path.lexists(folder / CONFIG)
+
+
 def is_peft_folder(path: Path) -> bool:
-    return path.is_dir() and (path / CONFIG).is_file()
+    return path.is_dir() and has_config(path)
 
 
 def looks_like(keys: list[str]) -> bool:
@@ -139,6 +145,9 @@ _FIELDS: dict[str, tuple[Any, str]] = {
 }
 
 
+_NOT_NULL = ("r", "lora_alpha", "rank_pattern", "alpha_pattern")
+
+
 def _preview(value: Any) -> str:
     try:
         text = json.dumps(value)
@@ -154,7 +163,8 @@ def check_config(cfg: dict[str, Any], where: str) -> None:
         raise FileFormatError(f"{where}: a config must be a JSON object, not {_preview(cfg)}")
     for key, (ok, what) in _FIELDS.items():
         value = cfg.get(key)
-        if value is not None and not ok(value):
+        # absent means PEFT's default; an explicit null in these fields makes PEFT itself fail
+        if (value is not None or (key in _NOT_NULL and key in cfg)) and not ok(value):
             raise FileFormatError(f"{where}: {key} must be {what}, not {_preview(value)}")
     for key in ("rank_pattern", "alpha_pattern"):
         if cfg.get(key):
@@ -192,7 +202,7 @@ def read(path: str | os.PathLike[str], *, problems: list[str] | None = None) -> 
     """
     p = Path(path)
     folder = p if p.is_dir() else p.parent
-    config = read_config(folder) if (folder / CONFIG).is_file() else {}
+    config = read_config(folder) if has_config(folder) else {}
     weights = find_weights(p) if p.is_dir() else p
     peft_type = str(config.get("peft_type", "LORA")).upper()
     if peft_type != "LORA":
