@@ -151,7 +151,7 @@ def _check_module(m: Module, adapter: Adapter, add: Any) -> None:
     elif not math.isfinite(m.alpha) or m.alpha <= 0:
         add("error", "alpha", f"alpha is {m.alpha:g}: it must be a positive number", m.name)
     cfg = _config_for(adapter, m.name)
-    if cfg is not None and m.rank is not None and not m.check():
+    if cfg is not None and not m.check() and m.rank is not None:  # check first: rank reads the factors' shapes
         want, _ = peft.resolve(cfg[0], cfg[1], _config_name(adapter, m.name))
         if want is not None and want != m.rank:
             add("error", "rank-config", f"tensors have rank {m.rank}, the config says {want}", m.name)
