@@ -29,11 +29,11 @@ def base_tensors(path: str | os.PathLike[str]) -> dict[str, BaseTensor]:
     """Every tensor of a base checkpoint by name; diffusers components get their folder as a prefix
     (``unet.down_blocks.0...``)."""
     p = Path(path)
+    if p.name.endswith(INDEX_SUFFIX):
+        return _sharded(p)  # checked there: a folder or a special file of that name is refused
     if not p.exists():
         raise FileFormatError(f"{p}: no such file or folder")
     if p.is_file():
-        if p.name.endswith(INDEX_SUFFIX):
-            return _sharded(p)
         return {k: BaseTensor(p, v) for k, v in read_header(p).tensors.items()}
     if not p.is_dir():
         raise FileFormatError(f"{p}: not a regular file or folder, expected a checkpoint")

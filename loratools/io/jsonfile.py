@@ -146,9 +146,10 @@ def _surrogate(s: str) -> bool:
     return False
 
 
-def read_bytes(path: str | os.PathLike[str], *, limit: int = MAX_BYTES, what: str = "file") -> bytes:
-    """The bytes of a regular file of at most ``limit`` bytes (checked before reading; a special file is
-    refused rather than opened, since a FIFO would block forever)."""
+def read_bytes(path: str | os.PathLike[str], *, limit: int | None = None, what: str = "file") -> bytes:
+    """The bytes of a regular file of at most ``limit`` bytes (default :data:`MAX_BYTES`; checked before reading;
+    a special file is refused rather than opened, since a FIFO would block forever)."""
+    limit = MAX_BYTES if limit is None else limit
     p = Path(path)
     try:
         st = p.stat()
@@ -178,7 +179,7 @@ def load(
     path: str | os.PathLike[str],
     *,
     what: str = "JSON file",
-    limit: int = MAX_BYTES,
+    limit: int | None = None,
     nonfinite: bool = False,
 ) -> Any:
     """Read and parse a JSON file (see :func:`loads`); errors are :class:`FileFormatError` naming the path."""
@@ -189,7 +190,7 @@ def load_object(
     path: str | os.PathLike[str],
     *,
     what: str = "JSON file",
-    limit: int = MAX_BYTES,
+    limit: int | None = None,
     nonfinite: bool = False,
 ) -> dict[str, Any]:
     """:func:`load`, and the document must be a JSON object."""

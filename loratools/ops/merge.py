@@ -30,7 +30,7 @@ from ..errors import FileFormatError, IncompatibleAdaptersError, LoratoolsError,
 from ..formats import load_adapter
 from ..io import jsonfile
 from ..io.atomic import atomic_dir, atomic_write, check_output
-from ..io.checkpoint import COMPONENTS, INDEX_SUFFIX, kohya_index, read_index
+from ..io.checkpoint import COMPONENTS, INDEX_SUFFIX, base_tensors, kohya_index, read_index
 from ..io.safetensors import Header, TensorInfo, read_bytes, read_header, read_into, tensor_bytes, tensor_from_bytes
 from ..model import DTYPE_SIZES, Adapter, Module, TensorRef, torch_dtype
 from . import provenance
@@ -114,9 +114,10 @@ def _folder_weights(root: Path, sub: Path) -> tuple[list[Path], list[Path]]:
         if len(indexes) > 1:
             raise FileFormatError(f"{folder}: several safetensors index files", "keep one")
         shards = sorted(set(read_index(indexes[0]).values()))  # checked: types, depth, shards inside the folder
-        missing = [s for s in shards if not (folder / s).is_file()]
+        missing = [s for s in shards if not (folder / s).exists()]  # a folder or FIFO: refused when read
         if missing:
             raise FileFormatError(f"{indexes[0].name} names shard(s) that are missing: {', '.join(missing)}")
+        base_tensors(indexes[0])  # the index and its shards agree (its weight_map is copied into the output)
         return [sub / s for s in shards], [sub / indexes[0].name]
     found = sorted(folder.glob("*.safetensors"))
     if len(found) > 1:
