@@ -43,6 +43,11 @@ INVALID = ["(", "[", "*", "(?P<x>", "\\", "a{2,1}", r"(?<=a+)b", r"\p{L}+", "(?|
 SECONDS = 10.0  # the bounded cost: the budget (patched small below) plus the reading around it
 
 
+def first_in_default_run(values: list[str], keep: int = 1) -> list[object]:
+    """All of ``values`` as parameters, those after the first ``keep`` marked slow (``make reliability``)."""
+    return [v if i < keep else pytest.param(v, marks=pytest.mark.slow) for i, v in enumerate(values)]
+
+
 @pytest.fixture(autouse=True)
 def small_budget(monkeypatch: pytest.MonkeyPatch) -> None:
     """A tenth of a CPU second per pattern set instead of two: the same path, a faster battery."""
@@ -73,7 +78,7 @@ def base(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.mark.parametrize("field", ["rank_pattern", "alpha_pattern"])
-@pytest.mark.parametrize("pattern", CATASTROPHIC)
+@pytest.mark.parametrize("pattern", first_in_default_run(CATASTROPHIC, keep=2))
 def test_catastrophic_pattern_is_refused_in_time(tmp_path: Path, base: Path, field: str, pattern: str) -> None:
     src = config(tmp_path, field, pattern)
     says = [field, repr(pattern), "too long"]
@@ -83,7 +88,7 @@ def test_catastrophic_pattern_is_refused_in_time(tmp_path: Path, base: Path, fie
     hostile.run(["merge", base, src, "-o", out], inputs=[src, base], out=out, says=says, seconds=SECONDS)
 
 
-@pytest.mark.parametrize("pattern", CATASTROPHIC)
+@pytest.mark.parametrize("pattern", first_in_default_run(CATASTROPHIC))
 def test_catastrophic_target_modules(tmp_path: Path, pattern: str) -> None:
     """target_modules is matched by validate (does any module match?): a finding, in bounded time; inspect does
     not match it at all."""
@@ -106,7 +111,7 @@ def test_default_budget_is_bounded(tmp_path: Path, monkeypatch: pytest.MonkeyPat
 
 
 @pytest.mark.parametrize("field", ["rank_pattern", "alpha_pattern", "target_modules"])
-@pytest.mark.parametrize("pattern", QUICK)
+@pytest.mark.parametrize("pattern", first_in_default_run(QUICK))
 def test_pattern_that_hangs_re_is_answered(tmp_path: Path, base: Path, field: str, pattern: str) -> None:
     """The issue's own example: ``(.|.)*Z`` hung inspect, validate and merge. It matches no module, so the config's
     r and lora_alpha hold; target_modules matching nothing is a warning."""
@@ -266,7 +271,7 @@ def pair(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 
 
 @pytest.mark.parametrize("option", ["--include", "--exclude"])
-@pytest.mark.parametrize("pattern", [CATASTROPHIC[0], "(", r"\p{L}"])
+@pytest.mark.parametrize("pattern", [CATASTROPHIC[0], *first_in_default_run(["(", r"\p{L}"])])
 def test_extract_patterns(tmp_path: Path, pair: tuple[Path, Path], option: str, pattern: str) -> None:
     base, tuned = pair
     out = tmp_path / "out"
