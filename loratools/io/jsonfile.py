@@ -6,7 +6,7 @@ checkpoint indexes, header metadata values. The world writes these, so nothing i
 * duplicate keys refused (``json`` silently keeps the last one, serde-based readers the first or neither);
 * a nesting depth limit (no ``RecursionError``, however deep the document);
 * no ``NaN`` / ``Infinity`` (not JSON; ``json`` accepts them), no float that overflows to infinity
-  (``1e400``), no integer past Python's digit limit;
+  (``1e400``), no integer past Python's digit limit (4300 digits);
 * no lone surrogate in a string (``"\\ud800"``: not Unicode; it breaks printing later).
 """
 
@@ -16,6 +16,7 @@ import json
 import math
 import os
 import stat
+import sys
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -25,8 +26,6 @@ from ..errors import FileFormatError, LoratoolsError
 MAX_BYTES = 64 * 1024 * 1024
 #: nesting of objects and arrays; real configs nest 4-5 levels, safetensors headers 3
 MAX_DEPTH = 64
-#: digits of an integer; Python's own limit is 4300 and raises a ValueError past it
-MAX_DIGITS = 4300
 
 
 class _Refused(Exception):
@@ -34,11 +33,13 @@ class _Refused(Exception):
 
 
 def _pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in pairs:
-        if k in out:
-            raise _Refused(f"duplicate key {_short(k)}")
-        out[k] = v
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        seen: set[str] = set()
+        for k, _ in pairs:
+            if k in seen:
+                raise _Refused(f"duplicate key {_short(k)}")
+            seen.add(k)
     return out
 
 
@@ -47,12 +48,6 @@ def _float(text: str) -> float:
     if not math.isfinite(value):
         raise _Refused(f"number {_short(text)} is out of range")
     return value
-
-
-def _int(text: str) -> int:
-    if len(text) > MAX_DIGITS:
-        raise _Refused(f"an integer of {len(text)} digits")
-    return int(text)
 
 
 def _constant(text: str) -> Any:
@@ -97,8 +92,7 @@ def loads(
         value = json.loads(
             text,
             object_pairs_hook=_pairs,
-            parse_float=_float,
-            parse_int=_int,
+            parse_float=_float,  # (integers: Python's own digit limit refuses the huge ones, below)
             parse_constant=_constant_allowed if nonfinite else _constant,
         )
     except _Refused as e:
@@ -107,16 +101,23 @@ def loads(
         fail(f"nested deeper than {max_depth} levels")
     except json.JSONDecodeError as e:
         fail(f"not valid JSON ({e.msg} at line {e.lineno} column {e.colno})")
-    except ValueError as e:  # what the hooks' own conversions raise
+    except ValueError as e:  # int() past sys.get_int_max_str_digits(), or a hook's own conversion
+        if "digits" in str(e):
+            fail(f"an integer of more than {sys.get_int_max_str_digits()} digits")
         fail(f"not valid JSON ({str(e)[:100]})")
-    problem = _check(value, max_depth)
-    if problem:
-        fail(problem)
+    # lone surrogates only come from \u escapes (UTF-8 cannot carry them); the depth can only pass the limit
+    # with more brackets than the limit: the walk is skipped when neither can be
+    surrogates = "\\ud" in text or "\\uD" in text
+    if surrogates or text.count("[") + text.count("{") > max_depth:
+        problem = _check(value, max_depth, surrogates)
+        if problem:
+            fail(problem)
     return value
 
 
-def _check(value: Any, max_depth: int) -> str | None:
-    """Depth and lone surrogates, iteratively (a recursive walk is what the limit protects against)."""
+def _check(value: Any, max_depth: int, surrogates: bool = True) -> str | None:
+    """Depth and (``surrogates``) lone surrogates, iteratively (a recursive walk is what the limit protects
+    against); strings are looked at only when they may hold surrogates, containers only to go deeper."""
     stack: list[tuple[Any, int]] = [(value, 1)]
     while stack:
         v, depth = stack.pop()
@@ -124,14 +125,15 @@ def _check(value: Any, max_depth: int) -> str | None:
             if depth > max_depth:
                 return f"nested deeper than {max_depth} levels"
             for k, x in v.items():
-                if _surrogate(k):
+                if surrogates and _surrogate(k):
                     return f"key {_short(k)} holds a lone surrogate (not Unicode)"
-                stack.append((x, depth + 1))
+                if surrogates or isinstance(x, (dict, list)):
+                    stack.append((x, depth + 1))
         elif isinstance(v, list):
             if depth > max_depth:
                 return f"nested deeper than {max_depth} levels"
-            stack.extend((x, depth + 1) for x in v)
-        elif isinstance(v, str) and _surrogate(v):
+            stack.extend((x, depth + 1) for x in v if surrogates or isinstance(x, (dict, list)))
+        elif isinstance(v, str) and surrogates and _surrogate(v):
             return f"string {_short(v)} holds a lone surrogate (not Unicode)"
     return None
 
