@@ -7,14 +7,12 @@ from __future__ import annotations
 
 import os
 import pickle
-import stat
-import struct
 import warnings
 import zipfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..errors import FileFormatError, LoratoolsError, UnsafePickleError
+from ..errors import FileFormatError, UnsafePickleError
 
 if TYPE_CHECKING:
     import torch
@@ -26,7 +24,35 @@ def read_pickle(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
     memory-mapping, so that torch checks every storage record against the size the pickle claims (a mapped load
     reads past a short record into the bytes that follow it, as PEFT's own load never does). Every tensor must
     be a plain dense CPU tensor of a dtype loratools knows, holding its own data."""
+    import stat
+    import struct
+
     import torch
+
+    from ..errors import LoratoolsError
+    from ..model import dtype_name
+
+    def _tensor_problem(t: torch.Tensor) -> str | None:
+        """Why a tensor from a pickle cannot be used as adapter data, or None."""
+        if t.is_nested:
+            return "is a nested tensor"
+        if t.layout != torch.strided:
+            return f"is a {str(t.layout).removeprefix('torch.')} tensor, not a dense one"
+        if t.device.type != "cpu":
+            held = ": it holds no data" if t.device.type == "meta" else ""
+            return f"lives on the {t.device.type} device{held}"
+        if t.is_quantized:
+            return f"is quantized ({t.dtype})"
+        if t.dtype.is_complex:
+            return f"is complex ({t.dtype})"
+        try:
+            dtype_name(t.dtype)
+        except LoratoolsError:
+            return f"has a dtype loratools does not read ({t.dtype})"
+        # a tensor whose strides repeat elements (an expanded view) would become far larger once copied
+        if t.numel() * t.element_size() > t.untyped_storage().nbytes():
+            return f"claims {t.numel()} elements but its storage holds {t.untyped_storage().nbytes()} bytes"
+        return None
 
     p = Path(path)
     try:
@@ -74,36 +100,6 @@ def read_pickle(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
         if problem:
             raise FileFormatError(f"{p.name}: tensor {repr(name)[:80]} {problem}")
     return obj
-
-
-def _tensor_problem(t: torch.Tensor) -> str | None:
-    """Why a tensor from a pickle cannot be used as adapter data, or None."""
-    import torch
-
-    from ..model import dtype_name
-
-    if t.is_nested:
-        return "is a nested tensor"
-    if t.layout != torch.strided:
-        return f"is a {str(t.layout).removeprefix('torch.')} tensor, not a dense one"
-    if t.device.type != "cpu":
-        return (
-            f"lives on the {t.device.type} device: it holds no data"
-            if t.device.type == "meta"
-            else (f"lives on the {t.device.type} device")
-        )
-    if t.is_quantized:
-        return f"is quantized ({t.dtype})"
-    if t.dtype.is_complex:
-        return f"is complex ({t.dtype})"
-    try:
-        dtype_name(t.dtype)
-    except LoratoolsError:
-        return f"has a dtype loratools does not read ({t.dtype})"
-    # a tensor whose strides repeat elements (an expanded view) would become far larger once copied
-    if t.numel() * t.element_size() > t.untyped_storage().nbytes():
-        return f"claims {t.numel()} elements but its storage holds {t.untyped_storage().nbytes()} bytes"
-    return None
 
 
 def _reason(message: str) -> str:
