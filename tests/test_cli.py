@@ -227,7 +227,11 @@ ANSWER_CASES: dict[str, tuple[list[str], int, str]] = {
     "validate-empty-folder": (["validate", "{empty}"], 2, "no adapter found"),
     "validate-readme": (["validate", str(FIXTURES / "README.md")], 2, "README.md"),
     "validate-base-missing": (["validate", A_, "--base", "{empty}/nope"], 2, "no such file or folder"),
-    "validate-hub-error": (["validate", "nobody/no-such-adapter"], 2, "no Hub repo nobody/no-such-adapter in the cache"),
+    "validate-hub-error": (
+        ["validate", "nobody/no-such-adapter"],
+        2,
+        "no Hub repo nobody/no-such-adapter in the cache",
+    ),
 }
 
 

@@ -110,9 +110,6 @@ LISTINGS: list[Any] = [
     pytest.param(
         info([*ADAPTER, "[/x]\x00"]),
         "'[/x]\\x00'",
-        marks=pytest.mark.xfail(
-            strict=False, reason="markup in messages is escaped by the CLI's error printer: its fix"
-        ),
         id="markup-in-a-name",
     ),
     pytest.param(
@@ -430,12 +427,11 @@ CONFIGS: list[Any] = [
     pytest.param(adapter_config(target_modules=5), "target_modules must be", id="targets-an-int"),
     pytest.param(adapter_config(rank_pattern=5), "rank_pattern must be", id="rank-pattern-an-int"),
     pytest.param(adapter_config(base_model_name_or_path=5), "base_model_name_or_path must be", id="base-an-int"),
-    pytest.param(b"[]", "not a JSON object", id="config-a-list"),
+    pytest.param(b"[]", "must be a JSON object", id="config-a-list"),
     pytest.param(b"{", "adapter_config.json", id="config-truncated"),
     pytest.param(
         adapter_config()[:-1] + b', "x": ' + b"[" * 50_000 + b"]" * 50_000 + b"}",
         "adapter_config.json",
-        marks=pytest.mark.xfail(strict=False, reason="a depth limit for configs: the readers' fix (formats/peft.py)"),
         id="config-deep-nesting",
     ),
 ]
@@ -447,19 +443,20 @@ def test_a_hostile_adapter_config_from_the_hub(server: HubServer, tmp_path: Path
     check(server, tmp_path, ["inspect", REPO], says)
 
 
-@pytest.mark.timeout(3, method="signal")
-@pytest.mark.xfail(strict=False, reason="bounded regex matching for rank_pattern: the regex fix (formats/peft.py)")
+@pytest.mark.timeout(30)
 def test_a_redos_rank_pattern_from_the_hub(server: HubServer, tmp_path: Path) -> None:
+    """Python's re takes minutes on this pattern; matched at bounded cost it simply matches nothing (as in PEFT)."""
     config = adapter_config(rank_pattern={"(.|.)*Z": 2}, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
     config_repo(server, config)
-    check(server, tmp_path, ["inspect", REPO], "(.|.)*Z")
+    got = check(server, tmp_path, ["inspect", REPO, "--json"], [], code=0)
+    assert {m["rank"] for m in json.loads(got.stdout)["modules"]} != {2}
 
 
 BASE_CONFIGS: list[Any] = [
-    pytest.param(b"[]", "needs the base model's config.json", id="config-a-list"),
+    pytest.param(b"[]", "not a JSON object", id="config-a-list"),
     pytest.param(b'{"num_hidden_layers": "x"}', "names no architecture", id="no-architecture"),
-    pytest.param(b'{"architectures": "LlamaForCausalLM"}', "knows no rules", id="architectures-a-string"),
-    pytest.param(b'{"architectures": [5]}', "knows no rules for architecture 5", id="architecture-an-int"),
+    pytest.param(b'{"architectures": "LlamaForCausalLM"}', "must be a list of names", id="architectures-a-string"),
+    pytest.param(b'{"architectures": [5]}', "must be a list of names, not [5]", id="architecture-an-int"),
     pytest.param(
         b'{"architectures": ["LlamaForCausalLM"], "num_hidden_layers": "x"}',
         "must be a positive integer",
@@ -469,7 +466,7 @@ BASE_CONFIGS: list[Any] = [
     pytest.param(b"{" * 3, "not valid JSON", id="truncated"),
     pytest.param(
         b'{"x": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",
-        "nested too deeply",
+        "nested deeper than",
         id="deep-nesting",
     ),
 ]

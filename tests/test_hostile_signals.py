@@ -223,12 +223,15 @@ def test_real_signals_stop_the_work_cleanly(big: dict[str, Path], tmp_path: Path
         temps = [p for p in out.iterdir() if p.name.startswith(".")]
         if proc.returncode == 0:
             assert len(outputs) == 1
+        elif signum != signal.SIGKILL and "it had already written" in text:
+            assert len(outputs) == 1  # stopped after the rename: the output is whole, and the message says so
         else:
-            assert outputs == []
+            assert outputs == [], (outputs, text)
         if signum != signal.SIGKILL:
             assert temps == [], (temps, proc.returncode, text)  # a caught signal never leaves a temp
             if proc.returncode:
-                assert text.count("Error:") == 1 and "no output was left behind" in text, text
+                assert text.count("Error:") == 1, text
+                assert ("no output was left behind" in text) != bool(outputs), text
         for p in outputs:
             _whole(p)
             shutil.rmtree(p) if p.is_dir() else p.unlink()
@@ -247,3 +250,25 @@ def test_stale_temps_of_live_and_dead_runs(tmp_path: Path) -> None:
     live = tmp_path / f".out.safetensors.{os.getpid()}.a.tmp"
     live.write_text("mine")
     assert atomic.clean_stale(target) == [] and live.exists()
+
+
+def test_a_stop_after_the_rename_says_what_was_written(
+    world: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A signal that lands once the output has its name: the output stays (it is whole), and the message says so
+    instead of claiming nothing was written."""
+    real = atomic._fsync
+
+    def fsync(p: Path) -> None:
+        if p == tmp_path:  # the parent's fsync: the rename is done
+            raise KeyboardInterrupt
+        real(p)
+
+    monkeypatch.setattr(atomic, "_fsync", fsync)
+    out = tmp_path / "out"
+    r = hostile.run([*commands(world)["convert"], "-o", out], inputs=list(world.values()), code=130,
+                    says="it had already written")  # fmt: skip
+    assert str(out) in r.stderr and os.listdir(tmp_path) == ["out"]
+    from loratools import load_adapter
+
+    assert load_adapter(out).modules

@@ -15,7 +15,7 @@ from typing import Any, NoReturn
 import click
 
 from ..errors import LoratoolsError, from_os_error
-from ..io.atomic import interrupt
+from ..io.atomic import COMMITTED, interrupt
 from .output import error, note
 
 
@@ -42,11 +42,18 @@ class Group(click.Group):
             error(known.message, known.hint)
             ctx.exit(1)
         except KeyboardInterrupt:
-            error("interrupted (Ctrl-C); no output was left behind")
+            error(f"interrupted (Ctrl-C); {_what_was_left()}")
             ctx.exit(130)
         except Interrupted as e:
-            error(f"stopped by {signal.Signals(e.signum).name}; no output was left behind")
+            error(f"stopped by {signal.Signals(e.signum).name}; {_what_was_left()}")
             ctx.exit(128 + e.signum)
+
+
+def _what_was_left() -> str:
+    done = COMMITTED
+    if not done:
+        return "no output was left behind"
+    return "it had already written " + ", ".join(str(p) for p in done)
 
 
 @click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})
@@ -58,6 +65,7 @@ def cli() -> None:
     Example:
       loratools inspect fixtures/peft_llama
     """
+    COMMITTED.clear()  # (several invocations in one process: tests)
     log = logging.getLogger("loratools")
     if not any(isinstance(h, _NoteHandler) for h in log.handlers):  # notes (a cleaned-up temp, ...) on stderr
         log.addHandler(_NoteHandler())

@@ -7,9 +7,10 @@ from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
 
-from ..errors import FileFormatError, HeaderError, ShapeError
+from ..errors import FileFormatError, HeaderError, ShapeError, UsageError
 from ..io.atomic import check_output
 from ..io.pickle import is_torch_pickle
+from ..io.safetensors import shown
 from ..model import Adapter
 from . import diffusers, kohya, peft
 from .common import open_raw
@@ -17,9 +18,34 @@ from .common import open_raw
 FORMATS: dict[str, ModuleType] = {"peft": peft, "kohya": kohya, "diffusers": diffusers}
 
 
+def _path(value: object, what: str) -> Path:
+    """A path argument of the library, checked: a str or os.PathLike naming something (not bytes, not empty,
+    no NUL byte)."""
+    if not isinstance(value, (str, os.PathLike)):
+        raise UsageError(f"{what} must be a path (str or os.PathLike), not {type(value).__name__}")
+    text = os.fspath(value)
+    if not isinstance(text, str):
+        raise UsageError(f"{what} must be a str path, not {type(text).__name__}")
+    if not text:
+        raise UsageError(f"{what} is an empty path")
+    if "\0" in text:
+        raise UsageError(f"{what} {text!r} holds a NUL byte")
+    return Path(text)
+
+
+def _format(value: object) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise UsageError(f"format must be a string ({', '.join(FORMATS)}) or None, not {type(value).__name__}")
+    if value not in FORMATS:
+        raise FileFormatError(f"unknown format {value!r}", "choose one of " + ", ".join(FORMATS))
+    return value
+
+
 def detect(source: str | os.PathLike[str]) -> str:
     """The format of a file or folder, from its layout and its keys (header only)."""
-    p = Path(source)
+    p = _path(source, "source")
     if not p.exists():
         raise FileFormatError(f"{p}: no such file or folder")
     if p.is_dir():
@@ -34,26 +60,22 @@ def detect(source: str | os.PathLike[str]) -> str:
             f"{p}: no adapter found in this folder",
             f"expected {peft.CONFIG} (PEFT), {diffusers.FILENAME} (diffusers) or one .safetensors file",
         )
-    if p.name in peft.WEIGHTS and (p.parent / peft.CONFIG).is_file():
+    if p.name in peft.WEIGHTS and peft.has_config(p.parent):
         return peft.NAME
-    keys = list(open_raw(p).tensors) if is_torch_pickle(p) else _header_keys(p)
+    raw = open_raw(p, lenient=not is_torch_pickle(p))  # damage is for the reader to report
+    keys = list(raw.tensors)
     for name, mod in FORMATS.items():
         if mod.looks_like(keys):
             return name
+    if raw.problems:
+        raise HeaderError(f"{p.name}: {raw.problems[0]}")
     if not keys:
         raise FileFormatError(f"{p}: holds no tensors")
-    shown = ", ".join(sorted(keys)[:3])
+    some = ", ".join(shown(k, 80) for k in sorted(keys)[:3])
     raise FileFormatError(
-        f"{p}: not a LoRA adapter in any known format (keys like {shown})",
+        f"{p}: not a LoRA adapter in any known format (keys like {some})",
         "known: " + ", ".join(FORMATS) + "; pass --format to force one",
     )
-
-
-def _header_keys(p: Path) -> list[str]:
-    raw = open_raw(p, lenient=True)
-    if not raw.tensors and raw.problems:  # every entry lied: say how, not "holds no tensors"
-        raise HeaderError(f"{p}: {raw.problems[0]}", "the file's header is damaged")
-    return list(raw.tensors)
 
 
 def resolve_source(source: str | os.PathLike[str]) -> Path:
@@ -74,15 +96,25 @@ def load_adapter(
     Every key is accounted for: unknown keys raise :class:`UnknownKeysError`. With ``problems`` (a list), damage
     is collected there instead of raised, as far as the file can still be read (validate uses this).
     """
-    fmt = format or detect(source)
-    if fmt not in FORMATS:
-        raise FileFormatError(f"unknown format {fmt!r}", "choose one of " + ", ".join(FORMATS))
-    adapter: Adapter = FORMATS[fmt].read(resolve_source(source), problems=problems)
-    if problems is None:
-        for m in adapter.modules.values():
-            found = m.check()
-            if found:
-                raise ShapeError(f"{m.name}: {found[0]}", "run `loratools validate` for every finding")
+    src = _path(source, "source")
+    if problems is not None and not isinstance(problems, list):
+        raise UsageError(
+            f"problems must be a list (findings are appended to it) or None, not {type(problems).__name__}"
+        )
+    fmt = _format(format) or detect(src)
+    adapter: Adapter = FORMATS[fmt].read(resolve_source(src), problems=problems)
+    for m in adapter.modules.values():
+        found = m.check() if problems is None else []
+        if found:
+            raise ShapeError(f"{shown(m.name)}: {found[0]}", "run `loratools validate` for every finding")
+        # zero-size tensors are valid safetensors, but a factor without elements is a rank-0 module: it adds
+        # nothing, its scale divides by zero, and PEFT (r=0) and ComfyUI (alpha / rank) refuse it
+        empty = sorted(role for role, t in m.factors.items() if t.numel == 0)
+        if empty:
+            msg = f"{shown(m.name)}: factor(s) {', '.join(empty)} hold no elements (rank 0): the module adds nothing"
+            if problems is None:
+                raise ShapeError(msg, "remove the module, or retrain it with a rank above 0")
+            problems.append(msg)
     return adapter
 
 
@@ -100,10 +132,15 @@ def save_adapter(
     adapter: Adapter, out: str | os.PathLike[str], format: str | None = None, *, force: bool = False
 ) -> Path:
     """Write ``adapter`` in ``format`` (default: the format it was read from), atomically."""
-    fmt = format or adapter.format
-    if fmt not in FORMATS:
-        raise FileFormatError(f"unknown format {fmt!r}", "choose one of " + ", ".join(FORMATS))
+    if not isinstance(adapter, Adapter):
+        raise UsageError(f"adapter must be an Adapter (from load_adapter), not {type(adapter).__name__}")
+    target = _path(out, "out")
+    if not isinstance(force, bool):
+        raise UsageError(f"force must be True or False, not {type(force).__name__}")
+    fmt = _format(format) or _format(adapter.format)
+    if fmt is None:
+        raise UsageError("the adapter has no format of its own: pass format=")
     # never in place of what the adapter was read from, --force or not
-    check_output(out, force=force, inputs=input_files(adapter.source) if adapter.source else [])
+    check_output(target, force=force, inputs=input_files(adapter.source) if adapter.source else [])
     writer: Callable[..., Path] = FORMATS[fmt].write
-    return writer(adapter, out, force=force)
+    return writer(adapter, target, force=force)

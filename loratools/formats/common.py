@@ -12,7 +12,7 @@ from typing import Any
 
 from ..errors import FileFormatError, ShapeError, UnknownKeysError
 from ..io.pickle import TORCH_SUFFIXES, is_torch_pickle
-from ..io.safetensors import Header, read_header
+from ..io.safetensors import Header, read_header, shown
 from ..model import Adapter, Kind, Module, TensorRef
 
 #: what ``open_raw`` reads as a (torch) pickle: the torch view of io.pickle's one table, under its old name
@@ -109,12 +109,12 @@ def group_keys(tensors: Mapping[str, TensorRef], table: KeyTable) -> tuple[dict[
         g = groups.setdefault(module, Group())
         if rule.role not in SHARED_ROLES:
             if g.kind is not None and g.kind != rule.kind:
-                conflicts.append(f"{module}: mixes {g.kind} and {rule.kind} factors")
+                conflicts.append(f"{shown(module)}: mixes {g.kind} and {rule.kind} factors")
             g.kind = rule.kind
         if rule.layer:
             g.layer = rule.layer
         if rule.role in g.parts:
-            conflicts.append(f"{module}: two tensors for {rule.role} ({key})")
+            conflicts.append(f"{shown(module)}: two tensors for {rule.role} ({shown(key)})")
         g.parts[rule.role] = ref
         g.keys.append(key)
     return groups, leftovers, conflicts
@@ -154,12 +154,12 @@ def check_leftovers(leftovers: list[str], conflicts: list[str], fmt: str, proble
     if problems is not None:
         problems.extend(conflicts)
         if leftovers:
-            problems.append(f"unknown key(s) for {fmt}: {', '.join(sorted(leftovers)[:20])}")
+            problems.append(f"unknown key(s) for {fmt}: {', '.join(shown(k, 80) for k in sorted(leftovers)[:20])}")
         return
     if conflicts:
         raise FileFormatError(conflicts[0])
-    if leftovers:
-        raise UnknownKeysError(leftovers, fmt)
+    if leftovers:  # names are data: escaped where they hold control characters
+        raise UnknownKeysError([shown(k, 200) for k in leftovers], fmt)
 
 
 def scalar(ref: TensorRef) -> float:

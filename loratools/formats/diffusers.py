@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import FileFormatError, IncompatibleAdaptersError
+from ..io import jsonfile
 from ..io.safetensors import write_safetensors
 from ..model import Adapter, TensorRef
 from . import peft
@@ -56,12 +57,9 @@ def component_configs(meta: dict[str, str]) -> dict[str, dict[str, Any]]:
     raw = meta.get(META_KEY)
     if not raw:
         return {}
-    try:
-        flat = json.loads(raw)
-    except json.JSONDecodeError as e:
-        raise FileFormatError(f"header {META_KEY} is not valid JSON ({e})") from None
+    flat = jsonfile.loads(raw, where=f"header {META_KEY}")
     if not isinstance(flat, dict):
-        raise FileFormatError(f"header {META_KEY} is not a JSON object")
+        raise FileFormatError(f"header {META_KEY} must be a JSON object, this is {jsonfile.kind(flat)}")
     out: dict[str, dict[str, Any]] = {}
     for key, value in flat.items():
         comp, _, field = key.partition(".")
@@ -100,7 +98,7 @@ def read(path: str | os.PathLike[str], *, problems: list[str] | None = None) -> 
         if "alpha" in g.parts:
             alpha: float | None = scalar(g.parts["alpha"])
         else:
-            alpha = peft.resolve(cfg, rel)[1] if cfg else None
+            alpha = peft.resolve(cfg, rel, f"header {META_KEY} ({comp})")[1] if cfg else None
         adapter.modules[name] = build_module(
             name, g, alpha=alpha, rslora=bool(cfg.get("use_rslora", False)),
             fan_in_fan_out=bool(cfg.get("fan_in_fan_out", False)),

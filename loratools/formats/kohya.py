@@ -14,7 +14,7 @@ import re
 from pathlib import Path
 
 from ..errors import IncompatibleAdaptersError
-from ..io.safetensors import write_safetensors
+from ..io.safetensors import shown, write_safetensors
 from ..model import Adapter, TensorRef, torch_dtype
 from .common import KeyTable, Rule, build_module, carried_metadata, check_leftovers, group_keys, open_raw, scalar
 from .names import to_kohya
@@ -68,7 +68,7 @@ def read(path: str | os.PathLike[str], *, problems: list[str] | None = None) -> 
     adapter = Adapter(format=NAME, metadata=meta, base_model=base_model_of(meta), source=str(path))
     for name, g in sorted(groups.items()):
         if g.kind is None:  # only alpha / dora_scale / bias: nothing to add it to
-            check_leftovers([], [f"{name}: has {', '.join(sorted(g.parts))} but no factors"], NAME, problems)
+            check_leftovers([], [f"{shown(name)}: has {', '.join(sorted(g.parts))} but no factors"], NAME, problems)
             continue
         alpha = scalar(g.parts["alpha"]) if "alpha" in g.parts else None
         axis = dora_axis(g.parts["magnitude"].shape) if "magnitude" in g.parts else "out"

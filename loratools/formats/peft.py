@@ -18,9 +18,11 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import FileFormatError, IncompatibleAdaptersError
+from ..io import jsonfile
 from ..io.atomic import atomic_dir
 from ..io.safetensors import write_safetensors
 from ..model import Adapter, Extra, Module, TensorRef, target_kind
+from . import patterns as patterns_mod
 from .common import KeyTable, Rule, build_module, carried_metadata, check_leftovers, group_keys, open_raw
 
 NAME = "peft"
@@ -44,81 +46,142 @@ TABLE = KeyTable(
 BASE_MODIFYING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga", "eva")
 
 
+def has_config(folder: Path) -> bool:
+    """Whether ``folder`` holds an ``adapter_config.json`` of any kind: one that is a folder, a FIFO or a broken
+    link is then refused when read, never silently skipped (the weights would be read with a guessed alpha)."""
+    return os.path.lexists(folder / CONFIG)
+
+
 def is_peft_folder(path: Path) -> bool:
-    return path.is_dir() and (path / CONFIG).is_file()
+    return path.is_dir() and has_config(path)
 
 
 def looks_like(keys: list[str]) -> bool:
     return any(k.startswith(PREFIX) for k in keys) and any(TABLE.split(k) for k in keys)
 
 
-def pattern_key(patterns: dict[str, Any], name: str) -> str | None:
-    """PEFT's rule: the first key, in insertion order, with ``re.match(rf"(.*\\.)?({key})$", name)``."""
-    for key in patterns:
-        try:
-            if re.match(rf"(.*\.)?({key})$", name):
-                return key
-        except re.error:
-            continue
-    return None
+def pattern_key(patterns: dict[str, Any], name: str, what: str = "rank_pattern") -> str | None:
+    """PEFT's rule: the first key, in insertion order, with ``re.match(rf"(.*\\.)?({key})$", name)``; matched at
+    bounded cost (:mod:`loratools.formats.patterns`), an invalid or pathological key refused."""
+    return patterns_mod.pattern_key(list(patterns), name, what)
 
 
-def resolve(config: dict[str, Any], name: str) -> tuple[int | None, float | None]:
-    """The rank and alpha PEFT gives module ``name`` under ``config`` (patterns applied)."""
+def resolve(config: dict[str, Any], name: str, where: str = "config") -> tuple[int | None, float | None]:
+    """The rank and alpha PEFT gives module ``name`` under ``config`` (patterns applied); ``where`` names the
+    config in errors."""
     rank_pattern = config.get("rank_pattern") or {}
     alpha_pattern = config.get("alpha_pattern") or {}
-    rk = pattern_key(rank_pattern, name)
-    ak = pattern_key(alpha_pattern, name)
+    rk = pattern_key(rank_pattern, name, f"{where} rank_pattern")
+    ak = pattern_key(alpha_pattern, name, f"{where} alpha_pattern")
     r = rank_pattern[rk] if rk is not None else config.get("r")
     a = alpha_pattern[ak] if ak is not None else config.get("lora_alpha")
-    return (int(r) if isinstance(r, (int, float)) else None, float(a) if isinstance(a, (int, float)) else None)
+    return (_rank(r), _alpha(a))
 
 
-#: config fields that change the math, and the JSON types PEFT gives them
-_NUMBER = (int, float)
+def _rank(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def _alpha(value: Any) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    return _finite(value)
+
+
+def _finite(value: int | float) -> float | None:
+    try:
+        x = float(value)
+    except OverflowError:
+        return None
+    return x if math.isfinite(x) else None
+
+
+def _is_rank(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and 0 < v <= MAX_RANK
+
+
+def _is_alpha(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and _finite(v) is not None
+
+
+def _is_strings(v: Any) -> bool:
+    return isinstance(v, list) and all(isinstance(x, str) for x in v)
+
+
+#: the largest rank a config may give; a tensor dimension beyond it cannot exist anyway
+MAX_RANK = 2**31 - 1
+
+#: config fields that change the math (or that PEFT itself would fail on), and the JSON values PEFT gives them
 _FIELDS: dict[str, tuple[Any, str]] = {
-    "r": ((int,), "a positive integer"),
-    "lora_alpha": (_NUMBER, "a number"),
-    "rank_pattern": ((dict,), "an object of module pattern -> rank"),
-    "alpha_pattern": ((dict,), "an object of module pattern -> alpha"),
-    "target_modules": ((list, str), "a list of names or a regex string"),
-    "modules_to_save": ((list, str), "a list of module names"),
-    "use_rslora": ((bool,), "true or false"),
-    "use_dora": ((bool,), "true or false"),
-    "fan_in_fan_out": ((bool,), "true or false"),
-    "peft_type": ((str,), "a string"),
-    "init_lora_weights": ((bool, str), "true, false or a method name"),
-    "base_model_name_or_path": ((str,), "a string"),
+    "r": (_is_rank, f"a positive integer (at most {MAX_RANK})"),
+    "lora_alpha": (_is_alpha, "a finite number"),
+    "rank_pattern": (
+        lambda v: isinstance(v, dict) and all(_is_rank(x) for x in v.values()),
+        "an object of module pattern -> positive integer rank",
+    ),
+    "alpha_pattern": (
+        lambda v: isinstance(v, dict) and all(_is_alpha(x) for x in v.values()),
+        "an object of module pattern -> finite number",
+    ),
+    "target_modules": (lambda v: isinstance(v, str) or _is_strings(v), "a list of names or a regex string"),
+    "exclude_modules": (lambda v: isinstance(v, str) or _is_strings(v), "a list of names or a regex string"),
+    "modules_to_save": (lambda v: isinstance(v, str) or _is_strings(v), "a list of module names"),
+    "layers_pattern": (lambda v: isinstance(v, str) or _is_strings(v), "a name or a list of names"),
+    "layers_to_transform": (
+        lambda v: (
+            (isinstance(v, int) and not isinstance(v, bool))
+            or (isinstance(v, list) and all(isinstance(x, int) and not isinstance(x, bool) for x in v))
+        ),
+        "a layer number or a list of them",
+    ),
+    "use_rslora": (lambda v: isinstance(v, bool), "true or false"),
+    "use_dora": (lambda v: isinstance(v, bool), "true or false"),
+    "fan_in_fan_out": (lambda v: isinstance(v, bool), "true or false"),
+    "peft_type": (lambda v: isinstance(v, str), "a string"),
+    "task_type": (lambda v: isinstance(v, str), "a string"),
+    "bias": (lambda v: isinstance(v, str), "a string"),
+    "init_lora_weights": (lambda v: isinstance(v, (bool, str)), "true, false or a method name"),
+    "base_model_name_or_path": (lambda v: isinstance(v, str), "a string"),
 }
 
 
+_NOT_NULL = ("r", "lora_alpha", "rank_pattern", "alpha_pattern")
+
+
+def _preview(value: Any) -> str:
+    try:
+        text = json.dumps(value)
+    except (ValueError, TypeError):
+        text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
 def check_config(cfg: dict[str, Any], where: str) -> None:
-    """Refuse a config whose fields have types PEFT would never write (one clear line, not a traceback later)."""
-    for key, (types, what) in _FIELDS.items():
+    """Refuse a config whose fields have values PEFT would never write or would fail on (one clear line, not a
+    traceback later), and patterns that are not valid regular expressions (PEFT raises on them too)."""
+    if not isinstance(cfg, dict):
+        raise FileFormatError(f"{where}: a config must be a JSON object, not {_preview(cfg)}")
+    for key, (ok, what) in _FIELDS.items():
         value = cfg.get(key)
-        if value is None:
-            continue
-        ok = isinstance(value, types) and not (isinstance(value, bool) and bool not in types)
-        if ok and key == "r":
-            ok = value > 0
-        if ok and key in ("rank_pattern", "alpha_pattern"):
-            ok = all(
-                isinstance(k, str) and isinstance(v, _NUMBER) and not isinstance(v, bool) for k, v in value.items()
-            )
-        if ok and key in ("target_modules", "modules_to_save") and isinstance(value, list):
-            ok = all(isinstance(v, str) for v in value)
-        if not ok:
-            raise FileFormatError(f"{where}: {key} must be {what}, not {json.dumps(value)[:60]}")
+        # absent means PEFT's default; an explicit null in these fields makes PEFT itself fail
+        if (value is not None or (key in _NOT_NULL and key in cfg)) and not ok(value):
+            raise FileFormatError(f"{where}: {key} must be {what}, not {_preview(value)}")
+    for key in ("rank_pattern", "alpha_pattern"):
+        if cfg.get(key):
+            patterns_mod.check(list(cfg[key]), f"{where} {key}", "peft")
+    for key in ("target_modules", "exclude_modules"):
+        if isinstance(cfg.get(key), str):
+            patterns_mod.check([cfg[key]], f"{where} {key}", "fullmatch")
+    layers = cfg.get("layers_pattern")
+    if layers:  # PEFT builds rf"(?:^|.*?\.){pattern}\.(?P<idx>\d+)\." from each
+        for pattern in [layers] if isinstance(layers, str) else layers:
+            patterns_mod.check([rf"(?:^|.*?\.){pattern}\.(?P<idx>\d+)\."], f"{where} layers_pattern", "search")
 
 
 def read_config(folder: Path) -> dict[str, Any]:
-    try:
-        cfg = json.loads((folder / CONFIG).read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise FileFormatError(f"{folder / CONFIG}: not valid JSON ({e})") from None
-    if not isinstance(cfg, dict):
-        raise FileFormatError(f"{folder / CONFIG}: not a JSON object")
-    check_config(cfg, str(folder / CONFIG))
+    path = folder / CONFIG
+    cfg = jsonfile.load_object(path, what="PEFT adapter config")
+    check_config(cfg, str(path))
     return cfg
 
 
@@ -139,7 +202,7 @@ def read(path: str | os.PathLike[str], *, problems: list[str] | None = None) -> 
     """
     p = Path(path)
     folder = p if p.is_dir() else p.parent
-    config = read_config(folder) if (folder / CONFIG).is_file() else {}
+    config = read_config(folder) if has_config(folder) else {}
     weights = find_weights(p) if p.is_dir() else p
     peft_type = str(config.get("peft_type", "LORA")).upper()
     if peft_type != "LORA":
@@ -176,7 +239,7 @@ def read(path: str | os.PathLike[str], *, problems: list[str] | None = None) -> 
     rslora = bool(config.get("use_rslora", False))
     fifo = bool(config.get("fan_in_fan_out", False))
     for name, g in sorted(groups.items()):
-        _, alpha = resolve(config, name)
+        _, alpha = resolve(config, name, str(folder / CONFIG))
         if not config:
             alpha = None  # no config: nothing says otherwise, alpha = rank
         adapter.modules[name] = build_module(name, g, alpha=alpha, rslora=rslora, fan_in_fan_out=fifo)
@@ -194,8 +257,10 @@ def _extra_role(key: str, modules_to_save: list[str]) -> Any:
     if key.endswith("trainable_tokens_delta"):
         return "trainable_tokens"
     module, _, param = key.rpartition(".")
-    if param in ("weight", "bias") and any(re.match(rf"(.*\.)?{re.escape(m)}$", module) for m in modules_to_save):
-        return "modules_to_save"
+    if param in ("weight", "bias") and modules_to_save:
+        escaped = [re.escape(m) for m in modules_to_save]
+        if patterns_mod.pattern_key(escaped, module, f"{CONFIG} modules_to_save") is not None:
+            return "modules_to_save"
     # an embedding or lm_head saved whole (resized vocabulary, or targeted embeddings) is kept too
     if param == "weight" and module.rpartition(".")[2] in ("embed_tokens", "lm_head", "wte", "embed_in", "embed_out"):
         return "base_layer"

@@ -214,6 +214,10 @@ def _make_folder(p: Path) -> None:
     os.mkdir(p, 0o777)
 
 
+#: outputs committed in this process (the CLI tells a stop after an output was written from one before)
+COMMITTED: list[Path] = []
+
+
 class _Critical:
     depth = 0
     pending: BaseException | None = None
@@ -366,6 +370,7 @@ class Stage:
                 if item.old is not None:
                     _remove(item.old)
             parents = {item.target.parent for item in self.items}
+            COMMITTED.extend(item.target for item in self.items)
             self.items = []
         for parent in parents:  # the new names are on disk too
             _fsync(parent)

@@ -52,33 +52,86 @@ def is_pickle(name: str | os.PathLike[str]) -> bool:
 
 
 def read_pickle(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
+    """The tensors of a torch pickle: a dict of name -> tensor (or ``{"state_dict": {...}}``), loaded with
+    ``weights_only=True`` (nothing but tensors and plain containers is built, no code runs) and without
+    memory-mapping, so that torch checks every storage record against the size the pickle claims (a mapped load
+    reads past a short record into the bytes that follow it, as PEFT's own load never does). Every tensor must
+    be a plain dense CPU tensor of a dtype loratools knows, holding its own data."""
+    import stat
+    import struct
+
     import torch
+
+    from ..errors import LoratoolsError
+    from ..model import dtype_name
+
+    def _tensor_problem(t: torch.Tensor) -> str | None:
+        """Why a tensor from a pickle cannot be used as adapter data, or None."""
+        if t.is_nested:
+            return "is a nested tensor"
+        if t.layout != torch.strided:
+            return f"is a {str(t.layout).removeprefix('torch.')} tensor, not a dense one"
+        if t.device.type != "cpu":
+            held = ": it holds no data" if t.device.type == "meta" else ""
+            return f"lives on the {t.device.type} device{held}"
+        if t.is_quantized:
+            return f"is quantized ({t.dtype})"
+        if t.dtype.is_complex:
+            return f"is complex ({t.dtype})"
+        try:
+            dtype_name(t.dtype)
+        except LoratoolsError:
+            return f"has a dtype loratools does not read ({t.dtype})"
+        # a tensor whose strides repeat elements (an expanded view) would become far larger once copied
+        if t.numel() * t.element_size() > t.untyped_storage().nbytes():
+            return f"claims {t.numel()} elements but its storage holds {t.untyped_storage().nbytes()} bytes"
+        return None
 
     p = Path(path)
     try:
+        st = p.stat()
+    except OSError as e:
+        raise FileFormatError(f"{p}: cannot read ({e.strerror or e})") from None
+    if not stat.S_ISREG(st.st_mode):
+        kind = "a folder" if stat.S_ISDIR(st.st_mode) else "not a regular file"
+        raise FileFormatError(f"{p}: {kind}, expected a torch pickle")
+    if st.st_size == 0:
+        raise FileFormatError(f"{p.name}: an empty file (0 bytes), not a torch pickle", "is the download incomplete?")
+    hint = "loratools never runs code from pickles; if you trust the file, re-save it as safetensors"
+    try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # protocol notes from the safe unpickler are not the user's concern
-            obj: Any = torch.load(p, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(p))
+            obj: Any = torch.load(p, map_location="cpu", weights_only=True, mmap=False)
     except pickle.UnpicklingError as e:
         reason = _reason(str(e))
         if "GLOBAL" in reason or "global" in reason:
             raise UnsafePickleError(
-                f"{p.name}: refused to unpickle: it asks to load code or objects, not just tensors ({reason})",
-                "loratools never runs code from pickles; if you trust the file, re-save it as safetensors",
+                f"{p.name}: refused to unpickle: it asks to load code or objects, not just tensors ({reason})", hint
             ) from None
-        raise UnsafePickleError(
-            f"{p.name}: not a readable torch pickle ({reason})",
-            "loratools never runs code from pickles; if you trust the file, re-save it as safetensors",
+        raise UnsafePickleError(f"{p.name}: not a readable torch pickle ({reason})", hint) from None
+    except (
+        EOFError, RuntimeError, ValueError, OSError, zipfile.BadZipFile, KeyError, TypeError, AttributeError,
+        IndexError, struct.error, OverflowError, MemoryError, NotImplementedError, AssertionError,
+    ) as e:  # fmt: skip
+        # what torch's loader raises on a damaged or lying file (RecursionError is a RuntimeError)
+        raise FileFormatError(
+            f"{p.name}: not a readable torch pickle ({type(e).__name__}: {_reason(str(e))})", hint
         ) from None
-    except (EOFError, RuntimeError, ValueError, OSError, zipfile.BadZipFile, KeyError, TypeError) as e:
-        raise FileFormatError(f"{p.name}: not a readable torch pickle ({type(e).__name__}: {str(e)[:200]})") from None
     if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
         obj = obj["state_dict"]
     if not isinstance(obj, dict):
         raise FileFormatError(f"{p.name}: holds a {type(obj).__name__}, not a dict of tensors")
     bad = [k for k, v in obj.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)]
     if bad:
-        raise FileFormatError(f"{p.name}: entries that are not tensors: {', '.join(map(str, bad[:5]))}")
+        shown = ", ".join(repr(k)[:60] for k in bad[:5])
+        raise FileFormatError(
+            f"{p.name}: {len(bad)} entr{'y is' if len(bad) == 1 else 'ies are'} not a name -> tensor: {shown}",
+            "an adapter pickle is a flat dict of tensors; nested containers and non-string keys are not read",
+        )
+    for name, t in obj.items():
+        problem = _tensor_problem(t)
+        if problem:
+            raise FileFormatError(f"{p.name}: tensor {repr(name)[:80]} {problem}")
     return obj
 
 

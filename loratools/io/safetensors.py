@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import stat
 import struct
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -17,16 +18,19 @@ from io import BufferedReader
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..errors import HeaderError
+from ..errors import FileFormatError, HeaderError
 from ..model import DTYPE_SIZES, TensorRef, dtype_name, torch_dtype
+from . import jsonfile
 from .atomic import atomic_write
 
 if TYPE_CHECKING:
     import torch
 
-#: the reference implementation refuses headers above this size; so do we, before allocating anything
-MAX_HEADER = 100 * 1024 * 1024
-MAGIC_PICKLE = (b"PK\x03\x04", b"\x80")
+#: the reference implementation (``MAX_HEADER_SIZE``) refuses headers above 100 MB; so do we, before allocating
+MAX_HEADER = 100_000_000
+#: sizes and offsets are ``usize`` in the reference reader: a shape or an offset that does not fit is refused
+USIZE = 2**64
+MAGIC_GGUF = b"GGUF"
 
 
 @dataclass(frozen=True)
@@ -61,38 +65,56 @@ class Header:
         return TensorRef(info.shape, info.dtype, lambda: read_tensor(path, info), lambda: read_scalar(path, info))
 
 
+def shown(name: str, limit: int = 120) -> str:
+    """A tensor name for a message: as it is when printable, else escaped (a name is data from the file: control
+    characters must not reach a terminal)."""
+    text = name if name.isprintable() and name else repr(name)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def read_header(path: str | os.PathLike[str], *, lenient: bool = False) -> Header:
-    """Parse and check a safetensors header. Raises :class:`HeaderError` on the first lie, unless
-    ``lenient``, in which case tensor-level lies are collected in ``Header.problems`` and the offending
-    tensors left out (the header itself must still parse)."""
+    """Parse and check a safetensors header, at least as strictly as the reference reader: the header's JSON
+    (no duplicate keys, bounded nesting), every entry (dtype, shape, offsets as unsigned integers that fit), and
+    the data section, which the tensors must cover exactly (no hole, no overlap, no trailing bytes).
+
+    Raises :class:`HeaderError` on the first lie, unless ``lenient``, in which case tensor-level lies are
+    collected in ``Header.problems`` and the offending tensors left out (the header itself must still parse).
+    A file that is not safetensors at all (a JSON config, a text file, a GGUF file, a pickle, an empty file) is
+    refused with :class:`FileFormatError` saying what it is."""
     p = Path(path)
-    size = p.stat().st_size
     where = p.name
-    if size < 8:
-        raise HeaderError(f"{where}: file is {size} bytes, too short for a safetensors header", "is it truncated?")
-    with open(p, "rb") as fh:
-        head = fh.read(8)
-        (n,) = struct.unpack("<Q", head)
-        if n > MAX_HEADER:
-            hint = "is it a safetensors file?"
-            if head.startswith(MAGIC_PICKLE):
-                hint = "it looks like a pickle (.bin/.pt): name it so, or pass --format"
-            raise HeaderError(f"{where}: header length {n} is beyond the {MAX_HEADER} byte limit", hint)
-        if n > size - 8:
-            raise HeaderError(
-                f"{where}: header length {n} runs past the end of the {size}-byte file", "is it truncated?"
-            )
-        raw = fh.read(n)
+    size = _regular_size(p, "safetensors file")
     try:
-        obj = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise HeaderError(f"{where}: header is not valid JSON ({e})", "is it a safetensors file?") from None
-    if not isinstance(obj, dict):
-        raise HeaderError(f"{where}: header is not a JSON object")
-    meta_raw = obj.pop("__metadata__", None) or {}
-    if not isinstance(meta_raw, dict) or not all(
-        isinstance(k, str) and isinstance(v, str) for k, v in meta_raw.items()
-    ):
+        with open(p, "rb") as fh:
+            head = fh.read(8)
+            if size < 8:
+                raise HeaderError(
+                    f"{where}: file is {size} bytes, too short for a safetensors header", "is it truncated?"
+                )
+            (n,) = struct.unpack("<Q", head)
+            if n > MAX_HEADER:
+                raise HeaderError(
+                    f"{where}: header length {n} is beyond the {MAX_HEADER} byte limit", "is it a safetensors file?"
+                )
+            if n > size - 8:
+                raise HeaderError(
+                    f"{where}: header length {n} runs past the end of the {size}-byte file", "is it truncated?"
+                )
+            raw = fh.read(n)
+        obj = jsonfile.loads(raw, where=f"{where}: header", error=HeaderError)
+        if not isinstance(obj, dict):
+            raise HeaderError(f"{where}: header is {jsonfile.kind(obj)}, not a JSON object")
+    except HeaderError:
+        sniffed = sniff(p)
+        if sniffed is not None:
+            raise sniffed from None
+        raise
+    except OSError as e:
+        raise FileFormatError(f"{p}: cannot read ({e.strerror or e})") from None
+    meta_raw = obj.pop("__metadata__", None)
+    if meta_raw is None:
+        meta_raw = {}
+    if not isinstance(meta_raw, dict) or not all(isinstance(v, str) for v in meta_raw.values()):
         raise HeaderError(f"{where}: __metadata__ must map strings to strings")
     data_start = 8 + n
     data_len = size - data_start
@@ -111,41 +133,156 @@ def read_header(path: str | os.PathLike[str], *, lenient: bool = False) -> Heade
     if len(past) > 1:  # a truncated file: one finding, not one per tensor
         problems = [m for m in problems if m not in past]
         problems.append(f"{len(past)} tensors run past the end of the data section ({data_len} bytes): truncated?")
-    spans = sorted((t.start, t.end, t.name) for t in tensors.values() if t.end > t.start)
-    for (_, end_a, name_a), (start_b, _, name_b) in zip(spans, spans[1:], strict=False):
-        if start_b < end_a:
-            msg = f"tensors {name_a} and {name_b} overlap in the data section"
+    if not problems:  # with tensors left out, the gaps they leave say nothing more
+        for msg in _coverage(tensors, data_start, data_len):
             if not lenient:
-                raise HeaderError(f"{where}: {msg}")
+                raise HeaderError(f"{where}: {msg}", "the reference safetensors reader refuses this file too")
             problems.append(msg)
     return Header(p, tensors, dict(meta_raw), n, size, problems)
 
 
+def _regular_size(p: Path, what: str) -> int:
+    """The size of a regular file; a folder, a special file (a FIFO would block the read) or an unreadable path
+    is refused before anything is opened."""
+    try:
+        st = p.stat()
+    except FileNotFoundError:
+        raise FileFormatError(f"{p}: no such file") from None
+    except OSError as e:
+        raise FileFormatError(f"{p}: cannot read ({e.strerror or e})") from None
+    if stat.S_ISDIR(st.st_mode):
+        raise FileFormatError(f"{p}: is a folder, expected a {what}")
+    if not stat.S_ISREG(st.st_mode):
+        raise FileFormatError(f"{p}: not a regular file, expected a {what}")
+    return st.st_size
+
+
+def _coverage(tensors: dict[str, TensorInfo], data_start: int, data_len: int) -> list[str]:
+    """The reference reader's rule: sorted by offsets, each tensor starts where the previous one ended, the
+    first at 0, and the last ends at the end of the file."""
+    at = 0
+    prev = ""
+    for t in sorted(tensors.values(), key=lambda t: (t.start, t.end)):
+        begin, end = t.start - data_start, t.end - data_start
+        if begin < at:
+            return [f"tensors {shown(prev)} and {shown(t.name)} overlap in the data section"]
+        if begin > at:
+            return [f"a hole of {begin - at} bytes in the data section before tensor {shown(t.name)}"]
+        at, prev = end, t.name
+    if at != data_len:
+        return [
+            f"{data_len - at} bytes in the data section after the last tensor (the data section is {data_len} bytes)"
+        ]
+    return []
+
+
+def _uint(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and 0 <= x < USIZE
+
+
 def _tensor_info(name: str, entry: Any, data_start: int, data_len: int) -> TensorInfo:
+    what = f"tensor {shown(name)}"
     if not isinstance(entry, dict):
-        raise HeaderError(f"tensor {name}: header entry is not an object")
+        raise HeaderError(f"{what}: header entry is {jsonfile.kind(entry)}, not an object")
     dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
     if not isinstance(dtype, str) or dtype not in DTYPE_SIZES:
-        raise HeaderError(f"tensor {name}: unknown dtype {dtype!r}")
-    if not isinstance(shape, list) or not all(isinstance(s, int) and s >= 0 for s in shape):
-        raise HeaderError(f"tensor {name}: shape {shape!r} is not a list of sizes")
-    if (
-        not isinstance(offsets, list)
-        or len(offsets) != 2
-        or not all(isinstance(o, int) for o in offsets)
-        or not 0 <= offsets[0] <= offsets[1]
-    ):
-        raise HeaderError(f"tensor {name}: data_offsets {offsets!r} are not [begin, end]")
+        raise HeaderError(f"{what}: unknown dtype {_preview(dtype)}")
+    if not isinstance(shape, list) or not all(_uint(s) for s in shape):
+        raise HeaderError(f"{what}: shape {_preview(shape)} is not a list of sizes")
+    if not isinstance(offsets, list) or len(offsets) != 2 or not all(_uint(o) for o in offsets):
+        raise HeaderError(f"{what}: data_offsets {_preview(offsets)} are not [begin, end]")
     begin, end = offsets
+    if begin > end:
+        raise HeaderError(f"{what}: data_offsets {_preview(offsets)} are not [begin, end]: they end before they begin")
+    # the element count and byte size must fit the reference's usize: checked before each multiplication,
+    # zero dimensions aside (a [0, 2**62, 2**62] tensor holds nothing but its shape is still not a shape)
+    count = 1
+    for s in shape:
+        if s and count > (USIZE - 1) // s:
+            raise HeaderError(f"{what}: shape {_preview(shape)} has more elements than a file can address")
+        count *= s or 1
+    if count > (USIZE - 1) // (8 * DTYPE_SIZES[dtype]):
+        raise HeaderError(f"{what}: shape {_preview(shape)} x {dtype} has more bytes than a file can address")
     if end > data_len:
         raise HeaderError(
-            f"tensor {name}: data ends at byte {end} but the data section has {data_len} bytes",
+            f"{what}: data ends at byte {end} but the data section has {data_len} bytes",
             "the file is truncated, or its header lies",
         )
     expected = math.prod(shape) * DTYPE_SIZES[dtype]
     if end - begin != expected:
-        raise HeaderError(f"tensor {name}: shape {shape} x {dtype} needs {expected} bytes, offsets give {end - begin}")
+        raise HeaderError(f"{what}: shape {shape} x {dtype} needs {expected} bytes, offsets give {end - begin}")
     return TensorInfo(name, dtype, tuple(shape), data_start + begin, data_start + end)
+
+
+def _preview(value: Any) -> str:
+    try:
+        text = json.dumps(value)
+    except (TypeError, ValueError):
+        text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+# ---- what a file is when it is not safetensors --------------------------------------------------------------
+
+
+def sniff(path: str | os.PathLike[str]) -> FileFormatError | None:
+    """What a file that is not safetensors is, as the error to raise (``None``: nothing recognisable)."""
+    p = Path(path)
+    try:
+        with open(p, "rb") as fh:
+            head = fh.read(4096)
+    except OSError:
+        return None
+    where = p.name
+    if not head:
+        return FileFormatError(
+            f"{where}: an empty file (0 bytes), too short to be an adapter", "is the download incomplete?"
+        )
+    if head.startswith(MAGIC_GGUF):
+        return FileFormatError(
+            f"{where}: GGUF adapter: not readable yet",
+            "read its source adapter (safetensors) instead; loratools writes GGUF with `convert --to gguf`",
+        )
+    pickle_hint = (
+        "name it .bin or .pt to read it as a torch pickle (tensors only, no code is run), or re-save it as safetensors"
+    )
+    if head.startswith(b"PK\x03\x04"):
+        torch_zip = b"data.pkl" in head
+        what = "a torch pickle (zip)" if torch_zip else "a zip archive"
+        return FileFormatError(f"{where}: {what}, not a safetensors file", pickle_hint if torch_zip else None)
+    if len(head) > 2 and head[0] == 0x80 and 2 <= head[1] <= 5 and head[2] != 0:
+        return FileFormatError(f"{where}: a pickle, not a safetensors file", pickle_hint)
+    text = _text(head)
+    if text is None:
+        return None
+    stripped = text.lstrip()
+    if stripped.startswith(("{", "[")):
+        hint = "point at the folder that holds it instead"
+        if p.name == "adapter_config.json":
+            hint = f"this is a PEFT config: point at its folder ({p.parent}) instead"
+        elif p.name.endswith(".index.json"):
+            hint = f"this is a checkpoint index: point at its folder ({p.parent}) instead"
+        return FileFormatError(f"{where}: a JSON file, not safetensors weights", hint)
+    if stripped.startswith("version https://git-lfs"):
+        return FileFormatError(f"{where}: a Git LFS pointer, not the file itself", "fetch the real file (git lfs pull)")
+    if len(head) < 8:  # a few bytes of anything: "too short" says it better
+        return None
+    return FileFormatError(
+        f"{where}: a text file, not an adapter (no safetensors header)",
+        "point at the adapter's .safetensors file or its folder",
+    )
+
+
+def _text(head: bytes) -> str | None:
+    """``head`` as text when it looks like text: UTF-8 (a character cut at the end aside), no NUL."""
+    if b"\x00" in head:
+        return None
+    for cut in range(4):
+        try:
+            return head[: len(head) - cut].decode("utf-8")
+        except UnicodeDecodeError:
+            continue
+    return None
 
 
 def read_into(fh: BufferedReader, start: int, view: memoryview) -> None:

@@ -362,34 +362,14 @@ MAX_CONFIG_BYTES = 4 << 20
 
 def _hparams(base: Path) -> dict[str, Any] | None:
     """The base model's config.json beside ``base`` (a folder, or a file in one); None when there is none."""
-    import json
+    from ..io import jsonfile
 
     folder = base if base.is_dir() else base.parent
     cfg = folder / "config.json"
     if not cfg.exists():
         return None
-    if not cfg.is_file():
-        raise LoratoolsError(f"{cfg}: not a regular file", "the base's config.json must be a JSON file")
-    try:
-        with open(cfg, "rb") as fh:
-            raw = fh.read(MAX_CONFIG_BYTES + 1)
-    except OSError as e:
-        raise LoratoolsError(f"{cfg}: cannot be read ({e.strerror or e})") from None
-    if len(raw) > MAX_CONFIG_BYTES:
-        raise LoratoolsError(f"{cfg}: larger than {MAX_CONFIG_BYTES >> 20} MiB: not a model config")
-
-    def unique(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-        keys = [k for k, _ in pairs]
-        dup = next((k for k in keys if keys.count(k) > 1), None)
-        if dup is not None:
-            raise LoratoolsError(f"{cfg}: the key {json.dumps(dup)[:60]} appears twice")
-        return dict(pairs)
-
-    try:
-        value = json.loads(raw.decode("utf-8"), object_pairs_hook=unique)
-    except (ValueError, RecursionError) as e:
-        why = "nested too deeply" if isinstance(e, RecursionError) else "not valid JSON"
-        raise LoratoolsError(f"{cfg}: {why}") from None
+    # the one JSON reader: size and depth limits, duplicate keys refused (transformers writes NaN/Infinity)
+    value = jsonfile.load(cfg, what="model config", nonfinite=True, limit=MAX_CONFIG_BYTES)
     if not isinstance(value, dict):
         raise LoratoolsError(f"{cfg}: a {type(value).__name__}, not a JSON object: not a model config")
     return value

@@ -32,7 +32,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..errors import IncompatibleAdaptersError, LoratoolsError, ShapeError, UsageError
-from ..formats import FORMATS, save_adapter
+from ..formats import FORMATS, patterns, save_adapter
+from ..io import jsonfile
 from ..io.atomic import check_output
 from ..io.safetensors import read_bytes, tensor_from_bytes
 from ..model import Adapter, Extra, Layer, Module, TensorRef, target_kind, torch_dtype
@@ -132,12 +133,14 @@ class ExtractReport:
 
 
 def _selector(include: Iterable[str], exclude: Iterable[str]) -> Callable[[str], bool]:
-    inc, exc = args.regexes(include, "include"), args.regexes(exclude, "exclude")
+    # user patterns: Python re syntax, matched at bounded cost (a pathological one is refused, never hangs)
+    inc = patterns.pattern_set(args.strings(include, "include"), "--include", "search", UsageError)
+    exc = patterns.pattern_set(args.strings(exclude, "exclude"), "--exclude", "search", UsageError)
 
     def keep(name: str) -> bool:
-        if inc and not any(p.search(name) for p in inc):
+        if inc.patterns and not inc.any(name):
             return False
-        return not any(p.search(name) for p in exc)
+        return not exc.any(name)
 
     return keep
 
@@ -540,10 +543,12 @@ def _regex(modules: list[str]) -> str:
 
 
 def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        value = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+    if not path.is_file():
         return {}
+    try:
+        value = jsonfile.load(path, what="model config", nonfinite=True)
+    except LoratoolsError:
+        return {}  # only names and task types come from it: a config that cannot be read says nothing
     return value if isinstance(value, dict) else {}
 
 

@@ -28,8 +28,9 @@ from typing import TYPE_CHECKING, Any
 
 from ..errors import FileFormatError, IncompatibleAdaptersError, LoratoolsError, OutputError, ShapeError
 from ..formats import input_files, load_adapter
+from ..io import jsonfile
 from ..io.atomic import check_output, stage
-from ..io.checkpoint import COMPONENTS, INDEX_SUFFIX, kohya_index
+from ..io.checkpoint import COMPONENTS, INDEX_SUFFIX, base_tensors, kohya_index, read_index
 from ..io.safetensors import Header, TensorInfo, read_bytes, read_header, read_into, tensor_bytes, tensor_from_bytes
 from ..model import DTYPE_SIZES, Adapter, Module, TensorRef, torch_dtype
 from . import provenance
@@ -106,35 +107,17 @@ def layout_of(base: str | os.PathLike[str]) -> Layout:
     return Layout(p, False, files, indexes)
 
 
-def _inside(name: str) -> bool:
-    """A shard name from an index stays in its folder: relative, no ``..`` (symlinks are fine: the Hub's cache
-    is made of them)."""
-    from pathlib import PurePosixPath
-
-    p = PurePosixPath(name)
-    return not p.is_absolute() and ".." not in p.parts and "\\" not in name
-
-
 def _folder_weights(root: Path, sub: Path) -> tuple[list[Path], list[Path]]:
     folder = root / sub
     indexes = sorted(folder.glob("*" + INDEX_SUFFIX))
     if indexes:
         if len(indexes) > 1:
             raise FileFormatError(f"{folder}: several safetensors index files", "keep one")
-        try:
-            weight_map = json.loads(indexes[0].read_text(encoding="utf-8"))["weight_map"]
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            raise FileFormatError(f"{indexes[0]}: not a safetensors index ({e})") from None
-        shards = sorted(set(weight_map.values()))
-        outside = [s for s in shards if not _inside(s)]
-        if outside:
-            raise FileFormatError(
-                f"{indexes[0].name} names file(s) outside its folder: {', '.join(outside[:3])}",
-                "a shard must lie in the model's folder",
-            )
-        missing = [s for s in shards if not (folder / s).is_file()]
+        shards = sorted(set(read_index(indexes[0]).values()))  # checked: types, depth, shards inside the folder
+        missing = [s for s in shards if not (folder / s).exists()]  # a folder or FIFO: refused when read
         if missing:
             raise FileFormatError(f"{indexes[0].name} names shard(s) that are missing: {', '.join(missing)}")
+        base_tensors(indexes[0])  # the index and its shards agree (its weight_map is copied into the output)
         return [sub / s for s in shards], [sub / indexes[0].name]
     found = sorted(folder.glob("*.safetensors"))
     if len(found) > 1:
@@ -841,7 +824,7 @@ def _copy_other_files(layout: Layout, tmp: Path, report: MergeReport) -> None:
 
 
 def _write_index(layout: Layout, index: Path, tmp: Path, sizes: dict[Path, int]) -> None:
-    src = json.loads((layout.root / index).read_text(encoding="utf-8"))
+    src = jsonfile.load_object(layout.root / index, what="safetensors index")
     folder = index.parent
     total = sum(size for rel, size in sizes.items() if rel.parent == folder)
     src.setdefault("metadata", {})["total_size"] = total

@@ -5,9 +5,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any
+
+from ..errors import LoratoolsError
+from ..io import jsonfile
 
 KEY = "loratools"
 
@@ -51,11 +55,30 @@ def parse(metadata: dict[str, str]) -> dict[str, Any] | None:
     raw = metadata.get(KEY)
     if not raw:
         return None
-    try:
-        value = json.loads(raw)
-    except json.JSONDecodeError:
+    try:  # header metadata is the file's word: the one JSON reader, and a record of the shape loratools writes
+        value = jsonfile.loads(raw, where=KEY)
+    except LoratoolsError:
         return None
-    return value if isinstance(value, dict) else None
+    return value if _well_formed(value) else None
+
+
+def _well_formed(value: Any) -> bool:
+    def number(x: Any) -> bool:
+        return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+    if not isinstance(value, dict):
+        return False
+    inputs = value.get("inputs", [])
+    if not isinstance(inputs, list) or not all(
+        isinstance(i, dict) and isinstance(i.get("source"), str) and isinstance(i.get("sha256"), str) for i in inputs
+    ):
+        return False
+    weights = value.get("weights")
+    if weights is not None and not (isinstance(weights, list) and all(number(w) for w in weights)):
+        return False
+    if any(value.get(k) is not None and not number(value[k]) for k in ("energy", "rank")):
+        return False
+    return all(value.get(k) is None or isinstance(value[k], str) for k in ("command", "version", "method", "dtype"))
 
 
 def describe(entry: dict[str, Any]) -> str:

@@ -5,13 +5,12 @@ from __future__ import annotations
 import hashlib
 import math
 import os
-import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 from ..errors import FileFormatError, HeaderError, LoratoolsError, UnsafePickleError
-from ..formats import FORMATS, detect, load_adapter, peft, resolve_source
+from ..formats import FORMATS, detect, load_adapter, patterns, peft, resolve_source
 from ..formats.common import PICKLE_SUFFIXES, open_raw
 from ..io.checkpoint import BaseTensor, base_tensors
 from ..model import Adapter, Module, TensorRef
@@ -136,15 +135,24 @@ def validate(
         add("warning", "alpha", f"no {peft.CONFIG} beside the weights: alpha unknown, taken as the rank (scale 1)")
     if not adapter.modules:
         add("error", "empty", "no LoRA modules in the file")
-    for m in adapter.modules.values():
-        _check_module(m, adapter, add)
-    _check_dtypes(adapter, add)
-    _check_config(adapter, add)
+
+    def modules() -> None:
+        for m in adapter.modules.values():
+            _check_module(m, adapter, add)
+
+    steps: list[Any] = [modules, lambda: _check_dtypes(adapter, add), lambda: _check_config(adapter, add)]
     if not fast:
-        _check_values(adapter, add)
-        _check_hash(adapter, add)
+        steps += [lambda: _check_values(adapter, add), lambda: _check_hash(adapter, add)]
     if base is not None and base_weights is not None:
-        _check_base(adapter, base, base_weights, add)
+        steps.append(lambda: _check_base(adapter, base, base_weights, add))
+    for step in steps:
+        # what the file does to a check (a hostile pattern, data cut short) is a finding, and the others still run
+        try:
+            step()
+        except HeaderError as e:
+            add("error", "header", e.message)
+        except LoratoolsError as e:
+            add("error", "unreadable", e.message + (f" ({e.hint})" if e.hint else ""))
     if for_ is not None:
         RULES[for_](adapter, lambda sev, msg, hint: add(sev, "consumer", msg + (f" (fix: {hint})" if hint else "")))  # type: ignore[arg-type]
     return rep
@@ -187,8 +195,8 @@ def _check_module(m: Module, adapter: Adapter, add: Any) -> None:
     elif not math.isfinite(m.alpha) or m.alpha <= 0:
         add("error", "alpha", f"alpha is {m.alpha:g}: it must be a positive number", m.name)
     cfg = _config_for(adapter, m.name)
-    if cfg is not None and m.rank is not None and not m.check():
-        want, _ = peft.resolve(cfg[0], cfg[1])
+    if cfg is not None and not m.check() and m.rank is not None:  # check first: rank reads the factors' shapes
+        want, _ = peft.resolve(cfg[0], cfg[1], _config_name(adapter, m.name))
         if want is not None and want != m.rank:
             add("error", "rank-config", f"tensors have rank {m.rank}, the config says {want}", m.name)
 
@@ -202,6 +210,15 @@ def _config_for(adapter: Adapter, name: str) -> tuple[dict[str, Any], str] | Non
         if comp in adapter.config:
             return adapter.config[comp], rel
     return None
+
+
+def _config_name(adapter: Adapter, name: str) -> str:
+    """How errors name the config governing a module."""
+    if adapter.format == "diffusers":
+        from ..formats.diffusers import META_KEY
+
+        return f"header {META_KEY} ({name.partition('.')[0]})"
+    return peft.CONFIG
 
 
 def _check_dtypes(adapter: Adapter, add: Any) -> None:
@@ -219,8 +236,9 @@ def _check_config(adapter: Adapter, add: Any) -> None:
     for prefix, cfg in configs:
         names = [n[len(prefix) :] for n in adapter.modules if n.startswith(prefix)]
         targets = cfg.get("target_modules")
+        where = _config_name(adapter, prefix) + " target_modules"
         if isinstance(targets, str):
-            if targets != "all-linear" and not any(_full_match(targets, n) for n in names):
+            if targets != "all-linear" and not any(patterns.fullmatch(targets, n, where) for n in names):
                 add("warning", "target-unmatched", f"target_modules regex {targets!r} matches no module")
         elif isinstance(targets, list):
             for t in targets:
@@ -234,13 +252,6 @@ def _check_config(adapter: Adapter, add: Any) -> None:
                 f"init_lora_weights={init!r}: this adapter only fits a base that the initialisation changed, "
                 "unless it was saved converted (path_initial_model_for_weight_conversion)",
             )
-
-
-def _full_match(pattern: str, name: str) -> bool:
-    try:
-        return re.fullmatch(pattern, name) is not None
-    except re.error:
-        return False
 
 
 def _check_values(adapter: Adapter, add: Any) -> None:
