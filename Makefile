@@ -47,9 +47,10 @@ lint: setup
 	$(VENV)/bin/ruff format --check loratools tests
 	$(VENV)/bin/mypy loratools
 
-# the long run of the fuzz and kill tests, and the figures of docs/reliability.md
+# the long run: every slow case (the whole hostile battery, 2000 fuzz examples, 20 kill points per command and
+# signal), then the figures of docs/reliability.md
 reliability: setup
-	LORATOOLS_FUZZ_EXAMPLES=2000 LORATOOLS_KILL_POINTS=20 $(PY) -m pytest -q tests/test_fuzz.py tests/test_reliability.py
+	LORATOOLS_FUZZ_EXAMPLES=2000 LORATOOLS_KILL_POINTS=20 $(PY) -m pytest -q -m "" tests/
 	$(PY) benchmarks/reliability.py --cases 200 --kills 8
 
 fixtures: setup

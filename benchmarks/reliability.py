@@ -1,10 +1,15 @@
-"""The figures of docs/reliability.md: damaged files through every reader, runs killed at random points.
+"""The figures of docs/reliability.md: the hostile battery by category, damaged files through every reader, runs
+stopped and killed at random points.
 
-    python benchmarks/reliability.py [--cases 300] [--kills 20]
+    python benchmarks/reliability.py [--cases 300] [--kills 20] [--battery-only]
 
-Each damaged file goes through `inspect --fast`, `inspect` and `validate` in a fresh CLI invocation; each outcome
-is a result, a clean `Error:` line (exit 1) or a traceback (a bug). Each killed run is checked afterwards: no
-output or a whole one, no temp left (SIGINT) or removed by the next run with a note (SIGKILL), inputs unchanged.
+The battery is tests/test_hostile_*.py, every case (the slow ones too): each checks that the command ends with the
+expected exit code and one Error line (no traceback), within its time limit (no hang), with its inputs byte and mode
+identical, nothing left beside its output, umask modes on what it wrote, and (push) nothing uploaded that should not
+be. Each damaged file goes through `inspect --fast`, `inspect` and `validate` in a fresh CLI invocation; each
+outcome is a result, a clean `Error:` line or a traceback (a bug). Each stopped run is checked afterwards: exit
+130/143 and no temp (SIGINT, SIGTERM), or a temp the next run removes with a note (SIGKILL); no output, or a whole
+one; inputs unchanged.
 """
 
 from __future__ import annotations
@@ -113,10 +118,11 @@ def kills(points: int) -> list[str]:
             "mix": [*exe, "mix", str(FIXTURES / "kohya_sd/lora.safetensors"), str(FIXTURES / "lycoris_loha.safetensors"), "--rank", "2", "-o", str(out / "o.safetensors")],
             "resize": [*exe, "resize", str(FIXTURES / "peft_llama_patterns"), "--rank", "2", "-o", str(out / "o")],
             "convert": [*exe, "convert", str(FIXTURES / "lycoris_lokr.safetensors"), "--to", "diffusers", "-o", str(out / "o.safetensors")],
+            "extract": [*exe, "extract", str(base), str(base), "--rank", "2", "-o", str(out / "o")],
         }  # fmt: skip
         before = digest([base, FIXTURES])
         for name, cmd in commands.items():
-            for sig in (signal.SIGINT, signal.SIGKILL):
+            for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGKILL):
                 rng = random.Random(f"{name}{sig}")
                 stats: collections.Counter[str] = collections.Counter()
                 for _ in range(points):
@@ -130,7 +136,8 @@ def kills(points: int) -> list[str]:
                     outputs = [x for x in items if not x.name.startswith(".")]
                     stats["finished first" if p.returncode == 0 else "interrupted"] += 1
                     stats["temps left"] += bool(temps)
-                    stats["bad"] += bool(temps) and sig == signal.SIGINT
+                    stats["bad"] += bool(temps) and sig != signal.SIGKILL
+                    stats["bad"] += p.returncode not in (0, {signal.SIGINT: 130, signal.SIGTERM: 143}.get(sig, -9))
                     for x in outputs:
                         shutil.rmtree(x) if x.is_dir() else x.unlink()
                     if temps:  # the next run must clean them up and say so
@@ -142,7 +149,7 @@ def kills(points: int) -> list[str]:
                         stats["bad"] += not cleaned
                         for x in out.iterdir():
                             shutil.rmtree(x) if x.is_dir() else x.unlink()
-                signame = "SIGINT" if sig == signal.SIGINT else "SIGKILL"
+                signame = signal.Signals(sig).name
                 rows.append(
                     f"| {name} | {signame} | {points} | {stats['interrupted']} | {stats['temps left']} | "
                     f"{stats['cleaned by next run']} | {stats['bad']} |"
@@ -151,11 +158,77 @@ def kills(points: int) -> list[str]:
     return rows
 
 
+#: battery file -> the category docs/reliability.md counts it under
+CATEGORIES = {
+    "test_hostile_headers.py": "safetensors headers",
+    "test_hostile_configs.py": "configs (adapter, base, metadata)",
+    "test_hostile_regex.py": "regexes from configs and options",
+    "test_hostile_pickles.py": "pickles",
+    "test_hostile_lycoris.py": "LyCORIS shapes",
+    "test_hostile_math.py": "numbers and bounded work (NaN, Inf, huge products)",
+    "test_hostile_indexes.py": "base indexes and shards",
+    "test_hostile_gguf.py": "GGUF export and base configs",
+    "test_hostile_filetypes.py": "wrong file types, library arguments of load/save",
+    "test_hostile_hub.py": "Hub responses (test Hub server)",
+    "test_hostile_push.py": "push contents (secrets, links, pickles)",
+    "test_hostile_outputs.py": "output paths (inputs, reports, special files, concurrent writers, leftovers, "
+    "read-only, full disk, umask, fsync)",
+    "test_hostile_signals.py": "signals (Ctrl-C, SIGTERM, SIGHUP, SIGKILL)",
+    "test_hostile_usage.py": "usage errors (exit 2 before loading)",
+    "test_hostile_library.py": "library arguments of the operations",
+    "test_hostile_terminal.py": "names printed to the terminal (markup, escapes)",
+}
+
+
+def battery() -> list[str]:
+    """Every hostile case, slow ones included, counted by category and outcome."""
+    import pytest
+
+    class Recorder:
+        def __init__(self) -> None:
+            self.counts: dict[str, collections.Counter[str]] = collections.defaultdict(collections.Counter)
+            self.default: collections.Counter[str] = collections.Counter()
+
+        def pytest_collection_modifyitems(self, items: list[pytest.Item]) -> None:
+            for item in items:
+                if item.get_closest_marker("slow") is None:
+                    self.default[Path(str(item.fspath)).name] += 1
+
+        def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+            name = Path(report.nodeid.split("::")[0]).name
+            if report.when == "call" or (report.when == "setup" and not report.passed):
+                self.counts[name][report.outcome] += 1
+
+    rec = Recorder()
+    files = [str(ROOT / "tests" / f) for f in CATEGORIES]
+    pytest.main(["-q", "-m", "", "-p", "no:cacheprovider", "--rootdir", str(ROOT), *files], plugins=[rec])
+    rows = []
+    total: collections.Counter[str] = collections.Counter()
+    for f, label in CATEGORIES.items():
+        c = rec.counts[f]
+        n = sum(c.values())
+        total.update(c)
+        total["default"] += rec.default[f]
+        rows.append(f"| {label} | {n} | {rec.default[f]} | {c['passed']} | {c['failed']} | {c['skipped']} |")
+    n = sum(v for k, v in total.items() if k != "default")
+    rows.append(f"| **all** | **{n}** | **{total['default']}** | **{total['passed']}** | **{total['failed']}** | "
+                f"**{total['skipped']}** |")  # fmt: skip
+    return rows
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--cases", type=int, default=300, help="damaged files per reader")
     p.add_argument("--kills", type=int, default=20, help="kill points per command and signal")
+    p.add_argument("--battery-only", action="store_true", help="only the hostile battery's table")
     args = p.parse_args()
+    table = battery()
+    print("\n| category | cases | in make test | passed | failed | skipped |")
+    print("|---|---|---|---|---|---|")
+    for row in table:
+        print(row, flush=True)
+    if args.battery_only:
+        return
     print("| reader | damaged files | runs | result | clean Error | traceback |")
     print("|---|---|---|---|---|---|")
     for row in fuzz(args.cases):

@@ -267,12 +267,13 @@ def test_the_report_is_written_with_the_output(world: dict[str, Path], tmp_path:
     import json
 
     out = tmp_path / "merged"
-    hostile.run(
-        ["merge", world["base"], world["peft"], "-o", out, "--report", tmp_path / "r.json"],
+    r = hostile.run(
+        ["merge", world["base"], world["peft"], "-o", out, "--report", tmp_path / "r.json", "--json"],
         inputs=list(world.values()), code=0, out=out, also=[tmp_path / "r.json"],
     )  # fmt: skip
     report = json.loads((tmp_path / "r.json").read_text())
     assert report["output"] == str(out) and report["tensors"]
+    assert json.loads(r.stdout) == report  # --json prints what --report writes
     hostile.check_modes(tmp_path / "r.json")
 
 
@@ -448,14 +449,36 @@ def test_what_the_system_refuses_is_one_error_line(
     assert os.listdir(tmp_path) == []
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
+def _without_dac_override() -> None:
+    """In a child about to exec, as root: drop the capabilities that let root write into any folder (the exec'd
+    program then has the permissions of an ordinary owner)."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    for cap in (1, 2):  # CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH
+        if libc.prctl(24, cap, 0, 0, 0) != 0:  # PR_CAPBSET_DROP
+            raise OSError(ctypes.get_errno(), "prctl(PR_CAPBSET_DROP)")
+
+
 def test_a_real_read_only_folder(world: dict[str, Path], tmp_path: Path) -> None:
+    """A folder the user may not write to (as root: a child without the capability to write anywhere)."""
     ro = tmp_path / "ro"
     ro.mkdir()
     ro.chmod(0o555)
+    args = [*commands(world)["convert"][0], "-o", str(ro / "out")]
     try:
-        hostile.run([*commands(world)["convert"][0], "-o", ro / "out"], inputs=list(world.values()), code=1,
-                    out=ro / "out", says="permission")  # fmt: skip
+        if os.geteuid() != 0:
+            hostile.run(args, inputs=list(world.values()), code=1, out=ro / "out", says="permission")
+            return
+        import subprocess
+        import sys
+
+        before = hostile.snapshot(world.values())
+        r = subprocess.run([sys.executable, "-m", "loratools", *args], capture_output=True, text=True, timeout=120,
+                           preexec_fn=_without_dac_override)  # fmt: skip
+        assert r.returncode == 1, r.stderr
+        hostile.check_error_text(1, r.stderr, "permission denied")
+        assert os.listdir(ro) == [] and hostile.snapshot(world.values()) == before
     finally:
         ro.chmod(0o755)
 

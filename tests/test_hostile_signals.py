@@ -272,3 +272,32 @@ def test_a_stop_after_the_rename_says_what_was_written(
     from loratools import load_adapter
 
     assert load_adapter(out).modules
+
+
+@pytest.mark.parametrize("where", ["submit", "writer"])
+def test_a_signal_inside_a_hand_off_waits_for_the_next_checkpoint(
+    world: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, where: str
+) -> None:
+    """The handler runs while the main thread is inside a queue hand-off (where an exception would lose a
+    wake-up and hang a join): the stop is deferred to the next chunk boundary, and the run ends cleanly."""
+    from loratools.io import interrupts
+    from loratools.ops import merge as merge_mod
+
+    cls, name = (merge_mod._Pool, "submit") if where == "submit" else (merge_mod._Writer, "write")
+    real = getattr(cls, name)
+    calls = {"n": 0, "raised": False}
+
+    def handoff(self: Any, *a: Any, **k: Any) -> Any:
+        calls["n"] += 1
+        if calls["n"] == 1:
+            interrupts.interrupt(KeyboardInterrupt())  # as the signal handler would, mid hand-off
+            calls["raised"] = True  # (it did not raise here: deferred)
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(cls, name, handoff)
+    threads = threading.active_count()
+    out = tmp_path / "out"
+    hostile.run([*commands(world)["merge"], "-o", out], inputs=list(world.values()), code=130, out=out,
+                says="no output was left behind", seconds=20)  # fmt: skip
+    assert calls["raised"] and os.listdir(tmp_path) == []
+    assert threading.active_count() <= threads

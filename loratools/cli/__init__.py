@@ -15,7 +15,8 @@ from typing import Any, NoReturn
 import click
 
 from ..errors import LoratoolsError, from_os_error
-from ..io.atomic import COMMITTED, interrupt
+from ..io import interrupts
+from ..io.atomic import COMMITTED
 from .output import error, note
 
 
@@ -66,6 +67,7 @@ def cli() -> None:
       loratools inspect fixtures/peft_llama
     """
     COMMITTED.clear()  # (several invocations in one process: tests)
+    interrupts.reset()
     log = logging.getLogger("loratools")
     if not any(isinstance(h, _NoteHandler) for h in log.handlers):  # notes (a cleaned-up temp, ...) on stderr
         log.addHandler(_NoteHandler())
@@ -100,7 +102,7 @@ def _stop(signum: int, frame: FrameType | None) -> None:
     for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(s, signal.SIG_IGN)
     # inside a rename or a temp's creation, the interruption waits for that step to end (milliseconds)
-    interrupt(KeyboardInterrupt() if signum == signal.SIGINT else Interrupted(signum))
+    interrupts.interrupt(KeyboardInterrupt() if signum == signal.SIGINT else Interrupted(signum))
 
 
 def _quiet_broken_pipe() -> NoReturn:

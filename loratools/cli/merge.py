@@ -4,7 +4,7 @@ from typing import Any
 
 import click
 
-from .output import dtype_option, err_console, local, out_console, revision_option, warn
+from .output import dtype_option, err_console, json_option, local, out_console, print_json, revision_option, warn
 from .params import PATH, WEIGHTS, Device, check_weights
 
 
@@ -27,6 +27,7 @@ from .params import PATH, WEIGHTS, Device, check_weights
     help="Also write the numerical report (.json or .html); written with the output, or not at all.",
 )  # fmt: skip
 @click.option("--all", "show_all", is_flag=True, help="Print every merged tensor, not only the 20 least retained.")
+@json_option
 @click.option("--force", is_flag=True, help="Overwrite the output if it exists.")
 def merge_cmd(
     base: str,
@@ -38,6 +39,7 @@ def merge_cmd(
     dtype: str | None,
     report_path: str | None,
     show_all: bool,
+    as_json: bool,
     force: bool,
 ) -> None:
     """Merge adapters into a base checkpoint, streaming, in the base's own layout.
@@ -68,7 +70,10 @@ def merge_cmd(
             factory.stop()  # also when the merge fails: the terminal gets its cursor back
     for w in report.warnings:
         warn(w)
-    _print(report, show_all)
+    if as_json:
+        print_json(report.to_dict())
+    else:
+        _print(report, show_all)
 
 
 def _progress_factory() -> Any:

@@ -38,6 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import OutputError, OutputExistsError, from_os_error
+from .interrupts import critical
 
 log = logging.getLogger("loratools")
 
@@ -216,36 +217,6 @@ def _make_folder(p: Path) -> None:
 
 #: outputs committed in this process (the CLI tells a stop after an output was written from one before)
 COMMITTED: list[Path] = []
-
-
-class _Critical:
-    depth = 0
-    pending: BaseException | None = None
-
-
-_CRITICAL = _Critical()
-
-
-@contextlib.contextmanager
-def critical() -> Iterator[None]:
-    """A block that a signal handler using :func:`interrupt` does not cut short: the interruption is raised
-    when the block ends (the CLI's handlers for SIGINT/SIGTERM/SIGHUP use it)."""
-    _CRITICAL.depth += 1
-    try:
-        yield
-    finally:
-        _CRITICAL.depth -= 1
-        if _CRITICAL.depth == 0 and _CRITICAL.pending is not None:
-            pending, _CRITICAL.pending = _CRITICAL.pending, None
-            raise pending
-
-
-def interrupt(e: BaseException) -> None:
-    """Raise ``e`` now or, inside a :func:`critical` block, as the block ends."""
-    if _CRITICAL.depth:
-        _CRITICAL.pending = _CRITICAL.pending or e
-        return
-    raise e
 
 
 def _remove(p: Path) -> None:

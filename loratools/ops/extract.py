@@ -632,7 +632,9 @@ class _Hasher:
         return self.digests
 
     def cancel(self) -> None:
+        """Stop between two reads and wait for the thread (milliseconds): no thread outlives a failed run."""
         self.stop.set()
+        self.thread.join()
 
 
 def _weight_files(layout: Layout) -> list[Path]:

@@ -31,6 +31,7 @@ from ..formats import input_files, load_adapter
 from ..io import jsonfile
 from ..io.atomic import check_output, stage
 from ..io.checkpoint import COMPONENTS, INDEX_SUFFIX, base_tensors, kohya_index, read_index
+from ..io.interrupts import checkpoint, critical
 from ..io.safetensors import Header, TensorInfo, read_bytes, read_header, read_into, tensor_bytes, tensor_from_bytes
 from ..model import DTYPE_SIZES, Adapter, Module, TensorRef, torch_dtype
 from . import provenance
@@ -546,6 +547,7 @@ def _merge_rows(
     jobs: list[tuple[int, Future[Any]]] = []
     try:
         for g0 in range(0, rows, group):
+            checkpoint()
             g1 = min(rows, g0 + group)
             full = writer.buffer((g1 - g0) * per_row * store.itemsize, pinned=device.startswith("cuda"))
             buf = full[: (g1 - g0) * per_row * store.itemsize].view(store)
@@ -782,6 +784,7 @@ def _write_file(
         writer = _Writer(out)
         try:
             for info in order:
+                checkpoint()
                 dt = _out_dtype(info, dtype)
                 target = targets.get(prefix + info.name)
                 if target is None:
@@ -806,6 +809,7 @@ def _write_file(
 def _copy_other_files(layout: Layout, tmp: Path, report: MergeReport) -> None:
     skip = {wf.rel for wf in layout.files} | set(layout.indexes)
     for path in sorted(layout.root.rglob("*")):
+        checkpoint()
         rel = path.relative_to(layout.root)
         if any(part in (".git", ".cache") for part in rel.parts) or rel in skip:
             continue
@@ -882,7 +886,8 @@ def merge(
     record = provenance.record(
         "merge", [(str(a), ad.format) for a, ad in zip(adapters, loaded, strict=True)], weights=weights, dtype=dtype
     )
-    with torch.no_grad(), stage(force=force, inputs=inputs) as outputs, _threads(dev) as pool:
+    # from here on threads hand work to each other: a Ctrl-C waits for the next checkpoint (between chunks)
+    with torch.no_grad(), critical(), stage(force=force, inputs=inputs) as outputs, _threads(dev) as pool:
         if layout.single_file:
             wf = layout.files[0]
             header = _with_record(wf.header, record)
