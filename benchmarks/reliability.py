@@ -110,6 +110,9 @@ def kills(points: int) -> list[str]:
                    for i in range(2) for n in ("q_proj", "k_proj", "v_proj", "o_proj")}  # fmt: skip
         tensors["model.filler.weight"] = torch.randn(30_000_000, generator=g)
         write_safetensors(base, tensors)
+        tuned = work / "tuned.safetensors"  # a fine-tuned twin for extract: a rank-2 change on every projection
+        write_safetensors(tuned, {k: t + torch.randn(t.shape[0], 2, generator=g) @ torch.randn(2, t.shape[1], generator=g)
+                                  if t.dim() == 2 else t for k, t in tensors.items()})  # fmt: skip
         exe = [sys.executable, "-m", "loratools"]
         out = work / "out"
         out.mkdir()
@@ -118,9 +121,9 @@ def kills(points: int) -> list[str]:
             "mix": [*exe, "mix", str(FIXTURES / "kohya_sd/lora.safetensors"), str(FIXTURES / "lycoris_loha.safetensors"), "--rank", "2", "-o", str(out / "o.safetensors")],
             "resize": [*exe, "resize", str(FIXTURES / "peft_llama_patterns"), "--rank", "2", "-o", str(out / "o")],
             "convert": [*exe, "convert", str(FIXTURES / "lycoris_lokr.safetensors"), "--to", "diffusers", "-o", str(out / "o.safetensors")],
-            "extract": [*exe, "extract", str(base), str(base), "--rank", "2", "-o", str(out / "o")],
+            "extract": [*exe, "extract", str(base), str(tuned), "--rank", "2", "-o", str(out / "o")],
         }  # fmt: skip
-        before = digest([base, FIXTURES])
+        before = digest([base, tuned, FIXTURES])
         for name, cmd in commands.items():
             for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGKILL):
                 rng = random.Random(f"{name}{sig}")
@@ -154,7 +157,7 @@ def kills(points: int) -> list[str]:
                     f"| {name} | {signame} | {points} | {stats['interrupted']} | {stats['temps left']} | "
                     f"{stats['cleaned by next run']} | {stats['bad']} |"
                 )
-        rows.append(f"\ninputs byte-identical after all runs: {digest([base, FIXTURES]) == before}")
+        rows.append(f"\ninputs byte-identical after all runs: {digest([base, tuned, FIXTURES]) == before}")
     return rows
 
 

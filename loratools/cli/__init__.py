@@ -9,6 +9,7 @@ import logging
 import os
 import signal
 import sys
+import threading
 from types import FrameType
 from typing import Any, NoReturn
 
@@ -32,7 +33,9 @@ class Interrupted(BaseException):
 class Group(click.Group):
     def invoke(self, ctx: click.Context) -> Any:
         try:
-            return super().invoke(ctx)
+            result = super().invoke(ctx)
+            _ignore_signals()  # the work is done and reported: a signal from now on changes nothing
+            return result
         except LoratoolsError as e:
             error(e.message, e.hint)
             ctx.exit(e.exit_code)
@@ -96,10 +99,21 @@ class _NoteHandler(logging.Handler):
         note(record.getMessage())
 
 
+_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+def _ignore_signals() -> None:
+    """Ignore further stops, where main() installed loratools' handlers (not in a host program or a test)."""
+    if threading.current_thread() is threading.main_thread():
+        for s in _SIGNALS:
+            if signal.getsignal(s) is _stop:
+                signal.signal(s, signal.SIG_IGN)
+
+
 def _stop(signum: int, frame: FrameType | None) -> None:
     """The first SIGINT/SIGTERM/SIGHUP raises in the main thread; later ones are ignored, so the clean-up it
     starts (bounded: threads finish their chunk, temps are removed) runs to its end."""
-    for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+    for s in _SIGNALS:
         signal.signal(s, signal.SIG_IGN)
     # inside a rename or a temp's creation, the interruption waits for that step to end (milliseconds)
     interrupts.interrupt(KeyboardInterrupt() if signum == signal.SIGINT else Interrupted(signum))
@@ -113,7 +127,7 @@ def _quiet_broken_pipe() -> NoReturn:
 
 
 def main() -> None:
-    for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+    for s in _SIGNALS:
         signal.signal(s, _stop)
     try:
         cli(prog_name="loratools")
