@@ -24,6 +24,8 @@ from safetensors.numpy import save as st_save
 
 from loratools import hub
 from loratools.errors import HubError
+from loratools.hub import filelist as hub_listing
+from loratools.hub import watch as hub_watch
 
 no_internet, hf_env, server = hubserver.no_internet, hubserver.hf_env, hubserver.server  # the shared fixtures
 
@@ -125,11 +127,11 @@ LISTINGS: list[Any] = [
     pytest.param(b"[]", "a JSON list, not an object", id="json-list"),
     pytest.param(b'"x"', "a JSON str, not an object", id="json-string"),
     pytest.param(b"null", "a JSON NoneType, not an object", id="json-null"),
-    pytest.param(b"\xff\xfe{}", "not UTF-8 text", id="not-utf8"),
-    pytest.param(deep, "nested too deeply", id="deep-nesting"),
+    pytest.param(b"\xff\xfe{}", "not UTF-8", id="not-utf8"),
+    pytest.param(deep, "nested deeper than 64 levels", id="deep-nesting"),
     pytest.param(
         b'{"id": "evil/repo", "sha": "' + SHA.encode() + b'", "sha": "' + b"6" * 40 + b'", "siblings": []}',
-        "the key 'sha' appears twice",
+        "duplicate key 'sha'",
         id="duplicate-key",
     ),
 ]
@@ -186,16 +188,16 @@ def test_a_listing_of_another_commit_than_asked(server: HubServer, tmp_path: Pat
 
 
 def test_too_many_files(server: HubServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(hub, "MAX_FILES", 50)
+    monkeypatch.setattr(hub_listing, "MAX_FILES", 50)
     server.serve("GET", LISTING, Reply(200, body(info([*ADAPTER, *(f"f{i}" for i in range(49))]))))
     check(server, tmp_path, ["inspect", REPO], "51 files, more than 50")
 
 
 @pytest.mark.slow
 def test_a_huge_file_list(server: HubServer, tmp_path: Path) -> None:
-    names = [*ADAPTER, *(f"x/{i:06d}.json" for i in range(hub.MAX_FILES))]
+    names = [*ADAPTER, *(f"x/{i:06d}.json" for i in range(hub_listing.MAX_FILES))]
     server.serve("GET", LISTING, Reply(200, body(info(names))))
-    check(server, tmp_path, ["inspect", REPO], f"{hub.MAX_FILES + 2} files, more than {hub.MAX_FILES}")
+    check(server, tmp_path, ["inspect", REPO], f"{hub_listing.MAX_FILES + 2} files, more than {hub_listing.MAX_FILES}")
 
 
 @pytest.mark.slow
@@ -214,7 +216,7 @@ def test_a_list_that_announces_ten_terabytes(server: HubServer, tmp_path: Path) 
 
 
 def test_a_list_longer_than_a_list_may_be(server: HubServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(hub, "ANSWER_LIMIT", 4096)
+    monkeypatch.setattr(hub_watch, "ANSWER_LIMIT", 4096)
     server.serve("GET", LISTING, Reply(200, body(info([f"f{i}" for i in range(500)])), length=""))
     check(server, tmp_path, ["inspect", REPO], "sent more than 4096 bytes for the file list of evil/repo")
 
@@ -378,22 +380,26 @@ def test_a_download_that_keeps_breaking_off_stops(server: HubServer, repo: str, 
 
 def test_retries_are_bounded() -> None:
     """huggingface_hub resumes a download as long as each attempt brings bytes: the watch counts the attempts."""
-    w = hub._Watch("evil/repo/x", "h", 60.0, listing=False)
-    for _ in range(hub.MAX_RETRIES + 1):
+    w = hub_watch.Watch("evil/repo/x", "h", 60.0, listing=False)
+    for _ in range(hub_watch.MAX_RETRIES + 1):
         w.sent("GET", "http://h/x")
     w.broke_off("GET http://h/x")
-    with pytest.raises(HubError, match=f"gave up after {hub.MAX_RETRIES + 1} attempts \\(the connection broke off\\)"):
+    with pytest.raises(
+        HubError, match=f"gave up after {hub_watch.MAX_RETRIES + 1} attempts \\(the connection broke off\\)"
+    ):
         w.sent("GET", "http://h/x")
 
 
 def test_the_deadline_grows_with_what_arrives() -> None:
     """A steady download is not cut by the deadline: each MiB received earns a second more, up to the file's size."""
-    w = hub._Watch("x", "h", 1.0, listing=False)
-    w.received = 3 * hub.RATE
+    w = hub_watch.Watch("x", "h", 1.0, listing=False)
+    w.received = 3 * hub_watch.RATE
     assert w.allowed() == 4.0  # 1 s + 3 MiB at 1 MiB/s
-    w.size = hub.RATE
+    w.size = hub_watch.RATE
     assert w.allowed() == 2.0  # bytes beyond the announced size (a download resumed again and again) earn nothing
-    assert hub._Watch("x", "h", 1.0, listing=True, received=10 * hub.RATE).allowed() == 1.0  # a file list: fixed
+    assert (
+        hub_watch.Watch("x", "h", 1.0, listing=True, received=10 * hub_watch.RATE).allowed() == 1.0
+    )  # a file list: fixed
 
 
 def test_a_redirect_to_elsewhere_keeps_the_token_home(server: HubServer, repo: str, tmp_path: Path) -> None:
@@ -512,10 +518,10 @@ INDEXES: list[Any] = [
     pytest.param(index({"a": "/etc/passwd"}), "not the name of a .safetensors file beside it", id="shard-absolute"),
     pytest.param(index({"a": "config.json"}), "not the name of a .safetensors file beside it", id="shard-not-safetensors"),
     pytest.param(b"[1, 2]", "a JSON list, not an index object", id="index-a-list"),
-    pytest.param(b'{"weight_map": {}, "weight_map": {"a": "model-1.safetensors"}}', "appears twice", id="duplicate-weight-map"),
+    pytest.param(b'{"weight_map": {}, "weight_map": {"a": "model-1.safetensors"}}', "duplicate key 'weight_map'", id="duplicate-weight-map"),
     pytest.param(b"{", "not valid JSON", id="index-truncated"),
-    pytest.param(b'{"weight_map": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", "nested too deeply", id="index-deep-nesting"),
-    pytest.param(b"\xff\xfe", "not UTF-8 text", id="index-not-utf8"),
+    pytest.param(b'{"weight_map": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", "nested deeper than 64 levels", id="index-deep-nesting"),
+    pytest.param(b"\xff\xfe", "not UTF-8", id="index-not-utf8"),
 ]  # fmt: skip
 
 
@@ -579,11 +585,10 @@ def test_a_mistyped_path_offline(
 ) -> None:
     import socket
 
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with socket.socket() as silent:  # a Hub that never answers: a request would hang, not fail
         silent.bind(("127.0.0.1", 0))
         silent.listen(8)
-        monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{silent.getsockname()[1]}")
+        hubserver.set_env(monkeypatch, HF_HUB_OFFLINE="1", HF_ENDPOINT=f"http://127.0.0.1:{silent.getsockname()[1]}")
         got = hostile.run(["inspect", MISTYPED], says=[], seconds=3)
     error = next(line for line in got.stderr.splitlines() if line.startswith("Error:"))
     assert error.startswith(f"Error: {MISTYPED}: no such local file or folder, and no Hub repo {MISTYPED} in the cache")
@@ -611,7 +616,7 @@ def test_a_mistyped_path_with_the_hub_out_of_reach(
 
     with socket.socket() as s:  # a port nobody listens on
         s.bind(("127.0.0.1", 0))
-        monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{s.getsockname()[1]}")
+        hubserver.set_env(monkeypatch, HF_ENDPOINT=f"http://127.0.0.1:{s.getsockname()[1]}")
     got = hostile.run(["inspect", MISTYPED], says=[], seconds=5)
     assert f"Error: {MISTYPED}: no such local file or folder, and no Hub repo {MISTYPED} in the cache" in got.stderr
     assert "cannot be reached" in got.stderr

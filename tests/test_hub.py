@@ -25,11 +25,12 @@ from safetensors.numpy import save as st_save
 
 from loratools import hub, load_adapter
 from loratools.cli import Group
-from loratools.cli.push import push_cmd
+from loratools.cli.push import publish, push_cmd
 from loratools.errors import FileFormatError, HubError, LoratoolsError
 from loratools.ops.inspect import inspect_adapter
 
 no_internet, hf_env, server = hubserver.no_internet, hubserver.hf_env, hubserver.server  # the shared fixtures
+set_env = hubserver.set_env
 
 
 def front_matter(text: str) -> tuple[dict[str, Any], str]:
@@ -66,14 +67,14 @@ def test_repo_id_syntax(monkeypatch: pytest.MonkeyPatch) -> None:
         hub.resolve("fixtures/peft_llama", revision="v1")
 
 
-def test_environment_is_read_per_call(hf_env: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_environment_is_huggingface_hubs(hf_env: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The token from huggingface_hub.get_token() (HF_TOKEN, else the file `hf auth login` saved), the rest from its
+    constants, looked up at each call: what huggingface_hub believes is what loratools does."""
     assert hub.environment().token is None and hub.environment().endpoint == "https://huggingface.co"
     (hf_env / "token").parent.mkdir(parents=True, exist_ok=True)
     (hf_env / "token").write_text("hf_from_file\n")
     assert hub.environment().token == "hf_from_file"
-    monkeypatch.setenv("HF_TOKEN", TOKEN)
-    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9/")
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    set_env(monkeypatch, HF_TOKEN=TOKEN, HF_ENDPOINT="http://127.0.0.1:9/", HF_HUB_OFFLINE="1")
     env = hub.environment()
     assert (env.token, env.endpoint, env.offline, env.cache_dir) == (TOKEN, "http://127.0.0.1:9", True, hf_env / "hub")
     assert TOKEN not in repr(env)
@@ -85,7 +86,7 @@ def test_environment_is_read_per_call(hf_env: Path, monkeypatch: pytest.MonkeyPa
 def test_push_peft_folder_lands_files_and_card(server: HubServer) -> None:
     src = FIXTURES / "peft_llama"
     before = tree(src)
-    rep = hub.push(src, "me/llama-lora", message="first upload")
+    rep = publish(src, "me/llama-lora", message="first upload")
     assert tree(src) == before  # the card never lands in the user's folder
     files = server.files("me/llama-lora")
     assert {k: v for k, v in files.items() if k in before} == before
@@ -113,7 +114,7 @@ def test_push_peft_folder_lands_files_and_card(server: HubServer) -> None:
 
 def test_push_kohya_file(server: HubServer) -> None:
     src = FIXTURES / "kohya_sd" / "lora.safetensors"
-    hub.push(src, "me/sd-style")
+    publish(src, "me/sd-style")
     files = server.files("me/sd-style")
     assert files["lora.safetensors"] == src.read_bytes()
     meta, body = front_matter(files["README.md"].decode())
@@ -128,7 +129,7 @@ def test_push_of_a_mix_carries_its_recipe(server: HubServer, tmp_path: Path) -> 
 
     out = tmp_path / "mixed"
     mix([FIXTURES / "peft_llama", FIXTURES / "peft_llama_patterns"], out, [0.7, 0.3], "svd", 4)
-    rep = hub.push(out, "me/mixed")
+    rep = publish(out, "me/mixed")
     readme = server.files("me/mixed")["README.md"].decode()
     _, body = front_matter(readme)
     assert "## How it was made" in body
@@ -138,7 +139,7 @@ def test_push_of_a_mix_carries_its_recipe(server: HubServer, tmp_path: Path) -> 
 
 
 def test_dry_run_sends_nothing(server: HubServer) -> None:
-    rep = hub.push(FIXTURES / "peft_llama", "me/llama-lora", dry_run=True)
+    rep = publish(FIXTURES / "peft_llama", "me/llama-lora", dry_run=True)
     assert server.log == []
     assert "me/llama-lora" not in server.repos
     assert rep.dry_run and rep.commit is None
@@ -151,10 +152,10 @@ def test_dry_run_sends_nothing(server: HubServer) -> None:
 
 def test_pickles_are_refused_unless_asked(server: HubServer) -> None:
     with pytest.raises(LoratoolsError, match=r"refusing to upload pickle file\(s\): adapter_model.bin") as e:
-        hub.push(FIXTURES / "peft_llama_bin", "me/bin")
+        publish(FIXTURES / "peft_llama_bin", "me/bin")
     assert e.value.hint and "--allow-pickles" in e.value.hint
     assert server.log == []
-    hub.push(FIXTURES / "peft_llama_bin", "me/bin", allow_pickles=True)
+    publish(FIXTURES / "peft_llama_bin", "me/bin", allow_pickles=True)
     assert {"adapter_model.bin", "adapter_config.json", "README.md"} <= set(server.files("me/bin"))
 
 
@@ -169,11 +170,11 @@ def test_links_out_of_source_are_never_followed(server: HubServer, tmp_path: Pat
     (src / "env.txt").symlink_to(src / ".env")  # a link to a hidden file: left out
     (src / "copy.json").symlink_to(src / "adapter_config.json")  # inside: fine, once named
     with pytest.raises(LoratoolsError, match="refusing to upload notes.txt: a link to a file outside the folder"):
-        hub.push(src, "me/x", include=["notes.txt"])
+        publish(src, "me/x", include=["notes.txt"])
     with pytest.raises(LoratoolsError, match="refusing to upload env.txt: a link to a hidden file"):
-        hub.push(src, "me/x", include=["env.txt"])
+        publish(src, "me/x", include=["env.txt"])
     assert server.log == []
-    rep = hub.push(src, "me/x", include=["copy.json"])
+    rep = publish(src, "me/x", include=["copy.json"])
     assert {(lo.path, lo.why) for lo in rep.left_out} == {
         (".env", hub.HIDDEN), ("env.txt", hub.LINK_HIDDEN), ("more/", hub.LINK_DIR), ("notes.txt", hub.LINK_OUT),
     }  # fmt: skip
@@ -190,7 +191,7 @@ def test_links_out_of_source_are_never_followed(server: HubServer, tmp_path: Pat
     (src / "adapter_model.safetensors").rename(tmp_path / "weights.safetensors")
     (src / "adapter_model.safetensors").symlink_to(tmp_path / "weights.safetensors")
     with pytest.raises(LoratoolsError, match="cannot upload adapter_model.safetensors, a file of the adapter: a link"):
-        hub.push(src, "me/y")
+        publish(src, "me/y")
 
 
 def test_existing_readme_kept_or_updated(server: HubServer, tmp_path: Path) -> None:
@@ -198,9 +199,9 @@ def test_existing_readme_kept_or_updated(server: HubServer, tmp_path: Path) -> N
     shutil.copytree(FIXTURES / "peft_llama", src)
     own = "---\nlicense: mit\ntags:\n- custom\n---\n# Mine\n\nMy own words.\n"
     (src / "README.md").write_text(own)
-    hub.push(src, "me/a")
+    publish(src, "me/a")
     assert server.files("me/a")["README.md"].decode() == own
-    rep = hub.push(src, "me/a", update_card=True)
+    rep = publish(src, "me/a", update_card=True)
     assert (src / "README.md").read_text() == own  # the folder is left alone
     meta, body = front_matter(server.files("me/a")["README.md"].decode())
     assert meta["license"] == "mit" and meta["library_name"] == "peft"
@@ -211,39 +212,39 @@ def test_existing_readme_kept_or_updated(server: HubServer, tmp_path: Path) -> N
 
 def test_a_repo_readme_is_not_overwritten(server: HubServer) -> None:
     server.add_repo("me/k", {"README.md": b"# hand written\n"})
-    rep = hub.push(FIXTURES / "kohya_sd" / "lora.safetensors", "me/k")
+    rep = publish(FIXTURES / "kohya_sd" / "lora.safetensors", "me/k")
     assert rep.card_action == "kept-remote" and rep.card is None
     assert server.files("me/k")["README.md"] == b"# hand written\n"
     assert "lora.safetensors" in server.files("me/k")
-    rep = hub.push(FIXTURES / "kohya_sd" / "lora.safetensors", "me/k", update_card=True)
+    rep = publish(FIXTURES / "kohya_sd" / "lora.safetensors", "me/k", update_card=True)
     meta, body = front_matter(server.files("me/k")["README.md"].decode())
     assert meta["tags"] == ["lora", "kohya", "loratools"] and body == "# hand written\n"
 
 
 def test_push_to_a_branch_and_as_a_pull_request(server: HubServer) -> None:
-    hub.push(FIXTURES / "peft_llama", "me/a")
+    publish(FIXTURES / "peft_llama", "me/a")
     main = server.repos["me/a"].refs["main"]
-    hub.push(FIXTURES / "peft_llama_patterns", "me/a", revision="dev")
+    publish(FIXTURES / "peft_llama_patterns", "me/a", revision="dev")
     assert server.repos["me/a"].refs["main"] == main
     dev = server.files("me/a", "dev")
     assert (
         dev["adapter_model.safetensors"]
         == (FIXTURES / "peft_llama_patterns" / "adapter_model.safetensors").read_bytes()
     )
-    rep = hub.push(FIXTURES / "peft_llama_dora", "me/a", create_pr=True)
+    rep = publish(FIXTURES / "peft_llama_dora", "me/a", create_pr=True)
     assert rep.pr_url is not None and rep.pr_url.endswith("/me/a/discussions/1")
     assert server.repos["me/a"].refs["main"] == main
     assert "refs/pr/1" in server.repos["me/a"].refs
     with pytest.raises(LoratoolsError, match="--create-pr"):
-        hub.push(FIXTURES / "peft_llama", "me/a", create_pr=True, revision="dev")
-    hub.push(FIXTURES / "peft_llama", "me/secret", private=True)
+        publish(FIXTURES / "peft_llama", "me/a", create_pr=True, revision="dev")
+    publish(FIXTURES / "peft_llama", "me/secret", private=True)
     assert server.repos["me/secret"].private and not server.repos["me/a"].private
 
 
 def test_push_with_a_bad_token_is_one_clear_line(server: HubServer, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("HF_TOKEN", "hf_wrong_" + TOKEN)
     with pytest.raises(HubError) as e:
-        hub.push(FIXTURES / "peft_llama", "me/a")
+        publish(FIXTURES / "peft_llama", "me/a")
     assert "refused the token (401 Unauthorized)" in e.value.message
     assert e.value.hint and "settings/tokens" in e.value.hint
     for text in (e.value.message, e.value.hint, str(e.value)):
@@ -254,7 +255,7 @@ def test_push_with_a_bad_token_is_one_clear_line(server: HubServer, monkeypatch:
 def test_push_without_a_token(server: HubServer, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("HF_TOKEN")
     with pytest.raises(HubError, match="asks for a token") as e:
-        hub.push(FIXTURES / "peft_llama", "me/a")
+        publish(FIXTURES / "peft_llama", "me/a")
     assert e.value.hint and "HF_TOKEN" in e.value.hint
     assert not any(authed for _, _, authed in server.log)
 
@@ -268,7 +269,7 @@ def test_cli_push(server: HubServer, monkeypatch: pytest.MonkeyPatch) -> None:
     r = CliRunner().invoke(group, ["push", str(FIXTURES / "peft_llama"), "me/cli", "--json"])
     data = json.loads(r.stdout)
     assert data["commit"] == server.repos["me/cli"].refs["main"] and data["card_action"] == "generated"
-    monkeypatch.setenv("HF_TOKEN", "hf_bad_" + TOKEN)
+    set_env(monkeypatch, HF_TOKEN="hf_bad_" + TOKEN)
     r = CliRunner().invoke(group, ["push", str(FIXTURES / "peft_llama"), "me/cli2"])
     assert r.exit_code == 1 and r.exception is None or isinstance(r.exception, SystemExit)
     lines = r.stderr.strip().splitlines()
@@ -295,7 +296,7 @@ def peft_repo(server: HubServer, repo_id: str = "someone/llama-lora", **kw: Any)
 
 def test_inspect_by_repo_id_downloads_only_the_adapter(server: HubServer, hf_env: Path) -> None:
     files = peft_repo(server)
-    path = hub.resolve("someone/llama-lora", progress=False)
+    path = hub.resolve("someone/llama-lora")
     assert path.is_relative_to(hf_env / "hub" / "models--someone--llama-lora" / "snapshots")
     assert sorted(server.downloads("someone/llama-lora")) == ["adapter_config.json", "adapter_model.safetensors"]
     assert tree(path) == files
@@ -313,7 +314,7 @@ def test_fetch_a_file_in_a_repo(server: HubServer) -> None:
     server.add_repo(
         "someone/sd", {"loras/style.safetensors": kohya, "loras/other.safetensors": loha, "a.png": b"x" * 10}
     )
-    path = hub.fetch("someone/sd/loras/style.safetensors", progress=False)
+    path = hub.fetch("someone/sd/loras/style.safetensors")
     assert path.name == "style.safetensors" and path.read_bytes() == kohya
     assert server.downloads("someone/sd") == ["loras/style.safetensors"]
     assert inspect_adapter(path, norms=False).format == "kohya"
@@ -346,7 +347,7 @@ def sharded_repo(server: HubServer) -> None:
 
 def test_fetch_a_checkpoint_skips_other_formats(server: HubServer) -> None:
     sharded_repo(server)
-    path = hub.fetch("org/base", kind="checkpoint", progress=False)
+    path = hub.fetch("org/base", kind="checkpoint")
     assert sorted(server.downloads("org/base")) == [
         "config.json", "model-1.safetensors", "model-2.safetensors", "model.safetensors.index.json", "tokenizer.json",
     ]  # fmt: skip
@@ -358,7 +359,7 @@ def test_a_cached_sharded_checkpoint_reads(server: HubServer) -> None:
     from loratools.ops.merge import layout_of
 
     sharded_repo(server)
-    path = hub.fetch("org/base", kind="checkpoint", progress=False)
+    path = hub.fetch("org/base", kind="checkpoint")
     assert sorted(layout_of(path).names()) == ["model.embed.weight", "model.layers.0.q_proj.weight"]  # merge
     assert sorted(base_tensors(path)) == ["model.embed.weight", "model.layers.0.q_proj.weight"]  # validate, diff
 
@@ -377,7 +378,7 @@ def test_fetch_a_pipeline_checkpoint(server: HubServer) -> None:
             "scheduler/scheduler_config.json": b'{"steps": 1}',
         },
     )
-    path = hub.fetch("org/sd", kind="checkpoint", progress=False)
+    path = hub.fetch("org/sd", kind="checkpoint")
     assert sorted(server.downloads("org/sd")) == [
         "model_index.json", "scheduler/scheduler_config.json", "unet/config.json",
         "unet/diffusion_pytorch_model.safetensors",
@@ -453,7 +454,7 @@ def test_no_network_fails_fast_and_falls_back_to_the_cache(server: HubServer, mo
     with socket.socket() as s:  # a port nobody listens on
         s.bind(("127.0.0.1", 0))
         dead = f"http://127.0.0.1:{s.getsockname()[1]}"
-    monkeypatch.setenv("HF_ENDPOINT", dead)
+    set_env(monkeypatch, HF_ENDPOINT=dead)
     assert hub.fetch("someone/llama-lora") == warm  # the Hub is unreachable: the cached snapshot serves
     start = time.monotonic()
     with pytest.raises(HubError, match=r"someone/other .* is not in the cache .*cannot be reached") as e:
@@ -492,8 +493,10 @@ def raised_within(seconds: float, call: Any) -> BaseException:
 
 def test_a_silent_hub_times_out(hf_env: Path, silent_port: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """huggingface_hub's shared client has no timeout: loratools passes one to every metadata call."""
-    monkeypatch.setenv("HF_ENDPOINT", silent_port)
-    monkeypatch.setenv("HF_HUB_ETAG_TIMEOUT", "0.5")
+    import huggingface_hub.constants as constants
+
+    set_env(monkeypatch, HF_ENDPOINT=silent_port)
+    monkeypatch.setattr(constants, "HF_HUB_ETAG_TIMEOUT", 0.5)  # huggingface_hub's own parser takes integers only
     e = raised_within(5, lambda: hub.fetch("someone/llama-lora"))
     assert isinstance(e, HubError) and "cannot be reached" in e.message
 
@@ -501,22 +504,20 @@ def test_a_silent_hub_times_out(hf_env: Path, silent_port: str, monkeypatch: pyt
 def test_offline_with_an_empty_cache_fails_fast(
     hf_env: Path, silent_port: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setenv("HF_ENDPOINT", silent_port)
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    set_env(monkeypatch, HF_ENDPOINT=silent_port, HF_HUB_OFFLINE="1")
     e = raised_within(5, lambda: hub.fetch("someone/llama-lora"))
     assert isinstance(e, HubError)
     assert "someone/llama-lora (revision 'main') is not in the cache" in e.message
     assert "HF_HUB_OFFLINE is set" in e.message
     with pytest.raises(HubError, match="cannot push while HF_HUB_OFFLINE is set"):
-        hub.push(FIXTURES / "peft_llama", "me/a")
+        publish(FIXTURES / "peft_llama", "me/a")
 
 
 def test_offline_with_a_warm_cache_works(server: HubServer, silent_port: str, monkeypatch: pytest.MonkeyPatch) -> None:
     peft_repo(server)
     warm = hub.fetch("someone/llama-lora")
     server.stop()
-    monkeypatch.setenv("HF_ENDPOINT", silent_port)
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    set_env(monkeypatch, HF_ENDPOINT=silent_port, HF_HUB_OFFLINE="1")
     start = time.monotonic()
     assert hub.fetch("someone/llama-lora") == warm
     assert hub.fetch("someone/llama-lora", revision=warm.name) == warm  # by commit
@@ -568,7 +569,7 @@ def test_gguf_export_reads_the_base_config_from_the_hub(server: HubServer, mf: A
     import json as _json
     import shutil as _shutil
 
-    from loratools.ops.convert import convert
+    from conftest import run_cli
 
     mf.tiny_llama().save_pretrained(tmp_path / "llama")
     server.add_repo(
@@ -583,7 +584,8 @@ def test_gguf_export_reads_the_base_config_from_the_hub(server: HubServer, mf: A
     cfg = _json.loads((adapter / "adapter_config.json").read_text())
     cfg["base_model_name_or_path"] = "someone/tiny-llama"
     (adapter / "adapter_config.json").write_text(_json.dumps(cfg))
-    convert(adapter, "gguf", tmp_path / "a.gguf")
+    code, _, err = run_cli("convert", str(adapter), "--to", "gguf", "-o", str(tmp_path / "a.gguf"))
+    assert code == 0, err  # the CLI resolves the Hub id; ops.convert takes the config.json it fetched
     assert server.downloads("someone/tiny-llama") == ["config.json"]
     import gguf
 

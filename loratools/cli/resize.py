@@ -5,11 +5,11 @@ import click
 from .output import (
     dtype_option,
     json_option,
-    local,
     num,
     out_console,
     print_json,
     progress_bar,
+    resolve_source,
     revision_option,
     to_option,
 )
@@ -56,9 +56,11 @@ def resize_cmd(
     from ..ops.resize import resize
 
     one_of("--rank", rank, "--energy", energy)
+    origins: dict[str, str] = {}
+    source = resolve_source(source, revision, origins=origins)
     with progress_bar("resizing modules") as tick:
         report = resize(
-            local(source, revision), out, rank, energy, to=to, dtype=dtype, device=device, force=force, progress=tick
+            source, out, rank, energy, to=to, dtype=dtype, device=device, force=force, progress=tick, origins=origins
         )
     if as_json:
         print_json(report.to_dict())
