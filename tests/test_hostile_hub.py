@@ -240,6 +240,7 @@ STATUSES: list[Any] = [
     pytest.param(Reply(200, b"abc", {"Content-Encoding": "gzip"}), "broken answer", id="bad-gzip"),
     pytest.param(Reply(200, b"{}", length="-5"), "broken answer", id="negative-length"),
     pytest.param(Reply(200, b"{}", length="12abc"), "broken answer", id="garbage-length"),
+    pytest.param(Reply(418, b"X\0\0\0" + b"\xff" * 8), "an error whose message is not text", id="error-not-text"),
 ]
 
 
@@ -320,6 +321,7 @@ HEADERS: list[Any] = [
     pytest.param("GET", {"body": b"", "length": ""}, "came out the wrong size (0 of 9176 bytes)", id="empty-body"),
     pytest.param("GET", {"body": b"x" * 100, "length": ""}, "came out the wrong size (100 of 9176 bytes)", id="short-body"),
     pytest.param("GET", {"body": b"\xff" * 9176}, "adapter_model.safetensors", id="garbage-bytes"),
+    pytest.param("GET", {"status": 418, "body": b"X\0\0\0" + b"\xff" * 8}, "an error whose message is not text", id="error-not-text"),
 ]  # fmt: skip
 
 
@@ -542,6 +544,90 @@ def test_a_hostile_base_index_over_the_hub(server: HubServer, tmp_path: Path, da
     assert "evil/base/model.safetensors.index.json" in got.stderr
     assert outside(tmp_path) == before
     assert "model-1.safetensors" not in server.downloads("evil/base")  # refused before any weight is fetched
+
+
+# ---- a base model's headers over the Hub (range requests) --------------------------------------------------------
+
+BASE_WEIGHTS = r"^/evil/base/resolve/[^/]+/model\.safetensors$"
+
+
+def raw_header(header: dict[str, Any], data: bytes = b"") -> bytes:
+    text = json.dumps(header).encode()
+    return len(text).to_bytes(8, "little") + text + data
+
+
+def range_reply(server: HubServer, *, body: bytes | None = None, **change: Any) -> Callable[[str], Reply]:
+    """The honest answer for evil/base's weights (a range of them, as asked), with ``change`` applied: ``body`` replaces
+    the file's bytes, ``headers`` are merged (None removes one), anything else replaces the Reply's field."""
+    headers = change.pop("headers", {})
+
+    def answer(path: str) -> Reply:
+        honest = server._resolve("evil/base", path.split("/")[4], "model.safetensors", True)
+        merged = {k: v for k, v in {**honest.headers, **headers}.items() if v is not None}
+        data = honest.body if body is None else body
+        return dataclasses.replace(honest, body=data, head_length=len(data), headers=merged, **change)
+
+    return answer
+
+
+def validate_base(server: HubServer, tmp_path: Path, says: str | list[str], code: int = 2) -> hostile.Outcome:
+    """``validate ADAPTER --base evil/base``: the base's header read by range requests, its weights never."""
+    got = hostile.run(
+        ["validate", str(FIXTURES / "peft_llama"), "--base", "evil/base"], code=code, says=says, seconds=15,
+        findings=code == 1,
+    )  # fmt: skip
+    assert TOKEN not in got.stdout + got.stderr
+    assert "model.safetensors" not in server.downloads("evil/base"), "the weights were downloaded"
+    return got
+
+
+BASE_HEADERS: list[Any] = [
+    pytest.param({"body": b"\xff" * 64}, "is it a safetensors file?", id="length-past-the-end"),
+    pytest.param({"body": (2**62).to_bytes(8, "little") + b"{}"}, "beyond the 100000000 byte limit", id="length-huge"),
+    pytest.param({"body": b"\x05"}, "too short for a safetensors header", id="one-byte-file"),
+    pytest.param({"body": raw_header({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}})}, "data ends at byte 8", id="offsets-past-the-end"),
+    pytest.param({"body": b"\x1a" + b"\0" * 7 + b'{"a": 1, "a": 2, "b": 3}  '}, "duplicate key 'a'", id="duplicate-key"),
+    pytest.param({"body": raw_header({"a": {"dtype": "X9", "shape": [], "data_offsets": [0, 0]}})}, "unknown dtype", id="unknown-dtype"),
+    pytest.param({"body": b"\x0e" + b"\0" * 7 + b'{"a": [[[[]]]]}' + b"\0"}, "(its header, read from the Hub)", id="entry-not-an-object"),
+    pytest.param({"status": 206, "headers": {"Content-Range": "bytes 5-10/9999"}}, "Content-Range that is not the one asked for", id="content-range-elsewhere"),
+    pytest.param({"status": 206, "headers": {"Content-Range": "bytes 0-10/" + str(10**15)}}, "more than a file may have", id="content-range-huge"),
+    pytest.param({"status": 206, "headers": {"Content-Range": "garbage"}}, "Content-Range that is not the one asked for", id="content-range-garbage"),
+    pytest.param({"headers": {"X-Repo-Commit": "6" * 40}}, "not from", id="header-of-another-commit"),
+    pytest.param({"headers": {"X-Repo-Commit": "../x"}}, "a commit id that is not one", id="commit-a-path"),
+    pytest.param({"status": 416}, "evil/base", id="416"),
+    pytest.param({"status": 404, "body": b'{"error": "Entry not found"}', "headers": {"X-Error-Code": "EntryNotFound"}}, "has no file model.safetensors", id="listed-but-missing"),
+    pytest.param({"status": 418, "body": b"X\0\0\0" + b"\xff" * 8}, "an error whose message is not text", id="error-not-text"),
+    pytest.param({"cut": 20}, "evil/base", id="cut-short"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("change", "says"),
+    slow_but(BASE_HEADERS, "length-past-the-end", "offsets-past-the-end", "duplicate-key", "content-range-elsewhere", "header-of-another-commit", "cut-short"),
+)  # fmt: skip
+def test_a_hostile_header_over_the_hub(server: HubServer, tmp_path: Path, change: dict[str, Any], says: str) -> None:
+    """The header bytes of a base read over the Hub are checked as strictly as a local file's (loratools' own
+    safetensors reader runs on them), and the range answer's headers are checked before they are used."""
+    server.add_repo("evil/base", {"config.json": b"{}", "model.safetensors": SHARD, "big.bin": b"\0" * 1000})
+    server.serve("GET", BASE_WEIGHTS, range_reply(server, **change))
+    validate_base(server, tmp_path, says)
+
+
+def test_a_hub_that_ignores_ranges_is_read_only_as_far_as_the_header(server: HubServer, tmp_path: Path) -> None:
+    """A server that answers a range request with the whole file (200): the header is read from its start and the
+    rest of the body is never read."""
+    big = raw_header({"a": {"dtype": "F32", "shape": [1 << 20], "data_offsets": [0, 4 << 20]}}, b"\0" * (4 << 20))
+    server.add_repo("evil/base", {"config.json": b"{}", "model.safetensors": big})
+    server.serve("GET", BASE_WEIGHTS, range_reply(server, status=200, chunk=1 << 12, pause=0.001))
+    got = validate_base(server, tmp_path, [], code=1)  # findings: the adapter's modules are not in that base
+    assert "base-missing" in got.stdout and got.seconds < 5
+
+
+def test_a_slow_header_meets_its_deadline(server: HubServer, tmp_path: Path, quick: None) -> None:
+    server.add_repo("evil/base", {"config.json": b"{}", "model.safetensors": SHARD})
+    server.serve("GET", BASE_WEIGHTS, range_reply(server, pause=2.0, chunk=1))
+    got = validate_base(server, tmp_path, "reading the header of evil/base/model.safetensors from 127.0.0.1")
+    assert "did not finish within 0.5 s" in got.stderr and got.seconds < 5
 
 
 # ---- the environment and mistyped paths ----------------------------------------------------------------------------

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import shutil
 import socket
 import threading
@@ -590,3 +591,315 @@ def test_gguf_export_reads_the_base_config_from_the_hub(server: HubServer, mf: A
     import gguf
 
     assert gguf.GGUFReader(tmp_path / "a.gguf").get_field("general.architecture").contents() == "llama"
+
+
+# ---- header-only reads ------------------------------------------------------------------------------------------------
+
+
+def split_base(tmp_path: Path, mf: Any, *, shards: int = 2) -> dict[str, bytes]:
+    """tiny_llama's files as a Hub repo holds them: config.json, its weights in ``shards`` shards with an index, and
+    big files nobody reading names and shapes needs."""
+    from safetensors.torch import load_file, save_file
+
+    mf.tiny_llama().save_pretrained(tmp_path / "llama")
+    tensors = load_file(tmp_path / "llama" / "model.safetensors")
+    names = sorted(tensors)
+    files: dict[str, bytes] = {"config.json": (tmp_path / "llama" / "config.json").read_bytes()}
+    weight_map = {}
+    for i in range(shards):
+        part = {n: tensors[n].contiguous() for n in names[i::shards]}
+        name = f"model-{i + 1:05d}-of-{shards:05d}.safetensors"
+        save_file(part, tmp_path / name, metadata={"format": "pt"})
+        files[name] = (tmp_path / name).read_bytes()
+        weight_map |= dict.fromkeys(part, name)
+    files["model.safetensors.index.json"] = json.dumps({"metadata": {}, "weight_map": weight_map}).encode()
+    files["tokenizer.json"] = b'{"model": "' + b"x" * 100_000 + b'"}'
+    files["pytorch_model.bin"] = b"\0" * 1_000_000
+    return files
+
+
+def test_validate_against_a_hub_base_reads_headers_only(server: HubServer, mf: Any, tmp_path: Path) -> None:
+    """`validate --base owner/model` needs names and shapes: each shard's header by range requests, no weights."""
+    from conftest import run_cli
+
+    files = split_base(tmp_path, mf)
+    server.add_repo("org/llama", files)
+    code, out, err = run_cli("validate", str(FIXTURES / "peft_llama"), "--base", "org/llama", "--json")
+    assert code == 0, err
+    remote = json.loads(out)
+    assert sorted(server.downloads("org/llama")) == ["config.json", "model.safetensors.index.json"]
+    shards = sorted(n for n in files if n.startswith("model-"))
+    assert sorted({p for p, _ in server.ranged("org/llama")}) == shards
+    assert all(r.startswith("bytes=0-") for _, r in server.ranged("org/llama"))
+    code, out, err = run_cli("validate", str(FIXTURES / "peft_llama"), "--base", str(tmp_path / "llama"), "--json")
+    assert json.loads(out) == remote  # the same findings as against the whole base (none)
+    # a base the adapter does not fit: the same findings as well
+    gpt2 = tmp_path / "gpt2"
+    mf.tiny_gpt2().save_pretrained(gpt2)
+    server.add_repo("org/gpt2", {p.name: p.read_bytes() for p in gpt2.iterdir() if p.is_file()})
+    remote = json.loads(run_cli("validate", str(FIXTURES / "peft_llama"), "--base", "org/gpt2", "--json")[1])
+    local = json.loads(run_cli("validate", str(FIXTURES / "peft_llama"), "--base", str(gpt2), "--json")[1])
+    assert remote["findings"] and remote["findings"] == local["findings"]
+    assert "model.safetensors" not in server.downloads("org/gpt2")
+
+
+def test_a_long_header_takes_a_second_range(server: HubServer, tmp_path: Path) -> None:
+    """A header longer than the first range (100 kB) is read with a second one, from where the first ended."""
+    from conftest import run_cli
+
+    from loratools.hub import headers
+
+    names = {f"model.layers.{i}.mlp.up_proj.weight": np.zeros((2, 2), np.float32) for i in range(3000)}
+    data = st_save(names)
+    assert int.from_bytes(data[:8], "little") > headers.FIRST
+    server.add_repo("org/long", {"model.safetensors": data})
+    code, _, err = run_cli("validate", str(FIXTURES / "peft_llama"), "--base", "org/long", "--json")
+    assert code == 1, err  # findings: the adapter's modules are not in this base
+    assert [r for _, r in server.ranged("org/long")] == [
+        f"bytes=0-{headers.FIRST - 1}",
+        f"bytes={headers.FIRST}-{int.from_bytes(data[:8], 'little') + 7}",
+    ]
+    assert server.downloads("org/long") == []
+
+
+def test_convert_with_a_hub_base_reads_headers_only(server: HubServer, mf: Any, tmp_path: Path) -> None:
+    """`convert --to gguf --base owner/model`: the base's names (its blocks) and config.json, not its weights; the
+    export is the one made with the whole base."""
+    from conftest import run_cli
+
+    server.add_repo("org/llama", split_base(tmp_path, mf))
+    code, _, err = run_cli("convert", str(FIXTURES / "peft_llama"), "--to", "gguf", "--base", "org/llama", "-o", str(tmp_path / "hub.gguf"))  # fmt: skip
+    assert code == 0, err
+    assert sorted(server.downloads("org/llama")) == ["config.json", "model.safetensors.index.json"]
+    code, _, err = run_cli("convert", str(FIXTURES / "peft_llama"), "--to", "gguf", "--base", str(tmp_path / "llama"), "-o", str(tmp_path / "local.gguf"))  # fmt: skip
+    assert code == 0, err
+    assert (tmp_path / "hub.gguf").read_bytes() == (tmp_path / "local.gguf").read_bytes()
+
+
+def test_a_gguf_export_that_compares_base_tensors_fetches_the_base(server: HubServer, mf: Any, tmp_path: Path) -> None:
+    """An adapter with PEFT's saved base layer: the export compares it with the base's own (and drops it when it is
+    the same), so a Hub base is fetched whole (a header-only view has no tensor data); the export is the one made
+    with a local base."""
+    from conftest import run_cli
+    from safetensors.torch import load_file, save_file
+
+    from loratools.ops.convert import reads_base_weights
+
+    adapter = tmp_path / "embed"  # peft_llama_embed without its modules_to_save (GGUF cannot hold those)
+    adapter.mkdir()
+    tensors = load_file(FIXTURES / "peft_llama_embed" / "adapter_model.safetensors")
+    save_file({k: v for k, v in tensors.items() if "lm_head" not in k}, adapter / "adapter_model.safetensors")
+    cfg = json.loads((FIXTURES / "peft_llama_embed" / "adapter_config.json").read_text())
+    (adapter / "adapter_config.json").write_text(json.dumps({**cfg, "modules_to_save": None}))
+    assert reads_base_weights(adapter, "gguf") and not reads_base_weights(adapter, "kohya")
+    server.add_repo("org/llama", split_base(tmp_path, mf))
+    args = ["convert", str(adapter), "--to", "gguf"]
+    code, _, err = run_cli(*args, "--base", "org/llama", "-o", str(tmp_path / "hub.gguf"))
+    assert code == 0, err
+    assert "unchanged copy of the base's model.embed_tokens.weight" in err  # compared with the real tensor
+    assert sorted(n for n in server.downloads("org/llama") if n.startswith("model-")) == [
+        "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors",
+    ]  # fmt: skip
+    code, _, err = run_cli(*args, "--base", str(tmp_path / "llama"), "-o", str(tmp_path / "local.gguf"))
+    assert code == 0, err
+    assert (tmp_path / "hub.gguf").read_bytes() == (tmp_path / "local.gguf").read_bytes()
+
+
+@pytest.mark.parametrize(
+    ("files", "weights", "whole"),
+    [
+        pytest.param("peft_llama", "adapter_model.safetensors", False, id="peft"),
+        pytest.param("diffusers_sd", "pytorch_lora_weights.safetensors", False, id="diffusers"),
+        pytest.param("kohya_sd", "lora.safetensors", True, id="kohya-alphas-are-read"),
+        pytest.param("lycoris_loha.safetensors", "lycoris_loha.safetensors", True, id="lycoris-alphas-are-read"),
+    ],
+)
+def test_inspect_fast_by_repo_id_reads_headers_only(server: HubServer, files: str, weights: str, whole: bool) -> None:
+    """`inspect --fast owner/name` reads the weights' header by range requests; a file whose header lists values a
+    reader reads (kohya's alphas) is downloaded whole. The answer is the local file's."""
+    from conftest import run_cli
+
+    src = FIXTURES / files
+    content = {p.name: p.read_bytes() for p in src.iterdir()} if src.is_dir() else {src.name: src.read_bytes()}
+    server.add_repo("someone/a", {**content, "README.md": b"# card\n"})
+    code, out, err = run_cli("inspect", "someone/a", "--fast", "--json")
+    assert code == 0, err
+    remote = json.loads(out)
+    local = json.loads(run_cli("inspect", str(src), "--fast", "--json")[1])
+    remote.pop("source"), local.pop("source")
+    assert remote == local
+    assert (weights in server.downloads("someone/a")) is whole
+    assert bool(server.ranged("someone/a")) is True
+
+
+def test_header_views_leave_no_stub_behind(
+    server: HubServer, mf: Any, tmp_path: Path, hf_env: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A stub never enters the cache, and its temporary folder is gone when the command ends."""
+    import tempfile
+
+    from conftest import run_cli
+
+    server.add_repo("org/llama", split_base(tmp_path, mf))
+    before = set(Path(tempfile.gettempdir()).glob("loratools-headers-*"))
+    code, _, err = run_cli("validate", str(FIXTURES / "peft_llama"), "--base", "org/llama")
+    assert code == 0, err
+    assert set(Path(tempfile.gettempdir()).glob("loratools-headers-*")) == before
+    cached = {p.name for p in (hf_env / "hub").rglob("*") if p.is_file() or p.is_symlink()}
+    assert not any(n.startswith("model-") for n in cached)
+    # offline, no view can be made and the cache holds no weights: one line says so, at once
+    set_env(monkeypatch, HF_HUB_OFFLINE="1")
+    code, _, err = run_cli("validate", str(FIXTURES / "peft_llama"), "--base", "org/llama")
+    assert code == 2 and "in the cache" in err and "HF_HUB_OFFLINE is set" in err
+    # with the whole base cached (a merge fetched it), offline reads it from the cache
+    set_env(monkeypatch, HF_HUB_OFFLINE=None)
+    hub.fetch("org/llama", kind="checkpoint")
+    set_env(monkeypatch, HF_HUB_OFFLINE="1")
+    code, _, err = run_cli("validate", str(FIXTURES / "peft_llama"), "--base", "org/llama")
+    assert code == 0, err
+
+
+# ---- model cards ------------------------------------------------------------------------------------------------------
+
+
+def test_the_card_links_the_base_model_on_the_hub_in_use(server: HubServer) -> None:
+    rep = publish(FIXTURES / "peft_llama", "me/a", dry_run=True)
+    assert rep.card is not None
+    # peft_llama's base (tiny-llama-from-config) is a legacy bare model id: linked on the endpoint in use
+    assert f"[tiny-llama-from-config]({server.url}/tiny-llama-from-config)" in rep.card
+    assert "https://huggingface.co" not in rep.card
+
+
+def peft_template(base: str = "") -> str:
+    """The README.md PEFT's save_pretrained writes (huggingface_hub's template), for a model it knew no name for."""
+    from huggingface_hub import ModelCard, ModelCardData
+
+    data = ModelCardData(base_model=base, library_name="peft", tags=[f"base_model:adapter:{base}", "lora", "transformers"])  # fmt: skip
+    return str(ModelCard.from_template(data))
+
+
+def test_peft_template_with_an_empty_base_model_gets_the_facts(server: HubServer, tmp_path: Path) -> None:
+    """PEFT's own push fills a template card's base model in: so does loratools', never touching the prose."""
+    src = tmp_path / "adapter"
+    shutil.copytree(FIXTURES / "peft_llama", src)
+    cfg = json.loads((src / "adapter_config.json").read_text())
+    (src / "adapter_config.json").write_text(json.dumps({**cfg, "base_model_name_or_path": "org/tiny-llama"}))
+    template = peft_template()
+    (src / "README.md").write_text(template)
+    rep = publish(src, "me/t")
+    assert rep.card_action == "filled"
+    assert (src / "README.md").read_text() == template  # the folder is left alone
+    meta, body = front_matter(server.files("me/t")["README.md"].decode())
+    assert meta["base_model"] == "org/tiny-llama" and meta["base_model_relation"] == "adapter"
+    assert meta["pipeline_tag"] == "text-generation" and meta["library_name"] == "peft"
+    assert meta["tags"] == ["base_model:adapter:org/tiny-llama", "lora", "transformers"]  # completed, none added
+    assert body == template.split("\n---\n", 1)[1]  # the prose as PEFT wrote it
+    # a template whose base_model the user filled in stays as it is
+    (src / "README.md").write_text(peft_template("someone/else"))
+    assert publish(src, "me/t", dry_run=True).card_action == "kept"
+    # and so does one with nothing to fill in (the adapter names no Hub model)
+    (src / "README.md").write_text(template)
+    (src / "adapter_config.json").write_text(json.dumps({**cfg, "base_model_name_or_path": "/local/path/x"}))
+    assert publish(src, "me/t", dry_run=True).card_action == "kept"
+
+
+@pytest.mark.parametrize(
+    ("text", "says"),
+    [
+        pytest.param("---\n- a\n---\nx", "its front matter is not a YAML mapping", id="a-list"),
+        pytest.param("---\na: [\n---\nx", "its YAML front matter does not parse", id="broken-yaml"),
+        pytest.param("---\n1: x\n---\nx", "README.md: its front matter", id="a-number-key"),
+    ],
+)
+def test_a_bad_front_matter_is_one_line(server: HubServer, tmp_path: Path, text: str, says: str) -> None:
+    src = tmp_path / "adapter"
+    shutil.copytree(FIXTURES / "peft_llama", src)
+    (src / "README.md").write_text(text)
+    with pytest.raises(FileFormatError, match=re.escape(says)):
+        publish(src, "me/x", update_card=True, dry_run=True)
+    assert server.log == []
+
+
+def test_a_byte_order_mark_before_the_front_matter(server: HubServer, tmp_path: Path) -> None:
+    src = tmp_path / "adapter"
+    shutil.copytree(FIXTURES / "peft_llama", src)
+    (src / "README.md").write_text("\ufeff---\nlicense: mit\n---\n# Mine\n")
+    rep = publish(src, "me/x", update_card=True, dry_run=True)
+    assert rep.card is not None and rep.card.startswith("---\n") and rep.card.count("---\n") == 2
+    meta, body = front_matter(rep.card)
+    assert meta["license"] == "mit" and body == "# Mine\n"
+
+
+# ---- progress, layers, provenance ---------------------------------------------------------------------------------
+
+
+def test_downloads_report_to_loratools_bar_and_huggingface_hub_draws_none(
+    server: HubServer, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """One style per run: huggingface_hub's tqdm bars are replaced by a callback that drives loratools' own."""
+    files = peft_repo(server)
+    seen: dict[str, tuple[int, int | None]] = {}
+    hub.fetch("someone/llama-lora", on_bytes=lambda name, done, total: seen.__setitem__(name, (done, total)))
+    assert seen == {name: (len(data), len(data)) for name, data in files.items()}
+    assert capfd.readouterr().err == ""  # no tqdm bar, no warning
+
+
+def test_the_cli_download_bar_is_a_rich_bar_on_a_terminal(monkeypatch: pytest.MonkeyPatch) -> None:
+    import io
+
+    from loratools.cli import output
+
+    screen = io.StringIO()
+    console = output.SafeConsole(file=screen, force_terminal=True, width=100)
+    monkeypatch.setattr(output, "err_console", lambda: console)
+    with output.download_bar() as on_bytes:
+        assert on_bytes is not None
+        on_bytes("[red]adapter_model.safetensors", 10, 100)  # a name from the Hub is text, not markup
+        on_bytes("[red]adapter_model.safetensors", 100, 100)
+    assert "downloading [red]adapter_model.safetensors" in screen.getvalue()
+    monkeypatch.undo()
+    with output.download_bar() as on_bytes:  # not a terminal (the tests' stderr): nothing to report to
+        assert on_bytes is None
+
+
+def test_hub_and_ops_never_import_each_other() -> None:
+    """The layers (an import-linter contract holds them too): hub knows no ops and no cli, ops knows no hub; imports
+    inside functions count."""
+    import ast
+
+    root = Path(hub.__file__).parent.parent
+
+    def imports(package: str) -> set[str]:
+        found = set()
+        for path in (root / package).rglob("*.py"):
+            for node in ast.walk(ast.parse(path.read_text())):
+                if isinstance(node, ast.ImportFrom) and node.level:
+                    base = ".".join(["loratools", *path.relative_to(root).parent.parts][: len(path.relative_to(root).parts) - node.level + 1])  # fmt: skip
+                    found.add(f"{base}.{node.module}" if node.module else base)
+                    found.update(f"{base}.{a.name}" for a in node.names if not node.module)
+                elif isinstance(node, ast.ImportFrom) and node.module:
+                    found.add(node.module)
+                elif isinstance(node, ast.Import):
+                    found.update(a.name for a in node.names)
+        return {f for f in found if f.startswith("loratools")}
+
+    assert not {m for m in imports("hub") if m.startswith(("loratools.ops", "loratools.cli"))}
+    assert not {m for m in imports("ops") if m.startswith("loratools.hub")}
+    assert "loratools" not in imports("hub")  # the version comes from the leaf loratools.version
+    assert not hasattr(hub, "_ORIGINS")
+
+
+def test_provenance_names_what_the_cli_resolved(tmp_path: Path) -> None:
+    """ops take local paths; the name a fetched input is recorded under is passed in, never looked up."""
+    from loratools.errors import UsageError
+    from loratools.ops.resize import resize
+
+    src = str(FIXTURES / "peft_llama")
+    resize(src, tmp_path / "a", 2, origins={src: "someone/llama-lora@v1"})
+    made = json.loads(load_adapter(tmp_path / "a").metadata["loratools"])
+    assert made["inputs"][0]["source"] == "someone/llama-lora@v1"
+    resize(src, tmp_path / "b", 2)
+    assert json.loads(load_adapter(tmp_path / "b").metadata["loratools"])["inputs"][0]["source"] == src
+    with pytest.raises(UsageError, match="origins must map"):
+        resize(src, tmp_path / "c", 2, origins={src: 5})  # type: ignore[dict-item]
+    assert not (tmp_path / "c").exists()

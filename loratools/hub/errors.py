@@ -155,6 +155,12 @@ def hub_error(
             f"the Hub at {where} sent a broken answer for {repo_id}{'/' + path if path else ''} ({_detail(e)})",
             "try again later; with HF_HUB_OFFLINE=1, loratools uses only files already cached",
         )
+    elif isinstance(e, UnicodeDecodeError):  # huggingface_hub reading an error answer whose body is not text
+        err = HubError(
+            f"the Hub at {where} sent a broken answer for {repo_id}{'/' + path if path else ''} (an error whose "
+            "message is not text)",
+            "is HF_ENDPOINT a Hugging Face Hub (or a mirror of one)? try again later",
+        )
     elif isinstance(e, transport_errors()):
         err = HubError(
             f"cannot reach the Hub at {env.endpoint}",

@@ -158,7 +158,7 @@ def fetch_headers_as(
         return from_cache(
             ref, rev, kind, env, "HF_HUB_OFFLINE is set", "run it once online (unset HF_HUB_OFFLINE)", local
         )
-    root = Path(into)
+    root = Path(into) / ref.repo_id.split("/")[1]  # named as the repo: messages name a base by its folder
     seconds = deadline()
     current: str | None = None
     try:
