@@ -39,7 +39,7 @@ READER_MODULES = (
 )
 READERS = (
     "load_adapter", "detect", "open_raw", "read_header", "layout_of", "base_tensors", "check_output",
-    "resolve_source", "resolve", "fetch", "fetch_headers",
+    "fetch_if_remote", "fetch_if_repo", "resolve", "fetch", "fetch_headers",
 )  # fmt: skip
 
 

@@ -63,9 +63,9 @@ def test_repo_id_syntax(monkeypatch: pytest.MonkeyPatch) -> None:
     assert hub.is_repo_id("hf://fixtures/peft_llama")  # unless hf:// says otherwise
     for local in ("peft_llama", "./a/b", "/abs/path", "a/../b", "a--b/c", "a/b/../c", "a/.b/", "a\\b/c", "-a/b"):
         assert not hub.is_repo_id(local), local
-    assert hub.resolve("fixtures/peft_llama") == Path("fixtures/peft_llama")
+    assert hub.fetch_if_repo("fixtures/peft_llama") == Path("fixtures/peft_llama")
     with pytest.raises(LoratoolsError, match="--revision applies to Hub repo ids"):
-        hub.resolve("fixtures/peft_llama", revision="v1")
+        hub.fetch_if_repo("fixtures/peft_llama", revision="v1")
 
 
 def test_the_environment_is_huggingface_hubs(hf_env: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -297,7 +297,7 @@ def peft_repo(server: HubServer, repo_id: str = "someone/llama-lora", **kw: Any)
 
 def test_inspect_by_repo_id_downloads_only_the_adapter(server: HubServer, hf_env: Path) -> None:
     files = peft_repo(server)
-    path = hub.resolve("someone/llama-lora")
+    path = hub.fetch_if_repo("someone/llama-lora")
     assert path.is_relative_to(hf_env / "hub" / "models--someone--llama-lora" / "snapshots")
     assert sorted(server.downloads("someone/llama-lora")) == ["adapter_config.json", "adapter_model.safetensors"]
     assert tree(path) == files
@@ -413,11 +413,11 @@ def test_fetch_at_a_revision(server: HubServer) -> None:
 
 def test_unknown_repo_and_file(server: HubServer) -> None:
     with pytest.raises(HubError, match=r"^nobody/nothing: no such local file or folder, and no repo nobody/nothing on 127\.0\.0\.1:\d+ \(not found, or private\)$"):  # fmt: skip
-        hub.resolve("nobody/nothing")  # a SOURCE that could have been a local path: the error says so first
+        hub.fetch_if_repo("nobody/nothing")  # a SOURCE that could have been a local path: the error says so first
     with pytest.raises(HubError, match=r"^no repo nobody/nothing on 127\.0\.0\.1:\d+ \(not found, or private\)$"):
         hub.fetch("nobody/nothing")
     with pytest.raises(HubError, match=r"^no repo nobody/nothing on"):
-        hub.resolve("hf://nobody/nothing")
+        hub.fetch_if_repo("hf://nobody/nothing")
     peft_repo(server)
     with pytest.raises(HubError, match="has no file or folder missing.safetensors"):
         hub.fetch("someone/llama-lora/missing.safetensors")

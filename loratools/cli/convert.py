@@ -5,10 +5,10 @@ import click
 from .output import (
     download_bar,
     dtype_option,
+    fetch_if_remote,
     json_option,
     out_console,
     print_json,
-    resolve_source,
     revision_option,
     warn,
 )
@@ -69,10 +69,10 @@ def convert_cmd(
     if rank is not None and energy is not None:
         refuse("give at most one of --rank and --energy")
     origins: dict[str, str] = {}
-    source = resolve_source(source, revision, origins=origins)
+    source = fetch_if_remote(source, revision, origins=origins)
     if base is not None:  # a Hub base: its names and config.json, unless the export compares its tensors
         remote = hub.is_repo_id(base)
-        base = resolve_source(base, None, "checkpoint", headers_only=remote and not reads_base_weights(source, to))
+        base = fetch_if_remote(base, None, "checkpoint", headers_only=remote and not reads_base_weights(source, to))
     rep = convert(
         source, to, out, rank=rank, energy=energy, alpha_mode=alpha_mode, dtype=dtype, base=base,
         base_model=base_model, base_config=_hub_config(source, to, base, base_model), force=force, origins=origins,

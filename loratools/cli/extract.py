@@ -8,12 +8,12 @@ import click
 
 from .output import (
     dtype_option,
+    fetch_if_remote,
     human_bytes,
     json_option,
     out_console,
     print_json,
     progress_bar,
-    resolve_source,
     warn,
 )
 from .params import FRACTION, PATH, REGEX, device_option, one_of, refuse
@@ -98,7 +98,7 @@ def extract_cmd(
             return stack.enter_context(progress_bar("extracting", total))
 
         report = extract(
-            resolve_source(base, None, "checkpoint"), resolve_source(tuned, None, "checkpoint"), out, rank, energy, max_rank=max_rank, to=to, dtype=dtype, device=device,
+            fetch_if_remote(base, None, "checkpoint"), fetch_if_remote(tuned, None, "checkpoint"), out, rank, energy, max_rank=max_rank, to=to, dtype=dtype, device=device,
             include=include, exclude=exclude, embeddings=embeddings, base_model=base_model, force=force,
             progress=bar,
         )  # fmt: skip

@@ -7,10 +7,10 @@ import click
 from .output import (
     dtype_option,
     err_console,
+    fetch_if_remote,
     json_option,
     out_console,
     print_json,
-    resolve_source,
     revision_option,
     warn,
 )
@@ -68,8 +68,8 @@ def merge_cmd(
 
     check_weights(weights, len(adapters), "adapter")
     origins: dict[str, str] = {}
-    base = resolve_source(base, revision, "checkpoint")
-    adapters = tuple(resolve_source(a, None, origins=origins) for a in adapters)
+    base = fetch_if_remote(base, revision, "checkpoint")
+    adapters = tuple(fetch_if_remote(a, None, origins=origins) for a in adapters)
     factory = _progress_factory()
     try:
         report = merge(

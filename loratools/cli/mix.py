@@ -4,11 +4,11 @@ import click
 
 from .output import (
     dtype_option,
+    fetch_if_remote,
     json_option,
     out_console,
     print_json,
     progress_bar,
-    resolve_source,
     revision_option,
     to_option,
     warn,
@@ -72,7 +72,7 @@ def mix_cmd(
     if method in ("cat", "linear") and rank is not None:
         refuse(f"--rank applies to --method svd, not {method}: leave out --rank, or use --method svd")
     origins: dict[str, str] = {}
-    paths = [resolve_source(s, revision, origins=origins) for s in sources]
+    paths = [fetch_if_remote(s, revision, origins=origins) for s in sources]
     with progress_bar("mixing modules") as tick:
         report = mix(
             paths, out, weights, method, rank,  # type: ignore[arg-type]

@@ -185,7 +185,7 @@ def download_bar() -> Iterator[Callable[[str, int, int | None], None] | None]:
         yield on_bytes
 
 
-def resolve_source(
+def fetch_if_remote(
     arg: str,
     revision: str | None,
     kind: str = "adapter",
@@ -206,7 +206,7 @@ def resolve_source(
     if headers_only and ctx is not None and hub.is_repo_id(arg):
         into = ctx.with_resource(tempfile.TemporaryDirectory(prefix="loratools-headers-"))
     with download_bar() as on_bytes:
-        path = str(hub.resolve(arg, revision=revision, kind=kind, on_bytes=on_bytes, headers_into=into))  # type: ignore[arg-type]
+        path = str(hub.fetch_if_repo(arg, revision=revision, kind=kind, on_bytes=on_bytes, headers_into=into))  # type: ignore[arg-type]
     name = hub.origin(arg, revision)
     if origins is not None and name is not None:
         origins[path] = name

@@ -4,12 +4,12 @@ import click
 
 from .output import (
     dtype_option,
+    fetch_if_remote,
     json_option,
     num,
     out_console,
     print_json,
     progress_bar,
-    resolve_source,
     revision_option,
     to_option,
 )
@@ -57,7 +57,7 @@ def resize_cmd(
 
     one_of("--rank", rank, "--energy", energy)
     origins: dict[str, str] = {}
-    source = resolve_source(source, revision, origins=origins)
+    source = fetch_if_remote(source, revision, origins=origins)
     with progress_bar("resizing modules") as tick:
         report = resize(
             source, out, rank, energy, to=to, dtype=dtype, device=device, force=force, progress=tick, origins=origins

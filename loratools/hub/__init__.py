@@ -38,13 +38,13 @@ from .selection import (
     include_problem,
     select,
 )
-from .sources import origin, resolve
+from .sources import fetch_if_repo, origin
 from .upload import PushFile, PushReport, push, target
 
 __all__ = [
     "BROKEN", "COMPANIONS", "DEADLINE_VAR", "DEFAULT_REVISION", "HIDDEN", "LINK_DIR", "LINK_HIDDEN", "LINK_OUT",
     "OTHER", "OTHER_PICKLE", "PICKLE", "PREFIX", "SPECIAL", "HubEnv", "Kind", "LeftOut", "OnBytes", "Plan",
-    "PushFile", "PushReport", "RepoRef", "Selection", "deadline", "environment", "fetch", "fetch_headers",
+    "PushFile", "PushReport", "RepoRef", "Selection", "deadline", "environment", "fetch", "fetch_headers", "fetch_if_repo",
     "hub_error", "include_problem", "is_model_id", "is_repo_id", "listing", "origin", "parse_repo_ref", "plan_adapter",
-    "plan_checkpoint", "printable", "push", "resolve", "select", "target",
+    "plan_checkpoint", "printable", "push", "select", "target",
 ]  # fmt: skip

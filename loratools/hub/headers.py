@@ -118,7 +118,8 @@ def _stub(path: Path, head: bytes, size: int, what: str) -> None:
     try:
         read_header(path)
     except LoratoolsError as e:
-        e.message = f"{what} (its header, read from the Hub): {e.message.removeprefix(path.name + ': ')}"
+        said = e.message.replace(str(path), path.name).removeprefix(path.name + ": ")  # the stub is no one's file
+        e.message = f"{what} (its header, read from the Hub): {said}"
         e.args = (e.message,)
         raise
 

@@ -13,7 +13,7 @@ from .ids import PREFIX, is_repo_id
 from .plan import Kind
 
 
-def resolve(
+def fetch_if_repo(
     arg: str,
     *,
     revision: str | None = None,
