@@ -5,8 +5,7 @@ from __future__ import annotations
 from .errors import LoratoolsError
 from .formats import detect, load_adapter, save_adapter
 from .model import Adapter, Extra, Module, TensorRef
-
-__version__ = "0.1.0"
+from .version import __version__
 
 #: LoraModule is the name most users look for
 LoraModule = Module

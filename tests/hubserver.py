@@ -11,12 +11,14 @@ store of repos (commits as whole file maps):
 - ``GET /api/models/{repo}[/revision/{rev}]``: model info with ``sha`` and ``siblings``
 - ``GET /api/models/{repo}/tree/{rev}[/{path}]``: the file listing
 - ``HEAD`` / ``GET /{repo}/resolve/{rev}/{path}``: a file, with ``X-Repo-Commit``, ``ETag``, ``Content-Length`` and
-  ``Range`` support
+  ``Range`` (``bytes=a-b`` and ``bytes=a-``, 206 with ``Content-Range``; 416 past the end), as header-only reads of
+  safetensors files ask for it
 
 Writes need a token from ``tokens`` (401 without one); a wrong token is 401 on any request; private repos are not
 found without a token; gated repos refuse downloads (403 ``GatedRepo``). Unknown repos, revisions and files are 404
 with the ``X-Error-Code`` the client turns into its typed errors. ``log`` records every request as
-(method, path, authenticated), ``authorizations`` every Authorization header received; ``force`` makes every answer
+(method, path, authenticated), ``ranges`` every range asked for, ``authorizations`` every Authorization header
+received; ``force`` makes every answer
 one status (429 rate limits, 5xx).
 
 A hostile Hub: ``serve(method, path_regex, reply)`` answers matching requests with ``reply`` (a :class:`Reply`, or a
@@ -99,6 +101,7 @@ class HubServer:
         self.tokens = set(tokens or ())
         self.repos: dict[str, Repo] = {}
         self.log: list[tuple[str, str, bool]] = []
+        self.ranges: list[tuple[str, str]] = []  # (path, Range header) of every request that asked for a range
         self.authorizations: list[str] = []
         self.force: tuple[int, dict[str, str]] | None = None
         self.rules: list[Rule] = []
@@ -172,11 +175,20 @@ class HubServer:
         return [p for m, p, _ in self.log if (method is None or m == method) and contains in p]
 
     def downloads(self, repo_id: str) -> list[str]:
-        """Files whose bytes were sent (GET on resolve), as paths in the repo."""
+        """Files whose bytes were sent (GET on resolve, not for a range of the file), as paths in the repo."""
+        ranged = [p for p, _ in self.ranges]
         out = []
         for path in self.requests("GET", f"/{repo_id}/resolve/"):
+            if path in ranged:
+                ranged.remove(path)
+                continue
             out.append(path.split("/resolve/", 1)[1].split("/", 1)[1])
         return out
+
+    def ranged(self, repo_id: str) -> list[tuple[str, str]]:
+        """The range requests for files of ``repo_id``: (path in the repo, the Range asked for)."""
+        prefix = f"/{repo_id}/resolve/"
+        return [(p[len(prefix) :].split("/", 1)[1], r) for p, r in self.ranges if p.startswith(prefix)]
 
     # ---- requests -----------------------------------------------------------------------------------------------
 
@@ -188,6 +200,8 @@ class HubServer:
         token = auth[7:].strip() if auth.lower().startswith("bearer ") else None
         with self.lock:
             self.log.append((method, unquote(split.path), token in self.tokens))
+            if headers.get("range"):
+                self.ranges.append((unquote(split.path), str(headers.get("range"))))
             if auth:
                 self.authorizations.append(auth)
             for want, pattern, reply in self.rules:
@@ -476,31 +490,45 @@ def no_internet(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[Any]]:
     assert not attempts, f"a test tried to reach {attempts}"
 
 
+def set_env(monkeypatch: pytest.MonkeyPatch, **env: str | None) -> None:
+    """Set (None: unset) environment variables as a process started with them would see them: huggingface_hub reads
+    most of its variables once, when it is imported, into ``huggingface_hub.constants`` (which loratools looks up at
+    each call); so the variables are set, and every constant they change is recomputed the way huggingface_hub
+    computes it (its ``constants`` module run afresh) and patched for the test."""
+    import importlib.util
+
+    import huggingface_hub.constants as constants
+
+    for name, value in env.items():
+        if value is None:
+            monkeypatch.delenv(name, raising=False)
+        else:
+            monkeypatch.setenv(name, value)
+    spec = importlib.util.spec_from_file_location("_loratools_test_hf_constants", constants.__file__)
+    assert spec is not None and spec.loader is not None
+    fresh = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(fresh)
+    for name, value in vars(fresh).items():
+        if name.isupper() and getattr(constants, name, None) != value:
+            monkeypatch.setattr(constants, name, value)
+
+
 @pytest.fixture
 def hf_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """A private HF_HOME and cache, no token, online, no Xet, no telemetry, the default deadline."""
-    import huggingface_hub.constants as constants
-
     home = tmp_path / "hf-home"
-    monkeypatch.setenv("HF_HOME", str(home))
-    monkeypatch.setenv("HF_HUB_CACHE", str(home / "hub"))
-    monkeypatch.setenv("HF_HUB_DISABLE_XET", "1")
-    monkeypatch.setenv("HF_HUB_DISABLE_TELEMETRY", "1")
-    monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)
-    monkeypatch.setattr(constants, "HF_HUB_DISABLE_TELEMETRY", True)  # read at import: no user-agent registry fetch
     # other test modules import huggingface_hub with HF_HUB_OFFLINE=1 (the fixture builders set it): online here
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
-    for var in (
-        "HF_TOKEN", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_TOKEN_PATH", "HUGGINGFACE_HUB_CACHE",
-        "LORATOOLS_HUB_DEADLINE",
-    ):  # fmt: skip
-        monkeypatch.delenv(var, raising=False)
+    set_env(
+        monkeypatch, HF_HOME=str(home), HF_HUB_CACHE=str(home / "hub"), HF_HUB_DISABLE_XET="1",
+        HF_HUB_DISABLE_TELEMETRY="1", HF_TOKEN=None, HF_HUB_OFFLINE=None, TRANSFORMERS_OFFLINE=None,
+        HF_TOKEN_PATH=None, HUGGINGFACE_HUB_CACHE=None, LORATOOLS_HUB_DEADLINE=None, HF_ENDPOINT=None,
+        HF_HUB_ETAG_TIMEOUT=None, HF_OIDC_RESOURCE=None,
+    )  # fmt: skip
     return home
 
 
 @pytest.fixture
 def server(hf_env: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[HubServer]:
     with HubServer(tokens={TOKEN}) as s:
-        monkeypatch.setenv("HF_ENDPOINT", s.url)  # set after huggingface_hub's import: loratools reads it per call
-        monkeypatch.setenv("HF_TOKEN", TOKEN)
+        set_env(monkeypatch, HF_ENDPOINT=s.url, HF_TOKEN=TOKEN)
         yield s

@@ -238,14 +238,16 @@ ANSWER_CASES: dict[str, tuple[list[str], int, str]] = {
 @pytest.mark.parametrize("json_flag", [False, True], ids=["table", "json"])
 @pytest.mark.parametrize("case", sorted(ANSWER_CASES))
 def test_diff_and_validate_answer_0_1_or_2(
-    case: str, json_flag: bool, answers: dict[str, Path], tmp_path: Path
+    case: str, json_flag: bool, answers: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     import hostile
+    import hubserver
 
     template, code, says = ANSWER_CASES[case]
     args = [a.format(**{k: str(v) for k, v in answers.items()}) for a in template] + (["--json"] * json_flag)
     inputs = [p for p in answers.values() if p.exists()] + [FIXTURES / "peft_llama"]
     env = {"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}  # a Hub id fails at once, offline
+    hubserver.set_env(monkeypatch, **env)  # as huggingface_hub read them at its import
     if code == 2:
         r = hostile.run(args, inputs=inputs, code=2, says=says, env=env)
         assert r.stdout == "", "no answer: nothing on stdout, also with --json"

@@ -24,6 +24,8 @@ from safetensors.numpy import save as st_save
 
 from loratools import hub
 from loratools.errors import HubError
+from loratools.hub import filelist as hub_listing
+from loratools.hub import watch as hub_watch
 
 no_internet, hf_env, server = hubserver.no_internet, hubserver.hf_env, hubserver.server  # the shared fixtures
 
@@ -125,11 +127,11 @@ LISTINGS: list[Any] = [
     pytest.param(b"[]", "a JSON list, not an object", id="json-list"),
     pytest.param(b'"x"', "a JSON str, not an object", id="json-string"),
     pytest.param(b"null", "a JSON NoneType, not an object", id="json-null"),
-    pytest.param(b"\xff\xfe{}", "not UTF-8 text", id="not-utf8"),
-    pytest.param(deep, "nested too deeply", id="deep-nesting"),
+    pytest.param(b"\xff\xfe{}", "not UTF-8", id="not-utf8"),
+    pytest.param(deep, "nested deeper than 64 levels", id="deep-nesting"),
     pytest.param(
         b'{"id": "evil/repo", "sha": "' + SHA.encode() + b'", "sha": "' + b"6" * 40 + b'", "siblings": []}',
-        "the key 'sha' appears twice",
+        "duplicate key 'sha'",
         id="duplicate-key",
     ),
 ]
@@ -186,16 +188,16 @@ def test_a_listing_of_another_commit_than_asked(server: HubServer, tmp_path: Pat
 
 
 def test_too_many_files(server: HubServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(hub, "MAX_FILES", 50)
+    monkeypatch.setattr(hub_listing, "MAX_FILES", 50)
     server.serve("GET", LISTING, Reply(200, body(info([*ADAPTER, *(f"f{i}" for i in range(49))]))))
     check(server, tmp_path, ["inspect", REPO], "51 files, more than 50")
 
 
 @pytest.mark.slow
 def test_a_huge_file_list(server: HubServer, tmp_path: Path) -> None:
-    names = [*ADAPTER, *(f"x/{i:06d}.json" for i in range(hub.MAX_FILES))]
+    names = [*ADAPTER, *(f"x/{i:06d}.json" for i in range(hub_listing.MAX_FILES))]
     server.serve("GET", LISTING, Reply(200, body(info(names))))
-    check(server, tmp_path, ["inspect", REPO], f"{hub.MAX_FILES + 2} files, more than {hub.MAX_FILES}")
+    check(server, tmp_path, ["inspect", REPO], f"{hub_listing.MAX_FILES + 2} files, more than {hub_listing.MAX_FILES}")
 
 
 @pytest.mark.slow
@@ -214,7 +216,7 @@ def test_a_list_that_announces_ten_terabytes(server: HubServer, tmp_path: Path) 
 
 
 def test_a_list_longer_than_a_list_may_be(server: HubServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(hub, "ANSWER_LIMIT", 4096)
+    monkeypatch.setattr(hub_watch, "ANSWER_LIMIT", 4096)
     server.serve("GET", LISTING, Reply(200, body(info([f"f{i}" for i in range(500)])), length=""))
     check(server, tmp_path, ["inspect", REPO], "sent more than 4096 bytes for the file list of evil/repo")
 
@@ -238,6 +240,7 @@ STATUSES: list[Any] = [
     pytest.param(Reply(200, b"abc", {"Content-Encoding": "gzip"}), "broken answer", id="bad-gzip"),
     pytest.param(Reply(200, b"{}", length="-5"), "broken answer", id="negative-length"),
     pytest.param(Reply(200, b"{}", length="12abc"), "broken answer", id="garbage-length"),
+    pytest.param(Reply(418, b"X\0\0\0" + b"\xff" * 8), "an error whose message is not text", id="error-not-text"),
 ]
 
 
@@ -318,6 +321,7 @@ HEADERS: list[Any] = [
     pytest.param("GET", {"body": b"", "length": ""}, "came out the wrong size (0 of 9176 bytes)", id="empty-body"),
     pytest.param("GET", {"body": b"x" * 100, "length": ""}, "came out the wrong size (100 of 9176 bytes)", id="short-body"),
     pytest.param("GET", {"body": b"\xff" * 9176}, "adapter_model.safetensors", id="garbage-bytes"),
+    pytest.param("GET", {"status": 418, "body": b"X\0\0\0" + b"\xff" * 8}, "an error whose message is not text", id="error-not-text"),
 ]  # fmt: skip
 
 
@@ -378,22 +382,26 @@ def test_a_download_that_keeps_breaking_off_stops(server: HubServer, repo: str, 
 
 def test_retries_are_bounded() -> None:
     """huggingface_hub resumes a download as long as each attempt brings bytes: the watch counts the attempts."""
-    w = hub._Watch("evil/repo/x", "h", 60.0, listing=False)
-    for _ in range(hub.MAX_RETRIES + 1):
+    w = hub_watch.Watch("evil/repo/x", "h", 60.0, listing=False)
+    for _ in range(hub_watch.MAX_RETRIES + 1):
         w.sent("GET", "http://h/x")
     w.broke_off("GET http://h/x")
-    with pytest.raises(HubError, match=f"gave up after {hub.MAX_RETRIES + 1} attempts \\(the connection broke off\\)"):
+    with pytest.raises(
+        HubError, match=f"gave up after {hub_watch.MAX_RETRIES + 1} attempts \\(the connection broke off\\)"
+    ):
         w.sent("GET", "http://h/x")
 
 
 def test_the_deadline_grows_with_what_arrives() -> None:
     """A steady download is not cut by the deadline: each MiB received earns a second more, up to the file's size."""
-    w = hub._Watch("x", "h", 1.0, listing=False)
-    w.received = 3 * hub.RATE
+    w = hub_watch.Watch("x", "h", 1.0, listing=False)
+    w.received = 3 * hub_watch.RATE
     assert w.allowed() == 4.0  # 1 s + 3 MiB at 1 MiB/s
-    w.size = hub.RATE
+    w.size = hub_watch.RATE
     assert w.allowed() == 2.0  # bytes beyond the announced size (a download resumed again and again) earn nothing
-    assert hub._Watch("x", "h", 1.0, listing=True, received=10 * hub.RATE).allowed() == 1.0  # a file list: fixed
+    assert (
+        hub_watch.Watch("x", "h", 1.0, listing=True, received=10 * hub_watch.RATE).allowed() == 1.0
+    )  # a file list: fixed
 
 
 def test_a_redirect_to_elsewhere_keeps_the_token_home(server: HubServer, repo: str, tmp_path: Path) -> None:
@@ -512,10 +520,10 @@ INDEXES: list[Any] = [
     pytest.param(index({"a": "/etc/passwd"}), "not the name of a .safetensors file beside it", id="shard-absolute"),
     pytest.param(index({"a": "config.json"}), "not the name of a .safetensors file beside it", id="shard-not-safetensors"),
     pytest.param(b"[1, 2]", "a JSON list, not an index object", id="index-a-list"),
-    pytest.param(b'{"weight_map": {}, "weight_map": {"a": "model-1.safetensors"}}', "appears twice", id="duplicate-weight-map"),
+    pytest.param(b'{"weight_map": {}, "weight_map": {"a": "model-1.safetensors"}}', "duplicate key 'weight_map'", id="duplicate-weight-map"),
     pytest.param(b"{", "not valid JSON", id="index-truncated"),
-    pytest.param(b'{"weight_map": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", "nested too deeply", id="index-deep-nesting"),
-    pytest.param(b"\xff\xfe", "not UTF-8 text", id="index-not-utf8"),
+    pytest.param(b'{"weight_map": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", "nested deeper than 64 levels", id="index-deep-nesting"),
+    pytest.param(b"\xff\xfe", "not UTF-8", id="index-not-utf8"),
 ]  # fmt: skip
 
 
@@ -536,6 +544,90 @@ def test_a_hostile_base_index_over_the_hub(server: HubServer, tmp_path: Path, da
     assert "evil/base/model.safetensors.index.json" in got.stderr
     assert outside(tmp_path) == before
     assert "model-1.safetensors" not in server.downloads("evil/base")  # refused before any weight is fetched
+
+
+# ---- a base model's headers over the Hub (range requests) --------------------------------------------------------
+
+BASE_WEIGHTS = r"^/evil/base/resolve/[^/]+/model\.safetensors$"
+
+
+def raw_header(header: dict[str, Any], data: bytes = b"") -> bytes:
+    text = json.dumps(header).encode()
+    return len(text).to_bytes(8, "little") + text + data
+
+
+def range_reply(server: HubServer, *, body: bytes | None = None, **change: Any) -> Callable[[str], Reply]:
+    """The honest answer for evil/base's weights (a range of them, as asked), with ``change`` applied: ``body`` replaces
+    the file's bytes, ``headers`` are merged (None removes one), anything else replaces the Reply's field."""
+    headers = change.pop("headers", {})
+
+    def answer(path: str) -> Reply:
+        honest = server._resolve("evil/base", path.split("/")[4], "model.safetensors", True)
+        merged = {k: v for k, v in {**honest.headers, **headers}.items() if v is not None}
+        data = honest.body if body is None else body
+        return dataclasses.replace(honest, body=data, head_length=len(data), headers=merged, **change)
+
+    return answer
+
+
+def validate_base(server: HubServer, tmp_path: Path, says: str | list[str], code: int = 2) -> hostile.Outcome:
+    """``validate ADAPTER --base evil/base``: the base's header read by range requests, its weights never."""
+    got = hostile.run(
+        ["validate", str(FIXTURES / "peft_llama"), "--base", "evil/base"], code=code, says=says, seconds=15,
+        findings=code == 1,
+    )  # fmt: skip
+    assert TOKEN not in got.stdout + got.stderr
+    assert "model.safetensors" not in server.downloads("evil/base"), "the weights were downloaded"
+    return got
+
+
+BASE_HEADERS: list[Any] = [
+    pytest.param({"body": b"\xff" * 64}, "is it a safetensors file?", id="length-past-the-end"),
+    pytest.param({"body": (2**62).to_bytes(8, "little") + b"{}"}, "beyond the 100000000 byte limit", id="length-huge"),
+    pytest.param({"body": b"\x05"}, "too short for a safetensors header", id="one-byte-file"),
+    pytest.param({"body": raw_header({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}})}, "data ends at byte 8", id="offsets-past-the-end"),
+    pytest.param({"body": b"\x1a" + b"\0" * 7 + b'{"a": 1, "a": 2, "b": 3}  '}, "duplicate key 'a'", id="duplicate-key"),
+    pytest.param({"body": raw_header({"a": {"dtype": "X9", "shape": [], "data_offsets": [0, 0]}})}, "unknown dtype", id="unknown-dtype"),
+    pytest.param({"body": b"\x0e" + b"\0" * 7 + b'{"a": [[[[]]]]}' + b"\0"}, "(its header, read from the Hub)", id="entry-not-an-object"),
+    pytest.param({"status": 206, "headers": {"Content-Range": "bytes 5-10/9999"}}, "Content-Range that is not the one asked for", id="content-range-elsewhere"),
+    pytest.param({"status": 206, "headers": {"Content-Range": "bytes 0-10/" + str(10**15)}}, "more than a file may have", id="content-range-huge"),
+    pytest.param({"status": 206, "headers": {"Content-Range": "garbage"}}, "Content-Range that is not the one asked for", id="content-range-garbage"),
+    pytest.param({"headers": {"X-Repo-Commit": "6" * 40}}, "not from", id="header-of-another-commit"),
+    pytest.param({"headers": {"X-Repo-Commit": "../x"}}, "a commit id that is not one", id="commit-a-path"),
+    pytest.param({"status": 416}, "evil/base", id="416"),
+    pytest.param({"status": 404, "body": b'{"error": "Entry not found"}', "headers": {"X-Error-Code": "EntryNotFound"}}, "has no file model.safetensors", id="listed-but-missing"),
+    pytest.param({"status": 418, "body": b"X\0\0\0" + b"\xff" * 8}, "an error whose message is not text", id="error-not-text"),
+    pytest.param({"cut": 20}, "evil/base", id="cut-short"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("change", "says"),
+    slow_but(BASE_HEADERS, "length-past-the-end", "offsets-past-the-end", "duplicate-key", "content-range-elsewhere", "header-of-another-commit", "cut-short"),
+)  # fmt: skip
+def test_a_hostile_header_over_the_hub(server: HubServer, tmp_path: Path, change: dict[str, Any], says: str) -> None:
+    """The header bytes of a base read over the Hub are checked as strictly as a local file's (loratools' own
+    safetensors reader runs on them), and the range answer's headers are checked before they are used."""
+    server.add_repo("evil/base", {"config.json": b"{}", "model.safetensors": SHARD, "big.bin": b"\0" * 1000})
+    server.serve("GET", BASE_WEIGHTS, range_reply(server, **change))
+    validate_base(server, tmp_path, says)
+
+
+def test_a_hub_that_ignores_ranges_is_read_only_as_far_as_the_header(server: HubServer, tmp_path: Path) -> None:
+    """A server that answers a range request with the whole file (200): the header is read from its start and the
+    rest of the body is never read."""
+    big = raw_header({"a": {"dtype": "F32", "shape": [1 << 20], "data_offsets": [0, 4 << 20]}}, b"\0" * (4 << 20))
+    server.add_repo("evil/base", {"config.json": b"{}", "model.safetensors": big})
+    server.serve("GET", BASE_WEIGHTS, range_reply(server, status=200, chunk=1 << 12, pause=0.001))
+    got = validate_base(server, tmp_path, [], code=1)  # findings: the adapter's modules are not in that base
+    assert "base-missing" in got.stdout and got.seconds < 5
+
+
+def test_a_slow_header_meets_its_deadline(server: HubServer, tmp_path: Path, quick: None) -> None:
+    server.add_repo("evil/base", {"config.json": b"{}", "model.safetensors": SHARD})
+    server.serve("GET", BASE_WEIGHTS, range_reply(server, pause=2.0, chunk=1))
+    got = validate_base(server, tmp_path, "reading the header of evil/base/model.safetensors from 127.0.0.1")
+    assert "did not finish within 0.5 s" in got.stderr and got.seconds < 5
 
 
 # ---- the environment and mistyped paths ----------------------------------------------------------------------------
@@ -579,11 +671,10 @@ def test_a_mistyped_path_offline(
 ) -> None:
     import socket
 
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with socket.socket() as silent:  # a Hub that never answers: a request would hang, not fail
         silent.bind(("127.0.0.1", 0))
         silent.listen(8)
-        monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{silent.getsockname()[1]}")
+        hubserver.set_env(monkeypatch, HF_HUB_OFFLINE="1", HF_ENDPOINT=f"http://127.0.0.1:{silent.getsockname()[1]}")
         got = hostile.run(["inspect", MISTYPED], says=[], seconds=3)
     error = next(line for line in got.stderr.splitlines() if line.startswith("Error:"))
     assert error.startswith(f"Error: {MISTYPED}: no such local file or folder, and no Hub repo {MISTYPED} in the cache")
@@ -611,7 +702,7 @@ def test_a_mistyped_path_with_the_hub_out_of_reach(
 
     with socket.socket() as s:  # a port nobody listens on
         s.bind(("127.0.0.1", 0))
-        monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{s.getsockname()[1]}")
+        hubserver.set_env(monkeypatch, HF_ENDPOINT=f"http://127.0.0.1:{s.getsockname()[1]}")
     got = hostile.run(["inspect", MISTYPED], says=[], seconds=5)
     assert f"Error: {MISTYPED}: no such local file or folder, and no Hub repo {MISTYPED} in the cache" in got.stderr
     assert "cannot be reached" in got.stderr

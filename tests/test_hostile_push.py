@@ -22,6 +22,8 @@ from conftest import FIXTURES
 from hubserver import TOKEN, HubServer
 
 from loratools import hub
+from loratools.cli.push import publish
+from loratools.errors import LoratoolsError
 from loratools.io.pickle import COMPRESSION_SUFFIXES, PICKLE_SUFFIXES
 
 no_internet, hf_env, server = hubserver.no_internet, hubserver.hf_env, hubserver.server  # the shared fixtures
@@ -373,8 +375,10 @@ USAGE: list[Any] = [
 @pytest.mark.parametrize(("pattern", "says"), slow_but(USAGE, "hidden", "dotdot", "absolute", "empty"))
 def test_a_bad_include_is_a_usage_error(server: HubServer, src: Path, pattern: str, says: str) -> None:
     push(server, src, "--include", pattern, code=2, says=says)
-    with pytest.raises(hub.LoratoolsError, match="--include"):
-        hub.push(src, REPO, include=[pattern], dry_run=True)  # the library refuses it too
+    with pytest.raises(LoratoolsError, match="--include"):
+        hub.select(src, include=[pattern])  # the library refuses it too
+    with pytest.raises(LoratoolsError, match="--include"):
+        publish(src, REPO, include=[pattern], dry_run=True)
 
 
 @pytest.mark.parametrize(

@@ -2,7 +2,16 @@ from __future__ import annotations
 
 import click
 
-from .output import dtype_option, json_option, local, out_console, print_json, revision_option, warn
+from .output import (
+    download_bar,
+    dtype_option,
+    fetch_if_remote,
+    json_option,
+    out_console,
+    print_json,
+    revision_option,
+    warn,
+)
 from .params import FRACTION, PATH, refuse
 
 
@@ -54,15 +63,19 @@ def convert_cmd(
       loratools convert fixtures/diffusers_sd --to kohya -o sd.safetensors
       loratools convert fixtures/lycoris_loha.safetensors --to diffusers -o loha-as-lora.safetensors
     """
-    from ..ops.convert import convert
+    from .. import hub
+    from ..ops.convert import convert, reads_base_weights
 
     if rank is not None and energy is not None:
         refuse("give at most one of --rank and --energy")
-    source = local(source, revision)
-    base = local(base, None, "checkpoint") if base is not None else None
+    origins: dict[str, str] = {}
+    source = fetch_if_remote(source, revision, origins=origins)
+    if base is not None:  # a Hub base: its names and config.json, unless the export compares its tensors
+        remote = hub.is_repo_id(base)
+        base = fetch_if_remote(base, None, "checkpoint", headers_only=remote and not reads_base_weights(source, to))
     rep = convert(
         source, to, out, rank=rank, energy=energy, alpha_mode=alpha_mode, dtype=dtype, base=base,
-        base_model=base_model, force=force,
+        base_model=base_model, base_config=_hub_config(source, to, base, base_model), force=force, origins=origins,
     )  # fmt: skip
     for note in rep.notes:
         warn(note)
@@ -85,3 +98,19 @@ def convert_cmd(
     con.print(
         f"wrote {rep.output} ({rep.format}) from {rep.source_format}: {len(rep.modules)} modules", highlight=False
     )
+
+
+def _hub_config(source: str, to: str, base: str | None, base_model: str | None) -> str | None:
+    """The base model's config.json from the Hub (that one file), for a GGUF export without --base whose adapter
+    (or --base-model) names a Hub model, as llama.cpp's converter does."""
+    from .. import hub
+    from ..formats import gguf, load_adapter
+
+    if to != "gguf" or base is not None:
+        return None
+    gguf.require()  # the optional package first, as convert itself checks it before reading anything
+    model_id = base_model or load_adapter(source).base_model
+    if not model_id or not hub.is_repo_id(model_id):
+        return None
+    with download_bar() as on_bytes:
+        return str(hub.fetch(f"{model_id}/config.json", kind="file", on_bytes=on_bytes))

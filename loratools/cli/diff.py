@@ -4,7 +4,7 @@ from typing import TYPE_CHECKING
 
 import click
 
-from .output import json_option, local, out_console, print_json, progress_bar, revision_option, styled
+from .output import fetch_if_remote, json_option, out_console, print_json, progress_bar, revision_option, styled
 from .params import PATH, TOLERANCE
 from .status import could_not_compare
 
@@ -66,7 +66,7 @@ def diff_cmd(
 
     kind = "checkpoint" if mode == "tensors" else "adapter"  # a Hub id is fetched as what --mode compares
     with could_not_compare():
-        a, b = local(a, revision, kind), local(b, revision, kind)
+        a, b = fetch_if_remote(a, revision, kind), fetch_if_remote(b, revision, kind)
         plan = plan_diff(a, b, mode)  # type: ignore[arg-type]
         with progress_bar("comparing", len(plan.pairs)) as tick:
             rep = plan.run(atol, rtol, progress=tick)

@@ -8,9 +8,9 @@ import click
 
 from .output import (
     dtype_option,
+    fetch_if_remote,
     human_bytes,
     json_option,
-    local,
     out_console,
     print_json,
     progress_bar,
@@ -98,7 +98,7 @@ def extract_cmd(
             return stack.enter_context(progress_bar("extracting", total))
 
         report = extract(
-            local(base, None, "checkpoint"), local(tuned, None, "checkpoint"), out, rank, energy, max_rank=max_rank, to=to, dtype=dtype, device=device,
+            fetch_if_remote(base, None, "checkpoint"), fetch_if_remote(tuned, None, "checkpoint"), out, rank, energy, max_rank=max_rank, to=to, dtype=dtype, device=device,
             include=include, exclude=exclude, embeddings=embeddings, base_model=base_model, force=force,
             progress=bar,
         )  # fmt: skip

@@ -2,7 +2,16 @@ from __future__ import annotations
 
 import click
 
-from .output import format_option, human_bytes, json_option, local, num, out_console, print_json, revision_option
+from .output import (
+    fetch_if_remote,
+    format_option,
+    human_bytes,
+    json_option,
+    num,
+    out_console,
+    print_json,
+    revision_option,
+)
 from .params import PATH
 
 
@@ -36,7 +45,7 @@ def inspect_cmd(
 
     if fast and spectrum:
         raise click.UsageError("--spectrum reads the tensors; it cannot go with --fast")
-    source = local(source, revision)
+    source = fetch_if_remote(source, revision, headers_only=fast)
     rep = inspect_adapter(source, fmt, norms=not fast, spectra=spectrum)
     if as_json:
         print_json(rep.to_dict())

@@ -4,7 +4,16 @@ from typing import Any
 
 import click
 
-from .output import dtype_option, err_console, json_option, local, out_console, print_json, revision_option, warn
+from .output import (
+    dtype_option,
+    err_console,
+    fetch_if_remote,
+    json_option,
+    out_console,
+    print_json,
+    revision_option,
+    warn,
+)
 from .params import PATH, WEIGHTS, Device, check_weights
 
 
@@ -58,12 +67,14 @@ def merge_cmd(
     from ..ops.merge import merge
 
     check_weights(weights, len(adapters), "adapter")
-    base = local(base, revision, "checkpoint")
+    origins: dict[str, str] = {}
+    base = fetch_if_remote(base, revision, "checkpoint")
+    adapters = tuple(fetch_if_remote(a, None, origins=origins) for a in adapters)
     factory = _progress_factory()
     try:
         report = merge(
-            base, [local(a, None) for a in adapters], out, weights, device=device, dtype=dtype,
-            force=force, progress=factory, report_path=report_path,
+            base, list(adapters), out, weights, device=device, dtype=dtype,
+            force=force, progress=factory, report_path=report_path, origins=origins,
         )  # fmt: skip
     finally:
         if factory is not None:

@@ -4,8 +4,8 @@ import click
 
 from .output import (
     dtype_option,
+    fetch_if_remote,
     json_option,
-    local,
     out_console,
     print_json,
     progress_bar,
@@ -71,10 +71,12 @@ def mix_cmd(
         refuse("--method svd needs --rank K (or --method cat, which is exact)")
     if method in ("cat", "linear") and rank is not None:
         refuse(f"--rank applies to --method svd, not {method}: leave out --rank, or use --method svd")
+    origins: dict[str, str] = {}
+    paths = [fetch_if_remote(s, revision, origins=origins) for s in sources]
     with progress_bar("mixing modules") as tick:
         report = mix(
-            [local(s, revision) for s in sources], out, weights, method, rank,  # type: ignore[arg-type]
-            to=to, dtype=dtype, device=device, strict=strict, force=force, progress=tick,
+            paths, out, weights, method, rank,  # type: ignore[arg-type]
+            to=to, dtype=dtype, device=device, strict=strict, force=force, progress=tick, origins=origins,
         )  # fmt: skip
     for w in report.warnings:
         warn(w)

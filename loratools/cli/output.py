@@ -161,8 +161,53 @@ def revision_option(f: F) -> F:
     )(f)
 
 
-def local(arg: str, revision: str | None, kind: str = "adapter") -> str:
-    """A source as a local path: itself, or the Hub files it names, downloaded (only those needed)."""
+@contextlib.contextmanager
+def download_bar() -> Iterator[Callable[[str, int, int | None], None] | None]:
+    """A Rich bar per file downloaded from the Hub, on stderr, in the style of :func:`progress_bar` (huggingface_hub's
+    own tqdm bars never show: one style per run); None when stderr is not a terminal."""
+    con = err_console()
+    if not con.is_terminal:
+        yield None
+        return
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeElapsedColumn, TransferSpeedColumn
+
+    with Progress(
+        TextColumn("{task.description}", markup=False), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+        TimeElapsedColumn(), console=con, transient=True,
+    ) as bar:  # fmt: skip
+        tasks: dict[str, Any] = {}
+
+        def on_bytes(name: str, done: int, total: int | None) -> None:
+            if name not in tasks:
+                tasks[name] = bar.add_task(clean(f"downloading {name}"), total=total)
+            bar.update(tasks[name], completed=done, total=total)
+
+        yield on_bytes
+
+
+def fetch_if_remote(
+    arg: str,
+    revision: str | None,
+    kind: str = "adapter",
+    *,
+    origins: dict[str, str] | None = None,
+    headers_only: bool = False,
+) -> str:
+    """A SOURCE as a local path: itself, or what it names on the Hub, downloaded (only the files the command needs;
+    this may download). With ``headers_only``, a Hub SOURCE becomes a header-only view (tensor names, shapes and
+    configs, no weights) in a temporary folder that lives as long as the command. ``origins`` collects the name
+    each fetched SOURCE is recorded under in a provenance record (``{local path: repo id}``)."""
+    import tempfile
+
     from .. import hub
 
-    return str(hub.resolve(arg, revision=revision, kind=kind, progress=err_console().is_terminal))  # type: ignore[arg-type]
+    into = None
+    ctx = click.get_current_context(silent=True)
+    if headers_only and ctx is not None and hub.is_repo_id(arg):
+        into = ctx.with_resource(tempfile.TemporaryDirectory(prefix="loratools-headers-"))
+    with download_bar() as on_bytes:
+        path = str(hub.fetch_if_repo(arg, revision=revision, kind=kind, on_bytes=on_bytes, headers_into=into))  # type: ignore[arg-type]
+    name = hub.origin(arg, revision)
+    if origins is not None and name is not None:
+        origins[path] = name
+    return path

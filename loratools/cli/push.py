@@ -1,8 +1,48 @@
 from __future__ import annotations
 
+import os
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
 import click
 
 from .output import human_bytes, json_option, out_console, print_json, styled
+
+if TYPE_CHECKING:
+    from ..hub import PushReport
+
+
+def publish(
+    source: str | os.PathLike[str],
+    repo_id: str,
+    *,
+    private: bool = False,
+    revision: str | None = None,
+    message: str | None = None,
+    create_pr: bool = False,
+    dry_run: bool = False,
+    update_card: bool = False,
+    allow_pickles: bool = False,
+    include: Sequence[str] = (),
+) -> PushReport:
+    """What ``loratools push`` does: pick the files (``hub.select``), make the model card from what ``inspect``
+    reports (``ops.card``), and upload them in one commit (``hub.push``). ``dry_run`` makes no request at all."""
+    from .. import hub
+    from ..formats import detect, load_adapter
+    from ..ops.card import card_body, card_metadata
+    from ..ops.inspect import report
+
+    target, _ = hub.target(repo_id, revision, create_pr)  # before anything is read
+    env = hub.environment()
+    selection = hub.select(source, include=include, allow_pickles=allow_pickles, token=env.token)
+    fmt = detect(selection.source)
+    facts = report(load_adapter(selection.source, fmt), selection.source, norms=False)
+    meta = card_metadata(facts, is_hub_id=hub.is_model_id)
+    body = card_body(facts, target, meta, selection.paths, env.endpoint)
+    return hub.push(
+        selection, repo_id, format=fmt, card=body, metadata=meta, private=private, revision=revision,
+        message=message, create_pr=create_pr, dry_run=dry_run, update_card=update_card,
+    )  # fmt: skip
 
 
 def _patterns(ctx: click.Context, param: click.Parameter, value: tuple[str, ...]) -> tuple[str, ...]:
@@ -81,9 +121,9 @@ def push_cmd(
     from rich.table import Table
     from rich.text import Text
 
-    from ..hub import printable, push
+    from ..hub import printable
 
-    rep = push(
+    rep = publish(
         source, repo_id, private=private, revision=revision, message=message, create_pr=create_pr,
         dry_run=dry_run, update_card=update_card, allow_pickles=allow_pickles, include=include,
     )  # fmt: skip
@@ -113,6 +153,7 @@ def push_cmd(
             "generated": "README.md (model card made by loratools):",
             "updated": "README.md (the folder's, with its metadata block updated):",
             "kept": "README.md: the folder's own, uploaded as it is",
+            "filled": "README.md (the folder's PEFT template, its empty base_model filled in):",
         }
         con.print(notes[rep.card_action], highlight=False)
         if rep.card is not None:

@@ -4,8 +4,8 @@ import click
 
 from .output import (
     dtype_option,
+    fetch_if_remote,
     json_option,
-    local,
     num,
     out_console,
     print_json,
@@ -56,9 +56,11 @@ def resize_cmd(
     from ..ops.resize import resize
 
     one_of("--rank", rank, "--energy", energy)
+    origins: dict[str, str] = {}
+    source = fetch_if_remote(source, revision, origins=origins)
     with progress_bar("resizing modules") as tick:
         report = resize(
-            local(source, revision), out, rank, energy, to=to, dtype=dtype, device=device, force=force, progress=tick
+            source, out, rank, energy, to=to, dtype=dtype, device=device, force=force, progress=tick, origins=origins
         )
     if as_json:
         print_json(report.to_dict())

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import click
 
-from .output import format_option, json_option, local, out_console, print_json, revision_option, styled
+from .output import fetch_if_remote, format_option, json_option, out_console, print_json, revision_option, styled
 from .params import PATH
 from .status import could_not_compare
 
@@ -51,8 +51,8 @@ def validate_cmd(
     from ..ops.validate import validate
 
     with could_not_compare():
-        source = local(source, revision)
-        base = local(base, None, "checkpoint") if base is not None else None
+        source = fetch_if_remote(source, revision)
+        base = fetch_if_remote(base, None, "checkpoint", headers_only=True) if base is not None else None
         rep = validate(source, format=fmt, base=base, strict=strict, fast=fast, for_=for_)
     if as_json:
         print_json(rep.to_dict())

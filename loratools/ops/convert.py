@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -257,14 +258,22 @@ def convert(
     dtype: str | None = None,
     base: str | os.PathLike[str] | None = None,
     base_model: str | None = None,
+    base_config: str | os.PathLike[str] | None = None,
     force: bool = False,
+    origins: Mapping[str, str] | None = None,
 ) -> ConvertReport:
+    """Read, convert, and write atomically. ``base``: the base model (a local folder or file) whose names resolve
+    kohya's and whose config.json a GGUF export reads; ``base_config``: that config.json alone, when there is no
+    ``base`` (the CLI fetches it from the Hub, as llama.cpp's converter does). ``origins``: the name the provenance
+    record gives a source fetched from the Hub (see ``provenance.record``)."""
     from ..formats import input_files
     from ..io.atomic import check_output
 
     args.path(source, "source")
     args.path(out, "out")
     args.optional_path(base, "base")
+    args.optional_path(base_config, "base_config")
+    origins = provenance.check_origins(origins)
     args.flag(force, "force")
     check_args(to, rank, energy, alpha_mode, dtype, base_model)
     check_output(out, force=force, inputs=input_files(source))
@@ -280,7 +289,7 @@ def convert(
 
         base_names = list(layout_of(base).names())
     if to == "gguf":
-        hparams = _hparams(Path(base)) if base is not None else _hub_hparams(base_model or adapter.base_model)
+        hparams = _hparams(Path(base)) if base is not None else _config(Path(base_config)) if base_config else None
     rep = ConvertReport(str(source), None, adapter.format, to)
     if to == "gguf":
         _drop_unchanged_base_layers(adapter, base, rep)
@@ -289,7 +298,7 @@ def convert(
         base_model=base_model, report=rep,
     )  # fmt: skip
     converted.metadata[provenance.KEY] = provenance.record(
-        "convert", [(str(source), adapter.format)], to=to, rank=rank, energy=energy, dtype=dtype,
+        "convert", [(str(source), adapter.format)], origins=origins, to=to, rank=rank, energy=energy, dtype=dtype,
         alpha_mode=alpha_mode,
     )  # fmt: skip
     if to == "kohya":
@@ -346,14 +355,16 @@ def _kohya_metadata(out: Adapter, source: Adapter) -> None:
         out.metadata.setdefault("ss_sd_model_name", out.base_model)
 
 
-def _hub_hparams(model_id: str | None) -> dict[str, Any] | None:
-    """The base model's config.json from the Hub (that one file), when the adapter names a Hub model and no
-    --base is given, as llama.cpp's converter does."""
-    from .. import hub
+def reads_base_weights(source: str | os.PathLike[str], to: str) -> bool:
+    """Whether converting ``source`` to ``to`` reads tensor data of ``base`` besides its names and config: a GGUF
+    export of an adapter holding saved base layers (PEFT's ``base_layer`` copies) compares them with the base's own.
+    The CLI asks, to fetch a Hub base whole only then (a header-only view otherwise)."""
+    if to != "gguf":
+        return False
+    from ..formats import gguf
 
-    if not model_id or not hub.is_repo_id(model_id):
-        return None
-    return _hparams(hub.fetch(f"{model_id}/config.json", kind="file", progress=False))
+    gguf.require()  # the optional package first, as convert itself checks it before reading anything
+    return any(e.role == "base_layer" for e in load_adapter(source).extras.values())
 
 
 #: the most bytes a base config.json may have (real ones are a few KB; a vision-language config a few hundred)
@@ -362,12 +373,15 @@ MAX_CONFIG_BYTES = 4 << 20
 
 def _hparams(base: Path) -> dict[str, Any] | None:
     """The base model's config.json beside ``base`` (a folder, or a file in one); None when there is none."""
-    from ..io import jsonfile
-
     folder = base if base.is_dir() else base.parent
     cfg = folder / "config.json"
-    if not cfg.exists():
-        return None
+    return _config(cfg) if cfg.exists() else None
+
+
+def _config(cfg: Path) -> dict[str, Any]:
+    """A base model's config.json."""
+    from ..io import jsonfile
+
     # the one JSON reader: size and depth limits, duplicate keys refused (transformers writes NaN/Infinity)
     value = jsonfile.load(cfg, what="model config", nonfinite=True, limit=MAX_CONFIG_BYTES)
     if not isinstance(value, dict):

@@ -19,7 +19,7 @@ import shutil
 import struct
 import sys
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import Future
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -849,9 +849,11 @@ def merge(
     force: bool = False,
     progress: Callable[[int, int, int, int], Progress] | None = None,
     report_path: str | os.PathLike[str] | None = None,
+    origins: Mapping[str, str] | None = None,
 ) -> MergeReport:
     """Merge ``adapters`` into ``base``, writing ``out`` atomically in the base's layout, and the numerical
-    report to ``report_path`` (``.json`` or ``.html``) if given: both appear, or neither does.
+    report to ``report_path`` (``.json`` or ``.html``) if given: both appear, or neither does. ``origins``: the
+    names the provenance record gives adapters fetched from the Hub (see ``provenance.record``).
 
     ``progress(total_bytes, total_tensors, ...)`` may return a callback advanced by (bytes, tensors).
     """
@@ -859,6 +861,7 @@ def merge(
 
     if not adapters:
         raise LoratoolsError("merge needs at least one adapter")
+    origins = provenance.check_origins(origins)
     weights = weights if weights is not None else [1.0] * len(adapters)
     if len(weights) != len(adapters):
         raise LoratoolsError(f"{len(weights)} weight(s) for {len(adapters)} adapter(s)", "give one weight per adapter")
@@ -884,7 +887,11 @@ def merge(
     total_tensors = sum(len(wf.header.tensors) for wf in layout.files)
     tick = progress(layout.total_bytes, total_tensors, 0, 0) if progress else None
     record = provenance.record(
-        "merge", [(str(a), ad.format) for a, ad in zip(adapters, loaded, strict=True)], weights=weights, dtype=dtype
+        "merge",
+        [(str(a), ad.format) for a, ad in zip(adapters, loaded, strict=True)],
+        origins=origins,
+        weights=weights,
+        dtype=dtype,
     )
     # from here on threads hand work to each other: a Ctrl-C waits for the next checkpoint (between chunks)
     with torch.no_grad(), critical(), stage(force=force, inputs=inputs) as outputs, _threads(dev) as pool:

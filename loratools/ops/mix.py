@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
@@ -224,12 +225,15 @@ def mix(
     strict: bool = False,
     force: bool = False,
     progress: Progress | None = None,
+    origins: Mapping[str, str] | None = None,
 ) -> MixReport:
-    """Read, mix, and write atomically. The default method is ``cat`` without ``rank``, ``svd`` with it."""
+    """Read, mix, and write atomically. The default method is ``cat`` without ``rank``, ``svd`` with it.
+    ``origins``: the names the provenance record gives sources fetched from the Hub (see ``provenance.record``)."""
     from ..formats import input_files
     from ..io.atomic import check_output
 
     sources = args.path_list(sources, "sources")
+    origins = provenance.check_origins(origins)
     args.path(out, "out")
     args.choice(to, "format", FORMATS)
     args.flag(force, "force")
@@ -243,6 +247,7 @@ def mix(
     mixed.metadata[provenance.KEY] = provenance.record(
         "mix",
         [(str(s), a.format) for s, a in zip(sources, adapters, strict=True)],
+        origins=origins,
         method=method,
         weights=weights,
         rank=rank,

@@ -7,11 +7,13 @@ import hashlib
 import json
 import math
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from ..errors import LoratoolsError
+from ..errors import LoratoolsError, UsageError
 from ..io import jsonfile
+from ..version import __version__
 
 KEY = "loratools"
 
@@ -36,19 +38,33 @@ def sha256(path: str | os.PathLike[str]) -> str:
     return h.hexdigest()
 
 
-def record(command: str, inputs: list[tuple[str, str]], **params: Any) -> str:
-    """JSON for the header: ``inputs`` are (source, format) pairs."""
-    from .. import __version__
-
+def record(
+    command: str, inputs: list[tuple[str, str]], *, origins: Mapping[str, str] | None = None, **params: Any
+) -> str:
+    """JSON for the header: ``inputs`` are (source, format) pairs; ``origins`` names the inputs that are not what
+    their local path says (a Hub repo id fetched into a cache path: ``{path: "owner/name@rev"}``), as the CLI
+    resolved them."""
     entry: dict[str, Any] = {"tool": "loratools", "version": __version__, "command": command}
     entry.update({k: v for k, v in params.items() if v is not None})
-    from ..hub import origin
-
+    names = origins or {}
     # a Hub input is recorded by its repo id, not by the cache path it was downloaded to
     entry["inputs"] = [
-        {"source": origin(src) or str(src), "format": fmt, "sha256": sha256(weights_file(src))} for src, fmt in inputs
+        {"source": names.get(str(src)) or str(src), "format": fmt, "sha256": sha256(weights_file(src))}
+        for src, fmt in inputs
     ]
     return json.dumps(entry, sort_keys=True)
+
+
+def check_origins(value: Any) -> Mapping[str, str] | None:
+    """The ``origins`` argument of an operation (see :func:`record`), checked before any work: None, or a mapping of
+    local path to the name it is recorded under."""
+    if value is None:
+        return None
+    if not isinstance(value, Mapping) or not all(isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
+        raise UsageError(
+            f"origins must map local paths (str) to the names they are recorded under (str), not {value!r:.80}"
+        )
+    return value
 
 
 def parse(metadata: dict[str, str]) -> dict[str, Any] | None:

@@ -5,6 +5,7 @@ a module already at or below the target is kept exactly."""
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -124,12 +125,16 @@ def resize(
     device: str | None = None,
     force: bool = False,
     progress: Progress | None = None,
+    origins: Mapping[str, str] | None = None,
 ) -> ResizeReport:
+    """Read, resize, and write atomically. ``origins``: the name the provenance record gives a source fetched from
+    the Hub (see ``provenance.record``)."""
     from ..formats import input_files
     from ..io.atomic import check_output
 
     args.path(source, "source")
     args.path(out, "out")
+    origins = provenance.check_origins(origins)
     args.choice(to, "format", FORMATS)
     args.flag(force, "force")
     rank, energy = check_args(rank, energy, dtype, device, progress)
@@ -138,7 +143,7 @@ def resize(
     adapter = load_adapter(source)
     resized, report = resize_adapter(adapter, rank, energy, dtype=dtype, device=device, progress=progress)
     resized.metadata[provenance.KEY] = provenance.record(
-        "resize", [(str(source), adapter.format)], rank=rank, energy=energy, dtype=dtype
+        "resize", [(str(source), adapter.format)], origins=origins, rank=rank, energy=energy, dtype=dtype
     )
     fmt = to or resized.format
     written = save_adapter(resized, out, fmt, force=force)
