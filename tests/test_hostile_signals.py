@@ -301,3 +301,26 @@ def test_a_signal_inside_a_hand_off_waits_for_the_next_checkpoint(
                 says="no output was left behind", seconds=20)  # fmt: skip
     assert calls["raised"] and os.listdir(tmp_path) == []
     assert threading.active_count() <= threads
+
+
+def test_a_stop_inside_a_folder_output_names_nothing_written(
+    world: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A PEFT folder's weights file is committed inside the folder's temp; a stop right after it must still say
+    that nothing was left behind (the folder never got its name)."""
+    from loratools.io import safetensors as st
+
+    real = st.write_safetensors
+
+    def write(*a: Any, **k: Any) -> None:
+        real(*a, **k)
+        raise KeyboardInterrupt  # after the inner file's commit, before the folder's
+
+    monkeypatch.setattr(st, "write_safetensors", write)
+    import loratools.formats.peft as peft_mod
+
+    monkeypatch.setattr(peft_mod, "write_safetensors", write)
+    out = tmp_path / "out"
+    hostile.run([*commands(world)["resize"], "-o", out], inputs=list(world.values()), code=130, out=out,
+                says="no output was left behind")  # fmt: skip
+    assert os.listdir(tmp_path) == []

@@ -217,6 +217,8 @@ def _make_folder(p: Path) -> None:
 
 #: outputs committed in this process (the CLI tells a stop after an output was written from one before)
 COMMITTED: list[Path] = []
+#: temp folders being filled: an output committed inside one is part of a larger output, not one of its own
+_FILLING: set[Path] = set()
 
 
 def _remove(p: Path) -> None:
@@ -325,6 +327,8 @@ class Stage:
                 except BaseException:
                     self.items.remove(item)
                     raise
+                if folder:
+                    _FILLING.add(tmp)
                 return tmp
 
     def commit(self) -> None:
@@ -341,7 +345,8 @@ class Stage:
                 if item.old is not None:
                     _remove(item.old)
             parents = {item.target.parent for item in self.items}
-            COMMITTED.extend(item.target for item in self.items)
+            COMMITTED.extend(i.target for i in self.items if not any(i.target.is_relative_to(f) for f in _FILLING))
+            _FILLING.difference_update(i.tmp for i in self.items)
             self.items = []
         for parent in parents:  # the new names are on disk too
             _fsync(parent)
@@ -399,6 +404,7 @@ class Stage:
 
     def abort(self) -> None:
         with critical():
+            _FILLING.difference_update(i.tmp for i in self.items)
             for item in self.items:
                 if not item.placed:
                     _remove(item.tmp)
