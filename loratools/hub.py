@@ -241,7 +241,7 @@ def deadline() -> float:
 def _api(env: HubEnv) -> HfApi:
     from huggingface_hub import HfApi
 
-    from . import __version__
+    from .version import __version__
 
     return HfApi(endpoint=env.endpoint, token=env.token or False, library_name="loratools", library_version=__version__)
 
@@ -1001,7 +1001,7 @@ def listing(repo_id: str, revision: str | None = None, env: HubEnv | None = None
     from huggingface_hub import get_session, hf_raise_for_status
     from huggingface_hub.utils import build_hf_headers  # type: ignore[attr-defined]
 
-    from . import __version__
+    from .version import __version__
 
     env = env or environment()
     rev = revision or DEFAULT_REVISION
@@ -1049,7 +1049,7 @@ def _fetch(arg: str, revision: str | None, kind: Kind, progress: bool, local: st
     seconds = deadline()
     from huggingface_hub import hf_hub_download
 
-    from . import __version__
+    from .version import __version__
 
     current: str | None = None
     snapshot: Path | None = None

@@ -71,10 +71,10 @@ def mix_cmd(
         refuse("--method svd needs --rank K (or --method cat, which is exact)")
     if method in ("cat", "linear") and rank is not None:
         refuse(f"--rank applies to --method svd, not {method}: leave out --rank, or use --method svd")
-    with progress_bar("mixing modules") as tick:
+    with progress_bar("mixing modules") as progress:
         report = mix(
             [local(s, revision) for s in sources], out, weights, method, rank,  # type: ignore[arg-type]
-            to=to, dtype=dtype, device=device, strict=strict, force=force, progress=tick,
+            to=to, dtype=dtype, device=device, strict=strict, force=force, progress=progress,
         )  # fmt: skip
     for w in report.warnings:
         warn(w)

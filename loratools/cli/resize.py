@@ -56,10 +56,11 @@ def resize_cmd(
     from ..ops.resize import resize
 
     one_of("--rank", rank, "--energy", energy)
-    with progress_bar("resizing modules") as tick:
+    with progress_bar("resizing modules") as progress:
         report = resize(
-            local(source, revision), out, rank, energy, to=to, dtype=dtype, device=device, force=force, progress=tick
-        )
+            local(source, revision), out, rank, energy, to=to, dtype=dtype, device=device, force=force,
+            progress=progress,
+        )  # fmt: skip
     if as_json:
         print_json(report.to_dict())
         return

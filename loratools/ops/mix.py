@@ -21,12 +21,12 @@ from typing import Any, Literal
 from ..errors import IncompatibleAdaptersError, LoratoolsError, ShapeError, UsageError
 from ..formats import FORMATS, load_adapter, save_adapter
 from ..formats.kohya import kohya_name
+from ..io.progress import Progress
 from ..model import Adapter, Module, rows
 from . import args, provenance
 from .linalg import lowrank_svd
 from .lowrank import (
     DTYPES,
-    Progress,
     check_dense_all,
     factors,
     lora_module,
@@ -150,6 +150,7 @@ def mix_adapters(
         values = {a.metadata.get(key) for a in adapters}
         if len(values) == 1 and None not in values:
             out.metadata[key] = values.pop()  # type: ignore[assignment]
+    tick = progress(len(order)) if progress else None
     for parts in order.values():
         template = parts[0][1]
         shape = template.weight_shape()
@@ -186,8 +187,8 @@ def mix_adapters(
         module = lora_module(template, up, down, target)
         out.modules[template.name] = module
         report.modules.append(MixedModule(template.name, len(parts), up.shape[1], energy))
-        if progress:
-            progress(template.name)
+        if tick:
+            tick()
     return out, report
 
 

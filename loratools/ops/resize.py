@@ -10,12 +10,12 @@ from typing import Any
 
 from ..errors import UsageError
 from ..formats import FORMATS, load_adapter, save_adapter
+from ..io.progress import Progress
 from ..model import Adapter
 from . import args, provenance
-from .linalg import lowrank_svd
+from .linalg import lowrank_svd, rank_for_energy
 from .lowrank import (
     DTYPES,
-    Progress,
     check_dense_all,
     factors,
     lora_module,
@@ -81,14 +81,15 @@ def resize_adapter(
     )
     report = ResizeReport(None, adapter.format, rank, energy)
     check_dense_all(adapter.modules.values())  # before any work: headers only
+    tick = progress(len(adapter.modules)) if progress else None
     for name, m in adapter.modules.items():
         old = m.rank
         plain = m.is_two_factor()
         if plain and rank is not None and old is not None and old <= rank and dtype is None:
             out.modules[name] = m
             report.modules.append(ResizedModule(name, old, old, 1.0, True))
-            if progress:
-                progress(name)
+            if tick:
+                tick()
             continue
         up, down = factors(m, dev, work)
         svd = lowrank_svd(up, down)
@@ -98,9 +99,7 @@ def resize_adapter(
             k = min(rank, n)
         else:
             assert energy is not None
-            # smallest k whose cumulative energy reaches F (a hair of slack for the rounding of the sum)
-            k = int((cum < energy - 1e-12).sum().item()) + 1
-            k = min(max(k, 1), n)
+            k = rank_for_energy(svd.s, energy)
         if plain and old is not None and k >= old and dtype is None:
             out.modules[name] = m
             report.modules.append(ResizedModule(name, old, old, 1.0, True))
@@ -108,8 +107,8 @@ def resize_adapter(
             refuse_dora(m, "re-compressing it")
             out.modules[name] = lora_module(m, *svd.truncate(k), stored_dtype(m, dtype))
             report.modules.append(ResizedModule(name, old, k, float(cum[k - 1]), False))
-        if progress:
-            progress(name)
+        if tick:
+            tick()
     return out, report
 
 
