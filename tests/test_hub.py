@@ -399,9 +399,7 @@ def test_fetch_at_a_revision(server: HubServer) -> None:
     assert hub.fetch("someone/llama-lora").parts[-1] == repo.refs["main"]
     v1 = hub.fetch("someone/llama-lora", revision="v1")
     assert v1.parts[-1] == old
-    assert (
-        inspect(v1, norms=False).num_params == inspect(FIXTURES / "peft_llama", norms=False).num_params
-    )
+    assert inspect(v1, norms=False).num_params == inspect(FIXTURES / "peft_llama", norms=False).num_params
     with pytest.raises(HubError, match="has no revision 'nope'"):
         hub.fetch("someone/llama-lora", revision="nope")
 

@@ -11,12 +11,10 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import FileFormatError, ShapeError, UnknownKeysError
-from ..io.pickle import TORCH_SUFFIXES, is_torch_pickle
+from ..io.pickle import is_torch_pickle
 from ..io.safetensors import Header, read_header, shown
 from ..model import PROVENANCE_KEY, Adapter, Module, ModuleKind, TensorRef
 
-#: what ``open_raw`` reads as a (torch) pickle: the torch view of io.pickle's one table, under its old name
-PICKLE_SUFFIXES = TORCH_SUFFIXES
 SHARED_ROLES = ("alpha", "magnitude", "bias")
 
 

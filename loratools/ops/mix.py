@@ -105,8 +105,8 @@ def check_args(
 
 def mix_adapters(
     adapters: list[Adapter],
-    weights: list[float],
-    method: Method = "cat",
+    weights: list[float] | None = None,
+    method: Method | None = None,
     rank: int | None = None,
     *,
     dtype: str | None = None,
@@ -114,7 +114,8 @@ def mix_adapters(
     strict: bool = False,
     progress: Progress | None = None,
 ) -> tuple[Adapter, MixReport]:
-    """The weighted combination of ``adapters`` as a new adapter (format and naming of the first)."""
+    """The weighted combination of ``adapters`` (1 each by default) as a new adapter, in the format and naming of
+    the first, and its report. The default method is ``cat`` (exact) without ``rank``, ``svd`` with it."""
     import torch
 
     if not isinstance(adapters, (list, tuple)) or not all(isinstance(a, Adapter) for a in adapters):

@@ -68,6 +68,9 @@ def resize_adapter(
     device: str | None = None,
     progress: Progress | None = None,
 ) -> tuple[Adapter, ResizeReport]:
+    """``adapter`` re-compressed to ``rank``, or per module to the smallest rank keeping ``energy`` of its delta's
+    Frobenius energy (give one of the two), and the report. A plain LoRA module already at or below the target is
+    kept exactly; DoRA modules that would need truncating are refused."""
     if not isinstance(adapter, Adapter):
         raise UsageError(f"adapter must be an Adapter (loratools.load_adapter gives one), not {type(adapter).__name__}")
     rank, energy = check_args(rank, energy, dtype, device, progress)
@@ -124,6 +127,8 @@ def resize(
     force: bool = False,
     progress: Progress | None = None,
 ) -> ResizeReport:
+    """Read ``source``, resize it (:func:`resize_adapter`) and write the result to ``out`` atomically, in the
+    source's format or ``to``."""
     from ..formats import input_files
     from ..io.atomic import check_output
 

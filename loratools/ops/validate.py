@@ -10,9 +10,10 @@ from typing import Any, Literal
 
 from ..errors import FileFormatError, HeaderError, LoratoolsError, UnsafePickleError
 from ..formats import FORMATS, adapter_file, detect, load_adapter, patterns, peft
-from ..formats.common import PICKLE_SUFFIXES, open_raw
+from ..formats.common import open_raw
 from ..io.checkpoint import BaseTensor, base_tensors
 from ..io.digest import file_sha256
+from ..io.pickle import TORCH_SUFFIXES
 from ..model import Adapter, Module, TensorRef
 from . import args
 
@@ -180,7 +181,7 @@ def _damage(source: str | os.PathLike[str], e: LoratoolsError) -> tuple[str, str
 
 
 def _named_as_weights(p: Path) -> bool:
-    return p.suffix.lower() in (".safetensors", *PICKLE_SUFFIXES)
+    return p.suffix.lower() in (".safetensors", *TORCH_SUFFIXES)
 
 
 def _check_module(m: Module, adapter: Adapter, add: Any) -> None:
