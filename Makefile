@@ -46,6 +46,7 @@ lint: setup
 	$(VENV)/bin/ruff check loratools tests fixtures $(wildcard benchmarks)
 	$(VENV)/bin/ruff format --check loratools tests
 	$(VENV)/bin/mypy loratools
+	$(VENV)/bin/lint-imports
 
 # the long run: every slow case (the whole hostile battery, 2000 fuzz examples, 20 kill points per command and
 # signal), then the figures of docs/reliability.md

@@ -313,3 +313,27 @@ def test_json_is_valid_for_every_outcome(tmp_path: Path) -> None:
             assert isinstance(json.loads(r.stdout), dict), args  # one document, nothing else on stdout
         else:
             assert r.stdout == "" and r.stderr.startswith("Error: "), (args, r.stdout, r.stderr)
+
+
+def test_progress_bars_on_a_terminal(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mf: object) -> None:
+    """On a terminal the one bar builder draws what the library reports (modules for mix, bytes and tensors for
+    merge), and takes the bar down when the command ends: the result is the same as without a terminal."""
+    import io
+
+    from loratools.cli import output
+
+    screen = io.StringIO()
+    console = output.SafeConsole(file=screen, force_terminal=True, width=120)
+    monkeypatch.setattr(output, "_err", lambda: console)
+    code, out, _ = run(
+        "mix", str(FIXTURES / "peft_llama"), str(FIXTURES / "peft_llama_patterns"), "-o", str(tmp_path / "m")
+    )
+    assert code == 0 and "wrote" in out
+    assert "mixing modules" in screen.getvalue()
+    mf.tiny_llama().save_pretrained(tmp_path / "base")  # type: ignore[attr-defined]
+    code, out, _ = run("merge", str(tmp_path / "base"), str(FIXTURES / "peft_llama"), "-o", str(tmp_path / "merged"))
+    assert code == 0 and "8 tensors merged" in out
+    assert "merging" in screen.getvalue() and "tensors" in screen.getvalue()
+    # a bar left running would make the next one fail (rich allows one live display per console)
+    code, _, _ = run("resize", str(FIXTURES / "peft_llama"), "--rank", "2", "-o", str(tmp_path / "r"))
+    assert code == 0 and "resizing modules" in screen.getvalue()

@@ -22,7 +22,7 @@ from loratools.errors import UsageError
 from loratools.ops.convert import convert, convert_adapter
 from loratools.ops.diff import diff, plan_diff
 from loratools.ops.extract import extract, extract_adapter
-from loratools.ops.inspect import inspect_adapter
+from loratools.ops.inspect import inspect
 from loratools.ops.mix import mix, mix_adapters
 from loratools.ops.resize import resize, resize_adapter
 from loratools.ops.validate import validate
@@ -138,10 +138,10 @@ CASES: dict[str, tuple[Callable[..., Any], tuple[Any, ...], dict[str, Any], str]
     "validate-strict-str": (validate, (A,), {"strict": "yes"}, "strict must be True or False"),
     "validate-base-empty": (validate, (A,), {"base": ""}, "base is an empty path"),
     # inspect
-    "inspect-source-none": (inspect_adapter, (None,), {}, "source must be a path (str or os.PathLike), not None"),
-    "inspect-source-bytes": (inspect_adapter, (b"fixtures/peft_llama",), {}, "not bytes"),
-    "inspect-format-gguf": (inspect_adapter, (A, "gguf"), {}, "unknown format 'gguf'"),
-    "inspect-norms-str": (inspect_adapter, (A,), {"norms": "no"}, "norms must be True or False"),
+    "inspect-source-none": (inspect, (None,), {}, "source must be a path (str or os.PathLike), not None"),
+    "inspect-source-bytes": (inspect, (b"fixtures/peft_llama",), {}, "not bytes"),
+    "inspect-format-gguf": (inspect, (A, "gguf"), {}, "unknown format 'gguf'"),
+    "inspect-norms-str": (inspect, (A,), {"norms": "no"}, "norms must be True or False"),
 }
 
 

@@ -28,7 +28,7 @@ from loratools import hub, load_adapter
 from loratools.cli import Group
 from loratools.cli.push import publish, push_cmd
 from loratools.errors import FileFormatError, HubError, LoratoolsError
-from loratools.ops.inspect import inspect_adapter
+from loratools.ops.inspect import inspect
 
 no_internet, hf_env, server = hubserver.no_internet, hubserver.hf_env, hubserver.server  # the shared fixtures
 set_env = hubserver.set_env
@@ -301,7 +301,7 @@ def test_inspect_by_repo_id_downloads_only_the_adapter(server: HubServer, hf_env
     assert path.is_relative_to(hf_env / "hub" / "models--someone--llama-lora" / "snapshots")
     assert sorted(server.downloads("someone/llama-lora")) == ["adapter_config.json", "adapter_model.safetensors"]
     assert tree(path) == files
-    got, want = inspect_adapter(path), inspect_adapter(FIXTURES / "peft_llama")
+    got, want = inspect(path), inspect(FIXTURES / "peft_llama")
     assert (got.format, got.num_params, got.base_model) == (want.format, want.num_params, want.base_model)
     assert [(m.name, m.rank, m.norm) for m in got.modules] == [(m.name, m.rank, m.norm) for m in want.modules]
     server.log.clear()
@@ -318,12 +318,12 @@ def test_fetch_a_file_in_a_repo(server: HubServer) -> None:
     path = hub.fetch("someone/sd/loras/style.safetensors")
     assert path.name == "style.safetensors" and path.read_bytes() == kohya
     assert server.downloads("someone/sd") == ["loras/style.safetensors"]
-    assert inspect_adapter(path, norms=False).format == "kohya"
+    assert inspect(path, norms=False).format == "kohya"
     with pytest.raises(FileFormatError, match=r"someone/sd/loras holds 2 .safetensors files") as e:
         hub.fetch("someone/sd/loras")
     assert e.value.hint == "name one: someone/sd/loras/other.safetensors"
     server.add_repo("someone/diff", {"pytorch_lora_weights.safetensors": (FIXTURES / "diffusers_sd" / "pytorch_lora_weights.safetensors").read_bytes(), "x.safetensors": b"0"})  # fmt: skip
-    assert inspect_adapter(hub.fetch("someone/diff"), norms=False).format == "diffusers"
+    assert inspect(hub.fetch("someone/diff"), norms=False).format == "diffusers"
     assert server.downloads("someone/diff") == ["pytorch_lora_weights.safetensors"]
 
 
@@ -401,9 +401,7 @@ def test_fetch_at_a_revision(server: HubServer) -> None:
     assert hub.fetch("someone/llama-lora").parts[-1] == repo.refs["main"]
     v1 = hub.fetch("someone/llama-lora", revision="v1")
     assert v1.parts[-1] == old
-    assert (
-        inspect_adapter(v1, norms=False).num_params == inspect_adapter(FIXTURES / "peft_llama", norms=False).num_params
-    )
+    assert inspect(v1, norms=False).num_params == inspect(FIXTURES / "peft_llama", norms=False).num_params
     with pytest.raises(HubError, match="has no revision 'nope'"):
         hub.fetch("someone/llama-lora", revision="nope")
 
@@ -523,7 +521,7 @@ def test_offline_with_a_warm_cache_works(server: HubServer, silent_port: str, mo
     assert hub.fetch("someone/llama-lora") == warm
     assert hub.fetch("someone/llama-lora", revision=warm.name) == warm  # by commit
     assert time.monotonic() - start < 5
-    assert inspect_adapter(warm, norms=False).num_modules == 8
+    assert inspect(warm, norms=False).num_modules == 8
     with pytest.raises(HubError, match="not in the cache"):
         hub.fetch("someone/llama-lora", revision="v2")
     with pytest.raises(HubError, match="has no file or folder base2"):

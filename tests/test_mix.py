@@ -266,10 +266,10 @@ def test_peft_loads_a_cat_mix_with_the_logits_of_its_own_cat(tmp_path: Path) -> 
 
 
 def test_inspect_spectrum_matches_dense_singular_values() -> None:
-    from loratools.ops.inspect import inspect_adapter
+    from loratools.ops.inspect import inspect
 
     for fx in ("peft_llama_patterns", "lycoris_lokr.safetensors", "kohya_sd/lora.safetensors"):
-        rep = inspect_adapter(FIXTURES / fx, spectra=True)
+        rep = inspect(FIXTURES / fx, spectra=True)
         a = load_adapter(FIXTURES / fx)
         for mi in rep.modules:
             assert mi.spectrum is not None

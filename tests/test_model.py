@@ -151,3 +151,49 @@ def test_norm_from_gram_equals_dense_norm(r: int, o: int, i: int, alpha: float, 
     dense = float(m.delta(dtype=torch.float64).norm())
     assert m.delta_norm() == pytest.approx(dense, rel=1e-9, abs=1e-12)
     assert m.scale == pytest.approx(alpha / (math.sqrt(r) if rslora else r))
+
+
+def test_header_only_shape_rules_need_no_tensors() -> None:
+    """The shape rules work on shapes alone (no TensorRef, no data): what Module.check and delta_shape use."""
+    from loratools.model.shapes import delta_shape, factor_problems
+
+    assert factor_problems("lora", {"down": (4, 10), "up": (6, 4)}) == []
+    assert delta_shape("lora", {"down": (4, 10), "up": (6, 4)}) == (6, 10)
+    assert delta_shape("lokr", {"w1": (2, 3), "w2a": (4, 2), "w2b": (2, 5)}) == (8, 15)
+    assert factor_problems("loha", {"w1a": (6, 2)})[0].startswith("missing factor(s)")
+    assert "rank mismatch" in factor_problems("lora", {"down": (3, 5), "up": (4, 2)})[0]
+    # the same answer as the module built on those shapes
+    m = lora(torch.randn(3, 5), torch.randn(4, 2))
+    assert m.check() == factor_problems("lora", {"down": (3, 5), "up": (4, 2)})
+
+
+def test_the_model_package_keeps_its_names() -> None:
+    """``from loratools.model import ...`` gives what the readers, writers and operations import, each defined once
+    in the module of its job; the package root re-exports the public types."""
+    import loratools
+    import loratools.model as model
+    from loratools.model import adapter, delta, module, shapes, tensors
+
+    for name, home in [
+        ("Adapter", adapter), ("Extra", adapter), ("target_kind", adapter), ("PROVENANCE_KEY", adapter),
+        ("Module", module), ("Layer", module), ("ModuleKind", shapes), ("FACTORS", shapes), ("LOKR_KEYS", shapes),
+        ("TensorRef", tensors), ("DTYPE_SIZES", tensors), ("dtype_name", tensors), ("torch_dtype", tensors),
+        ("rows", delta), ("max_delta", delta), ("MAX_DELTA_ENV", delta),
+    ]:  # fmt: skip
+        assert getattr(model, name) is getattr(home, name), name
+    assert loratools.Module is model.Module and loratools.Adapter is model.Adapter
+    assert not hasattr(loratools, "LoraModule")  # one type, one name
+
+
+def test_component_tables_agree() -> None:
+    """One table of diffusers components and kohya prefixes: the writer's prefix of each component is the first
+    kohya prefix that names it, and every kohya component is a diffusers component."""
+    from loratools.model.components import COMPONENT_KOHYA, COMPONENT_RE, COMPONENTS, KOHYA_COMPONENTS
+
+    assert COMPONENT_KOHYA == {
+        "unet": "lora_unet_", "transformer": "lora_transformer_", "text_encoder": "lora_te_",
+        "text_encoder_2": "lora_te2_", "text_encoder_3": "lora_te3_", "": "lycoris_",
+    }  # fmt: skip
+    assert {c for c in KOHYA_COMPONENTS.values() if c} <= set(COMPONENTS)
+    assert all(COMPONENT_RE.match(f"{c}.x") for c in COMPONENTS)
+    assert not COMPONENT_RE.match("text_encoder_22.x") and not COMPONENT_RE.match("unetx.y")

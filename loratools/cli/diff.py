@@ -68,8 +68,8 @@ def diff_cmd(
     with could_not_compare():
         a, b = fetch_if_remote(a, revision, kind), fetch_if_remote(b, revision, kind)
         plan = plan_diff(a, b, mode)  # type: ignore[arg-type]
-        with progress_bar("comparing", len(plan.pairs)) as tick:
-            rep = plan.run(atol, rtol, progress=tick)
+        with progress_bar("comparing") as progress:
+            rep = plan.run(atol, rtol, progress=progress)
     if as_json:
         print_json(rep.to_dict())
     else:

@@ -1,7 +1,5 @@
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Callable
 from typing import Any
 
 import click
@@ -92,15 +90,11 @@ def extract_cmd(
     one_of("--rank", rank, "--energy", energy)
     if max_rank is not None and rank is not None:
         refuse("--max-rank caps the ranks --energy picks; with --rank it has no use")
-    with contextlib.ExitStack() as stack:
-
-        def bar(total: int) -> Callable[[str], None]:
-            return stack.enter_context(progress_bar("extracting", total))
-
+    with progress_bar("extracting") as progress:
         report = extract(
             fetch_if_remote(base, None, "checkpoint"), fetch_if_remote(tuned, None, "checkpoint"), out, rank, energy, max_rank=max_rank, to=to, dtype=dtype, device=device,
             include=include, exclude=exclude, embeddings=embeddings, base_model=base_model, force=force,
-            progress=bar,
+            progress=progress,
         )  # fmt: skip
     for w in report.warnings:
         warn(w)

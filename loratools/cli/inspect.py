@@ -41,12 +41,12 @@ def inspect_cmd(
       loratools inspect fixtures/kohya_sd/lora.safetensors --json
       loratools inspect fixtures/peft_llama_patterns --spectrum
     """
-    from ..ops.inspect import inspect_adapter
+    from ..ops.inspect import inspect
 
     if fast and spectrum:
         raise click.UsageError("--spectrum reads the tensors; it cannot go with --fast")
     source = fetch_if_remote(source, revision, headers_only=fast)
-    rep = inspect_adapter(source, fmt, norms=not fast, spectra=spectrum)
+    rep = inspect(source, fmt, norms=not fast, spectra=spectrum)
     if as_json:
         print_json(rep.to_dict())
         return

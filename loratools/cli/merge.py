@@ -6,11 +6,11 @@ import click
 
 from .output import (
     dtype_option,
-    err_console,
     fetch_if_remote,
     json_option,
     out_console,
     print_json,
+    progress_bar,
     revision_option,
     warn,
 )
@@ -70,63 +70,17 @@ def merge_cmd(
     origins: dict[str, str] = {}
     base = fetch_if_remote(base, revision, "checkpoint")
     adapters = tuple(fetch_if_remote(a, None, origins=origins) for a in adapters)
-    factory = _progress_factory()
-    try:
+    with progress_bar("merging") as progress:
         report = merge(
             base, list(adapters), out, weights, device=device, dtype=dtype,
-            force=force, progress=factory, report_path=report_path, origins=origins,
+            force=force, progress=progress, report_path=report_path, origins=origins,
         )  # fmt: skip
-    finally:
-        if factory is not None:
-            factory.stop()  # also when the merge fails: the terminal gets its cursor back
     for w in report.warnings:
         warn(w)
     if as_json:
         print_json(report.to_dict())
     else:
         _print(report, show_all)
-
-
-def _progress_factory() -> Any:
-    con = err_console()
-    if not con.is_terminal:
-        return None
-    from rich.progress import (
-        BarColumn,
-        DownloadColumn,
-        Progress,
-        TextColumn,
-        TimeRemainingColumn,
-        TransferSpeedColumn,
-    )
-
-    state: dict[str, Any] = {}
-
-    def factory(total_bytes: int, total_tensors: int, *_: int) -> Any:
-        bar = Progress(
-            TextColumn("merging"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
-            TextColumn("{task.fields[tensors]}/" + str(total_tensors) + " tensors"), TimeRemainingColumn(),
-            console=con, transient=True,
-        )  # fmt: skip
-        bar.start()
-        state["bar"] = bar
-        task = bar.add_task("merge", total=total_bytes, tensors=0)
-        state["done"] = 0
-
-        def tick(nbytes: int, ntensors: int) -> None:
-            state["done"] += ntensors
-            bar.update(task, advance=nbytes, tensors=state["done"])
-            if bar.finished and state["done"] >= total_tensors:
-                bar.stop()
-
-        return tick
-
-    def stop() -> None:
-        if "bar" in state:
-            state["bar"].stop()
-
-    factory.stop = stop  # type: ignore[attr-defined]
-    return factory
 
 
 def _print(report: Any, show_all: bool) -> None:

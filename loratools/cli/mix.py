@@ -73,10 +73,10 @@ def mix_cmd(
         refuse(f"--rank applies to --method svd, not {method}: leave out --rank, or use --method svd")
     origins: dict[str, str] = {}
     paths = [fetch_if_remote(s, revision, origins=origins) for s in sources]
-    with progress_bar("mixing modules") as tick:
+    with progress_bar("mixing modules") as progress:
         report = mix(
             paths, out, weights, method, rank,  # type: ignore[arg-type]
-            to=to, dtype=dtype, device=device, strict=strict, force=force, progress=tick, origins=origins,
+            to=to, dtype=dtype, device=device, strict=strict, force=force, progress=progress, origins=origins,
         )  # fmt: skip
     for w in report.warnings:
         warn(w)

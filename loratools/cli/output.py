@@ -15,6 +15,7 @@ import click
 from rich.console import Console
 from rich.text import Text
 
+from ..io.progress import Progress, Tick
 from ..units import human_bytes as human_bytes  # re-exported for the commands
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -119,22 +120,65 @@ def num(x: float | None) -> str:
     return f"{x:.4g}"
 
 
-@contextlib.contextmanager
-def progress_bar(description: str, total: int = 0) -> Iterator[Callable[[str], None]]:
-    """A Rich progress bar on stderr, advanced once per call of the yielded callback (``total`` 0: not known
-    in advance, the bar counts); silent when stderr is not a terminal (pipes, CI, tests)."""
-    con = err_console()
-    if not con.is_terminal or total == 1:
-        yield lambda _name: None
-        return
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+def _no_tick(done: int = 1, items: int = 0) -> None:
+    return None
 
-    count = MofNCompleteColumn() if total > 0 else TextColumn("{task.completed} done")
-    with Progress(
-        TextColumn("{task.description}"), BarColumn(), count, TimeElapsedColumn(), console=con, transient=True
-    ) as bar:
-        task = bar.add_task(description, total=total if total > 0 else None)
-        yield lambda _name: bar.advance(task)
+
+def _no_bar(total: int, unit: str = "items", items: int = 0) -> Tick:
+    return _no_tick
+
+
+@contextlib.contextmanager
+def progress_bar(description: str) -> Iterator[Progress]:
+    """The commands' one progress bar: the :class:`~loratools.io.progress.Progress` to hand to the library, drawn as
+    a Rich bar on stderr once the work tells its size (items: done / total and time elapsed; bytes: size, speed,
+    tensors and time left). It disappears when the block ends, also on an error (the terminal gets its cursor
+    back), and stays silent when stderr is not a terminal (pipes, CI, tests) or the work is a single step."""
+    con = err_console()
+    if not con.is_terminal:
+        yield _no_bar
+        return
+    from rich.progress import (
+        BarColumn,
+        DownloadColumn,
+        MofNCompleteColumn,
+        ProgressColumn,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+        TransferSpeedColumn,
+    )
+    from rich.progress import Progress as Bar
+
+    bars: list[Bar] = []
+
+    def start(total: int, unit: str = "items", items: int = 0) -> Tick:
+        columns: list[ProgressColumn] = [TextColumn("{task.description}"), BarColumn()]
+        if unit == "bytes":
+            of = f"/{items}" if items else ""
+            columns += [DownloadColumn(), TransferSpeedColumn(), TextColumn("{task.fields[items]}" + of + " tensors")]
+            columns.append(TimeRemainingColumn())
+        elif total == 1:
+            return _no_tick
+        else:
+            columns += [MofNCompleteColumn() if total > 0 else TextColumn("{task.completed} done"), TimeElapsedColumn()]
+        bar = Bar(*columns, console=con, transient=True)
+        bars.append(bar)
+        bar.start()
+        task = bar.add_task(description, total=total if total > 0 else None, items=0)
+        finished = [0]
+
+        def tick(done: int = 1, items: int = 0) -> None:
+            finished[0] += items
+            bar.update(task, advance=done, items=finished[0])
+
+        return tick
+
+    try:
+        yield start
+    finally:
+        for bar in bars:
+            bar.stop()
 
 
 def warn(message: str) -> None:

@@ -58,10 +58,11 @@ def resize_cmd(
     one_of("--rank", rank, "--energy", energy)
     origins: dict[str, str] = {}
     source = fetch_if_remote(source, revision, origins=origins)
-    with progress_bar("resizing modules") as tick:
+    with progress_bar("resizing modules") as progress:
         report = resize(
-            source, out, rank, energy, to=to, dtype=dtype, device=device, force=force, progress=tick, origins=origins
-        )
+            source, out, rank, energy, to=to, dtype=dtype, device=device, force=force, progress=progress,
+            origins=origins,
+        )  # fmt: skip
     if as_json:
         print_json(report.to_dict())
         return

@@ -78,8 +78,9 @@ def detect(source: str | os.PathLike[str]) -> str:
     )
 
 
-def resolve_source(source: str | os.PathLike[str]) -> Path:
-    """A folder holding exactly one adapter file stands for that file (PEFT and diffusers folders stay)."""
+def adapter_file(source: str | os.PathLike[str]) -> Path:
+    """What a reader opens for ``source``: a folder holding exactly one ``.safetensors`` file stands for that file;
+    anything else (a file, a PEFT or diffusers folder) for itself."""
     p = Path(source)
     if p.is_dir() and not peft.is_peft_folder(p) and not (p / diffusers.FILENAME).is_file():
         files = sorted(p.glob("*.safetensors"))
@@ -102,7 +103,7 @@ def load_adapter(
             f"problems must be a list (findings are appended to it) or None, not {type(problems).__name__}"
         )
     fmt = _format(format) or detect(src)
-    adapter: Adapter = FORMATS[fmt].read(resolve_source(src), problems=problems)
+    adapter: Adapter = FORMATS[fmt].read(adapter_file(src), problems=problems)
     for m in adapter.modules.values():
         found = m.check() if problems is None else []
         if found:

@@ -11,12 +11,10 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import FileFormatError, ShapeError, UnknownKeysError
-from ..io.pickle import TORCH_SUFFIXES, is_torch_pickle
+from ..io.pickle import is_torch_pickle
 from ..io.safetensors import Header, read_header, shown
-from ..model import Adapter, Kind, Module, TensorRef
+from ..model import PROVENANCE_KEY, Adapter, Module, ModuleKind, TensorRef
 
-#: what ``open_raw`` reads as a (torch) pickle: the torch view of io.pickle's one table, under its old name
-PICKLE_SUFFIXES = TORCH_SUFFIXES
 SHARED_ROLES = ("alpha", "magnitude", "bias")
 
 
@@ -55,7 +53,7 @@ class Rule:
 
     suffix: str
     role: str
-    kind: Kind = "lora"
+    kind: ModuleKind = "lora"
     layer: str | None = None  # forces the module's layer (embedding)
 
 
@@ -88,16 +86,19 @@ class KeyTable:
 
 
 @dataclass
-class Group:
-    kind: Kind | None = None
+class KeyGroup:
+    """The keys of one module, grouped by :func:`group_keys`: the factors and other tensors by role, the kind and
+    layer their suffixes say."""
+
+    kind: ModuleKind | None = None
     layer: str | None = None
     parts: dict[str, TensorRef] = field(default_factory=dict)
     keys: list[str] = field(default_factory=list)
 
 
-def group_keys(tensors: Mapping[str, TensorRef], table: KeyTable) -> tuple[dict[str, Group], list[str], list[str]]:
+def group_keys(tensors: Mapping[str, TensorRef], table: KeyTable) -> tuple[dict[str, KeyGroup], list[str], list[str]]:
     """Group keys by module. Returns (groups, leftover keys, conflicts)."""
-    groups: dict[str, Group] = {}
+    groups: dict[str, KeyGroup] = {}
     leftovers: list[str] = []
     conflicts: list[str] = []
     for key, ref in tensors.items():
@@ -106,7 +107,7 @@ def group_keys(tensors: Mapping[str, TensorRef], table: KeyTable) -> tuple[dict[
             leftovers.append(key)
             continue
         module, rule = hit
-        g = groups.setdefault(module, Group())
+        g = groups.setdefault(module, KeyGroup())
         if rule.role not in SHARED_ROLES:
             if g.kind is not None and g.kind != rule.kind:
                 conflicts.append(f"{shown(module)}: mixes {g.kind} and {rule.kind} factors")
@@ -122,7 +123,7 @@ def group_keys(tensors: Mapping[str, TensorRef], table: KeyTable) -> tuple[dict[
 
 def build_module(
     name: str,
-    g: Group,
+    g: KeyGroup,
     *,
     alpha: float | None,
     rslora: bool = False,
@@ -133,7 +134,7 @@ def build_module(
     parts.pop("alpha", None)
     magnitude = parts.pop("magnitude", None)
     bias = parts.pop("bias", None)
-    kind: Kind = g.kind or "lora"
+    kind: ModuleKind = g.kind or "lora"
     layer = g.layer or ("conv" if any(len(t.shape) >= 3 for t in parts.values()) else "linear")
     return Module(
         name=name,
@@ -180,8 +181,6 @@ def json_safe(value: Any) -> Any:
 def carried_metadata(adapter: Adapter, fmt: str) -> dict[str, str]:
     """Header metadata a writer keeps: all of it in the source's own format; across formats only loratools'
     own provenance record (kohya ``ss_*`` keys mean nothing in a PEFT file, and vice versa)."""
-    from ..ops.provenance import KEY
-
     if adapter.format == fmt:
         return dict(adapter.metadata)
-    return {k: v for k, v in adapter.metadata.items() if k == KEY}
+    return {k: v for k, v in adapter.metadata.items() if k == PROVENANCE_KEY}

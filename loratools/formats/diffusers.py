@@ -19,13 +19,13 @@ from ..errors import FileFormatError, IncompatibleAdaptersError
 from ..io import jsonfile
 from ..io.safetensors import write_safetensors
 from ..model import Adapter, TensorRef
+from ..model.components import COMPONENT_RE
 from . import peft
 from .common import KeyTable, Rule, build_module, carried_metadata, check_leftovers, group_keys, open_raw, scalar
 
 NAME = "diffusers"
 FILENAME = "pytorch_lora_weights.safetensors"
 META_KEY = "lora_adapter_metadata"
-COMPONENT_RE = re.compile(r"^(unet|transformer|prior|controlnet|text_encoder(_\d)?)\.")
 
 TABLE = KeyTable(
     [
@@ -98,7 +98,7 @@ def read(path: str | os.PathLike[str], *, problems: list[str] | None = None) -> 
         if "alpha" in g.parts:
             alpha: float | None = scalar(g.parts["alpha"])
         else:
-            alpha = peft.resolve(cfg, rel, f"header {META_KEY} ({comp})")[1] if cfg else None
+            alpha = peft.rank_alpha_for(cfg, rel, f"header {META_KEY} ({comp})")[1] if cfg else None
         adapter.modules[name] = build_module(
             name, g, alpha=alpha, rslora=bool(cfg.get("use_rslora", False)),
             fan_in_fan_out=bool(cfg.get("fan_in_fan_out", False)),

@@ -13,26 +13,8 @@ from __future__ import annotations
 import re
 
 from ..errors import ShapeError
-
-#: kohya prefix -> diffusers component (or "" for a whole model)
-KOHYA_COMPONENTS = {
-    "lora_unet_": "unet",
-    "lora_transformer_": "transformer",
-    "lora_te_": "text_encoder",
-    "lora_te1_": "text_encoder",
-    "lora_te2_": "text_encoder_2",
-    "lora_te3_": "text_encoder_3",
-    "lycoris_": "",
-}
-#: diffusers component -> kohya prefix; a whole model (PEFT, no component) gets LyCORIS' generic prefix
-COMPONENT_KOHYA = {
-    "unet": "lora_unet_",
-    "transformer": "lora_transformer_",
-    "text_encoder": "lora_te_",
-    "text_encoder_2": "lora_te2_",
-    "text_encoder_3": "lora_te3_",
-    "": "lycoris_",
-}
+from ..model.components import COMPONENT_KOHYA
+from ..model.components import KOHYA_COMPONENTS as KOHYA_COMPONENTS  # io.checkpoint reads it from here (for now)
 
 #: identifiers with underscores in them, from the module trees of diffusers UNets and DiTs, CLIP/T5 text
 #: encoders and the common transformers LLMs

@@ -66,7 +66,7 @@ def pattern_key(patterns: dict[str, Any], name: str, what: str = "rank_pattern")
     return patterns_mod.pattern_key(list(patterns), name, what)
 
 
-def resolve(config: dict[str, Any], name: str, where: str = "config") -> tuple[int | None, float | None]:
+def rank_alpha_for(config: dict[str, Any], name: str, where: str = "config") -> tuple[int | None, float | None]:
     """The rank and alpha PEFT gives module ``name`` under ``config`` (patterns applied); ``where`` names the
     config in errors."""
     rank_pattern = config.get("rank_pattern") or {}
@@ -239,7 +239,7 @@ def read(path: str | os.PathLike[str], *, problems: list[str] | None = None) -> 
     rslora = bool(config.get("use_rslora", False))
     fifo = bool(config.get("fan_in_fan_out", False))
     for name, g in sorted(groups.items()):
-        _, alpha = resolve(config, name, str(folder / CONFIG))
+        _, alpha = rank_alpha_for(config, name, str(folder / CONFIG))
         if not config:
             alpha = None  # no config: nothing says otherwise, alpha = rank
         adapter.modules[name] = build_module(name, g, alpha=alpha, rslora=rslora, fan_in_fan_out=fifo)
@@ -308,7 +308,7 @@ def make_config(adapter: Adapter) -> dict[str, Any]:
     if (
         cfg
         and bool(cfg.get("use_rslora", False)) == rslora
-        and all(resolve(cfg, name) == (m.rank, alpha_of(m)) for name, m in adapter.modules.items())
+        and all(rank_alpha_for(cfg, name) == (m.rank, alpha_of(m)) for name, m in adapter.modules.items())
     ):
         return cfg
     # keyed by the names the adapter files them under (a diffusers component's are relative to it)

@@ -22,14 +22,15 @@ from ..errors import IncompatibleAdaptersError, LoratoolsError, ShapeError, Usag
 from ..formats import FORMATS, load_adapter, save_adapter
 from ..formats.names import component_of, from_kohya, split_kohya, to_kohya
 from ..model import Adapter, Module, TensorRef, torch_dtype
+from ..model.components import COMPONENTS
 from . import args, provenance
-from .linalg import lowrank_svd
+from .linalg import lowrank_svd, rank_for_energy
 from .lowrank import DTYPES, check_dense_all, factors, lora_module
 
 TARGETS = (*FORMATS, "gguf")
 SAI_PREFIXES = ("model.diffusion_model.", "cond_stage_model.", "conditioner.embedders.")
 ALPHA_MODES = ("keep", "bake")
-DIFFUSERS_COMPONENTS = {"unet", "transformer", "text_encoder", "text_encoder_2", "text_encoder_3", "prior"}
+DIFFUSERS_COMPONENTS = frozenset(COMPONENTS)
 
 
 @dataclass
@@ -111,7 +112,7 @@ def _as_lora(m: Module, rank: int | None, energy: float | None, device: str, wor
     if rank is not None:
         k = min(rank, n)
     elif energy is not None:
-        k = min(int((cum < energy - 1e-12).sum()) + 1, n)
+        k = rank_for_energy(svd.s, energy)
     else:  # exact: every singular value above rounding level
         s = svd.s
         k = max(1, int((s > s[0] * 1e-6).sum())) if n and float(s[0]) > 0 else 1

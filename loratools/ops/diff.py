@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from ..errors import HeaderError, LoratoolsError
 from ..formats import detect, load_adapter
 from ..io.checkpoint import BaseTensor, base_tensors
+from ..io.progress import Progress
 from ..model import DTYPE_SIZES, Adapter, Module, TensorRef, torch_dtype
 from . import args
 from .mix import match_key
@@ -43,8 +44,6 @@ MODES = ("auto", "tensors", "deltas")
 CHUNK_BYTES = 64 << 20
 #: the floor of ||a|| in the relative difference, so that a zero tensor gives 0 (equal) or a huge number
 TINY = sys.float_info.min
-
-Progress = Callable[[str], None]
 
 
 @dataclass
@@ -223,10 +222,11 @@ class DiffPlan:
         rtol = args.number(rtol, "rtol", minimum=0, finite=False)
         args.callback(progress, "progress")
         rep = DiffReport(self.a, self.b, self.mode, atol, rtol)
-        for name, compare in self.pairs:
+        tick = progress(len(self.pairs)) if progress else None
+        for _, compare in self.pairs:
             rep.tensors.append(compare(atol, rtol))
-            if progress:
-                progress(name)
+            if tick:
+                tick()
         rep.only_in_a = sorted(self.only_in_a)
         rep.only_in_b = sorted(self.only_in_b)
         rep.changed = sorted(self.changed, key=lambda c: c.name)

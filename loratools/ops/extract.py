@@ -35,10 +35,12 @@ from ..errors import IncompatibleAdaptersError, LoratoolsError, ShapeError, Usag
 from ..formats import FORMATS, patterns, save_adapter
 from ..io import jsonfile
 from ..io.atomic import check_output
+from ..io.digest import file_sha256
+from ..io.progress import Progress
 from ..io.safetensors import read_bytes, tensor_from_bytes
 from ..model import Adapter, Extra, Layer, Module, TensorRef, target_kind, torch_dtype
 from . import args, provenance
-from .linalg import LowRankSVD, randomized_svd
+from .linalg import LowRankSVD, randomized_svd, rank_for_energy
 from .lowrank import DTYPES, pick_device, work_device
 from .merge import Layout, layout_of
 
@@ -59,13 +61,9 @@ EMBEDDING_CHOICES = ("lora", "save", "skip")
 OVERSAMPLE = 10  # extra sketch columns (Halko et al.'s p)
 POWER_ITERS = 2  # power iterations (q)
 START_RANK = 16  # first sketch width with --energy; doubled until the energy is reached
-ENERGY_SLACK = 1e-6  # float32 rounding of the cumulative energy
 SEED = 0  # every module's sketch starts from this seed: the result does not depend on the order
 RESIDUAL_BYTES = 32 << 20  # float32 work per chunk of rows when measuring the error
 META_KEY = "loratools.extract"  # the report, in the output's header metadata
-
-#: called once with the number of tensor pairs; returns a callback advanced once per pair (with its name)
-ProgressFactory = Callable[[int], Callable[[str], None]]
 
 
 @dataclass
@@ -247,8 +245,7 @@ def choose_rank(
         while True:
             svd = sketch(width)
             s = svd.s
-            cum = (s.double() ** 2).cumsum(0) / total
-            k = int((cum < energy - ENERGY_SLACK).sum()) + 1
+            k = rank_for_energy(s, energy, total)
             if k <= s.numel():
                 break
             whole = s.numel() < min(width + OVERSAMPLE, full) or _numerical_rank(s, (m, n)) < s.numel()
@@ -337,7 +334,7 @@ def extract_adapter(
     exclude: Iterable[str] = (),
     embeddings: str = "save",
     base_model: str | None = None,
-    progress: ProgressFactory | None = None,
+    progress: Progress | None = None,
 ) -> tuple[Adapter, ExtractReport]:
     """The adapter ``tuned - base`` in memory (PEFT form: ``modules_to_save``, ``lora_bias`` and the target list
     in its config), and the report. Nothing is written."""
@@ -385,7 +382,7 @@ def extract_adapter(
                              modules, saves, others, report)  # fmt: skip
                     del diff
                 if tick:
-                    tick(name)
+                    tick()
     finally:
         files.close()
     biases = _place_others(others, modules, saves, report)
@@ -614,14 +611,7 @@ class _Hasher:
     def _run(self) -> None:
         try:
             for p in self.paths:
-                h = hashlib.sha256()
-                with open(p, "rb") as fh:
-                    while not self.stop.is_set():
-                        chunk = fh.read(1 << 22)
-                        if not chunk:
-                            break
-                        h.update(chunk)
-                self.digests[p] = h.hexdigest()
+                self.digests[p] = file_sha256(p, stop=self.stop)
         except BaseException as e:  # surfaced in result()
             self.error = e
 
@@ -675,7 +665,7 @@ def extract(
     embeddings: str = "save",
     base_model: str | None = None,
     force: bool = False,
-    progress: ProgressFactory | None = None,
+    progress: Progress | None = None,
 ) -> ExtractReport:
     """Extract ``tuned - base`` as an adapter and write it to ``out`` (PEFT by default) atomically.
 
@@ -728,7 +718,7 @@ def extract(
     report.output, report.format = str(out), fmt
     digests = hasher.result()
     entry: dict[str, Any] = {"tool": "loratools", "command": "extract"}
-    from .. import __version__
+    from ..version import __version__
 
     entry["version"] = __version__
     params: dict[str, Any] = {

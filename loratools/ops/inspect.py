@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..errors import UsageError
 from ..formats import FORMATS, detect, load_adapter
 from ..model import Adapter, Module
 from . import args, provenance
@@ -38,16 +39,11 @@ class Spectrum:
 def spectrum(m: Module) -> Spectrum:
     import torch
 
-    from .linalg import effective_rank, lowrank_svd
+    from .linalg import effective_rank, lowrank_svd, rank_for_energy
     from .lowrank import factors
 
-    svd = lowrank_svd(*factors(m, "cpu", torch.float64))
-    cum = svd.energy()
-
-    def rank_for(f: float) -> int:
-        return min(int((cum < f - 1e-12).sum()) + 1, svd.s.shape[0])
-
-    return Spectrum([float(x) for x in svd.s], effective_rank(svd.s), rank_for(0.9), rank_for(0.99))
+    s = lowrank_svd(*factors(m, "cpu", torch.float64)).s
+    return Spectrum([float(x) for x in s], effective_rank(s), rank_for_energy(s, 0.9), rank_for_energy(s, 0.99))
 
 
 @dataclass
@@ -87,8 +83,10 @@ def size_on_disk(source: str | os.PathLike[str]) -> int:
 
 
 def report(
-    adapter: Adapter, source: str | os.PathLike[str], *, norms: bool = True, spectra: bool = False
+    adapter: Adapter, source: str | os.PathLike[str] | None, *, norms: bool = True, spectra: bool = False
 ) -> InspectReport:
+    """The report on ``adapter``, read from ``source`` (named in the report, and measured for its size on disk; None:
+    made in memory, size 0)."""
     modules = [
         ModuleInfo(
             name=m.name,
@@ -107,12 +105,12 @@ def report(
     for mi in modules:
         types[mi.type] = types.get(mi.type, 0) + 1
     return InspectReport(
-        source=str(source),
+        source="" if source is None else str(source),
         format=adapter.format,
         base_model=adapter.base_model,
         num_modules=len(modules),
         num_params=adapter.num_params,
-        size_on_disk=size_on_disk(source),
+        size_on_disk=0 if source is None else size_on_disk(source),
         dtypes=adapter.dtypes(),
         target_modules=adapter.target_kinds(),
         types=dict(sorted(types.items())),
@@ -124,7 +122,22 @@ def report(
     )
 
 
-def inspect_adapter(
+def inspect_adapter(adapter: Adapter, *, norms: bool = True, spectra: bool = False) -> InspectReport:
+    """What an adapter in memory holds: format, base model, sizes, dtypes and a row per module, with each delta's
+    norm (``norms``, from the factors) and singular values (``spectra``). The size on disk is its source's (0 for an
+    adapter made in memory)."""
+    if not isinstance(adapter, Adapter):
+        hint = "loratools.inspect(path) reads a file or folder" if isinstance(adapter, (str, os.PathLike)) else None
+        raise UsageError(
+            f"adapter must be an Adapter (loratools.load_adapter gives one), not {type(adapter).__name__}", hint
+        )
+    args.flag(norms, "norms")
+    args.flag(spectra, "spectra")
+    on_disk = adapter.source is not None and os.path.exists(adapter.source)
+    return report(adapter, adapter.source if on_disk else None, norms=norms, spectra=spectra)
+
+
+def inspect(
     source: str | os.PathLike[str], format: str | None = None, *, norms: bool = True, spectra: bool = False
 ) -> InspectReport:
     """Inspect a file or folder. With ``norms=False`` only the header is read (no tensor data, no torch);

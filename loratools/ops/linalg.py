@@ -39,6 +39,33 @@ class LowRankSVD:
         return sq.cumsum(0) / total
 
 
+#: slack on a cumulative energy computed in float64 from the singular values themselves (their squares summed, then
+#: divided by their sum): what is left is that sum's rounding, a few ulps of float64
+ENERGY_RTOL = 1e-12
+#: slack on a cumulative energy measured against a total computed apart from the values (extract: ``||D||²`` of the
+#: float32 difference, where the sketch holds only the leading values): the two agree to float32's rounding, about
+#: 1e-7 of the total, so a request of 1.0 must be met by 1 - 1e-6
+MEASURED_ENERGY_RTOL = 1e-6
+
+
+def rank_for_energy(s: torch.Tensor, energy: float, total: float | None = None) -> int:
+    """The smallest k whose leading singular values ``s`` (descending) keep ``energy`` (a fraction) of the
+    Frobenius energy: ``sum(s[:k]²) >= energy * total``, up to the rounding of the sums (:data:`ENERGY_RTOL`).
+
+    ``total`` defaults to ``sum(s²)``: the whole spectrum is at hand, and the answer is at most ``len(s)`` (a zero
+    matrix needs rank 1). Given (``||D||²`` when ``s`` holds only the leading values of a sketch), it is compared with
+    the slack of a total computed apart (:data:`MEASURED_ENERGY_RTOL`), and ``len(s) + 1`` says that the values given
+    do not reach it."""
+    sq = s.detach().double() ** 2
+    if total is not None:
+        if total <= 0:
+            return 1
+        return int((sq.cumsum(0) / total < energy - MEASURED_ENERGY_RTOL).sum()) + 1
+    whole = sq.sum()
+    k = 1 if whole == 0 else int((sq.cumsum(0) / whole < energy - ENERGY_RTOL).sum()) + 1
+    return min(k, sq.numel())
+
+
 def lowrank_svd(up: torch.Tensor, down: torch.Tensor) -> LowRankSVD:
     """SVD of ``up @ down`` (out x R times R x in) from its factors."""
     import torch

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
 from ..errors import IncompatibleAdaptersError, LoratoolsError
@@ -15,8 +15,6 @@ if TYPE_CHECKING:
 
 #: --dtype names -> safetensors dtype names
 DTYPES = {"fp32": "F32", "fp16": "F16", "bf16": "BF16", "float32": "F32", "float16": "F16", "bfloat16": "BF16"}
-
-Progress = Callable[[str], None]
 
 
 def pick_device(device: str | None, *, allow_auto: bool = False) -> str:

@@ -32,6 +32,7 @@ from ..io import jsonfile
 from ..io.atomic import check_output, stage
 from ..io.checkpoint import COMPONENTS, INDEX_SUFFIX, base_tensors, kohya_index, read_index
 from ..io.interrupts import checkpoint, critical
+from ..io.progress import Progress, Tick
 from ..io.safetensors import Header, TensorInfo, read_bytes, read_header, read_into, tensor_bytes, tensor_from_bytes
 from ..model import DTYPE_SIZES, Adapter, Module, TensorRef, torch_dtype
 from . import provenance
@@ -48,8 +49,6 @@ IO_BYTES = 16 << 20
 DEPTH = 3
 #: files in a model folder that hold weights in another form: copying them would ship the unmerged model
 STALE_WEIGHTS = (".bin", ".pt", ".pth", ".ckpt", ".msgpack", ".h5", ".onnx", ".gguf")
-
-Progress = Callable[[int, int], None]  # (bytes done in this step, tensors done in this step)
 
 
 # ---- the base's layout ----------------------------------------------------------------------------------
@@ -394,7 +393,7 @@ class _Writer:
             finally:
                 self.q.task_done()
 
-    def _copy(self, fd: int, pos: int, n: int, tick: Progress | None) -> None:
+    def _copy(self, fd: int, pos: int, n: int, tick: Tick | None) -> None:
         if _kernel_copy(fd, self.fh, pos, n, tick):
             return
         while n:
@@ -431,7 +430,7 @@ class _Writer:
             raise self.error
         self.q.put(("write", data, done))
 
-    def copy(self, fd: int, pos: int, n: int, tick: Progress | None) -> None:
+    def copy(self, fd: int, pos: int, n: int, tick: Tick | None) -> None:
         """Queue a copy of ``n`` bytes of file ``fd`` from ``pos`` (advancing ``tick`` as it goes)."""
         if self.error is not None:
             raise self.error
@@ -498,7 +497,7 @@ def _chunk(
 
 def _merge_rows(
     fh: Any, mapped: mmap.mmap | None, info: TensorInfo, store: torch.dtype, target: Target, device: str,
-    writer: _Writer, tick: Progress | None, stats: _Stats, pool: _Pool | None,
+    writer: _Writer, tick: Tick | None, stats: _Stats, pool: _Pool | None,
 ) -> None:  # fmt: skip
     """Plain LoRA in row chunks: ``W[r0:r1] + U[r0:r1] @ D`` (or ``D[:, r0:r1]^T @ U^T`` for weights stored
     transposed), the factors of all adapters stacked, never the whole tensor in float32.
@@ -671,7 +670,7 @@ def _merge_tensor(
     target: Target,
     device: str,
     writer: _Writer,
-    tick: Progress | None,
+    tick: Tick | None,
     pool: _Pool | None,
 ) -> _Stats:
     import torch
@@ -717,7 +716,7 @@ def _merge_tensor(
     return stats
 
 
-def _copy_tensor(fh: Any, info: TensorInfo, out_dtype: str, writer: _Writer, tick: Progress | None) -> None:
+def _copy_tensor(fh: Any, info: TensorInfo, out_dtype: str, writer: _Writer, tick: Tick | None) -> None:
     if out_dtype == info.dtype:
         writer.copy(fh.fileno(), info.start, info.nbytes, tick)
         return
@@ -727,7 +726,7 @@ def _copy_tensor(fh: Any, info: TensorInfo, out_dtype: str, writer: _Writer, tic
         tick(info.nbytes, 0)
 
 
-def _kernel_copy(fd: int, out: Any, pos: int, n: int, tick: Progress | None) -> bool:
+def _kernel_copy(fd: int, out: Any, pos: int, n: int, tick: Tick | None) -> bool:
     """Copy ``n`` bytes of ``fd`` from ``pos`` to the end of ``out`` inside the kernel (copy_file_range);
     False, with nothing written, where that is not supported."""
     copy = getattr(os, "copy_file_range", None)
@@ -761,7 +760,7 @@ def _out_dtype(info: TensorInfo, dtype: str | None) -> str:
 
 def _write_file(
     src: Path, header: Header, dest: Path, prefix: str, targets: dict[str, Target], dtype: str | None,
-    device: str, report: MergeReport, tick: Progress | None, pool: _Pool | None,
+    device: str, report: MergeReport, tick: Tick | None, pool: _Pool | None,
 ) -> int:  # fmt: skip
     """One safetensors file: same tensors in the same order, merged where targeted. Returns bytes of data."""
     order = sorted(header.tensors.values(), key=lambda t: (t.start, t.name))
@@ -847,7 +846,7 @@ def merge(
     device: str | None = None,
     dtype: str | None = None,
     force: bool = False,
-    progress: Callable[[int, int, int, int], Progress] | None = None,
+    progress: Progress | None = None,
     report_path: str | os.PathLike[str] | None = None,
     origins: Mapping[str, str] | None = None,
 ) -> MergeReport:
@@ -855,7 +854,7 @@ def merge(
     report to ``report_path`` (``.json`` or ``.html``) if given: both appear, or neither does. ``origins``: the
     names the provenance record gives adapters fetched from the Hub (see ``provenance.record``).
 
-    ``progress(total_bytes, total_tensors, ...)`` may return a callback advanced by (bytes, tensors).
+    ``progress`` is told the total bytes and tensors; its tick is advanced by (bytes, tensors).
     """
     import torch
 
@@ -885,7 +884,7 @@ def merge(
     targets = resolve(loaded, weights, layout)
     report = MergeReport(str(base), None, [str(a) for a in adapters], weights, dev, dtype)
     total_tensors = sum(len(wf.header.tensors) for wf in layout.files)
-    tick = progress(layout.total_bytes, total_tensors, 0, 0) if progress else None
+    tick = progress(layout.total_bytes, "bytes", total_tensors) if progress else None
     record = provenance.record(
         "merge",
         [(str(a), ad.format) for a, ad in zip(adapters, loaded, strict=True)],

@@ -22,12 +22,12 @@ from typing import Any, Literal
 from ..errors import IncompatibleAdaptersError, LoratoolsError, ShapeError, UsageError
 from ..formats import FORMATS, load_adapter, save_adapter
 from ..formats.kohya import kohya_name
+from ..io.progress import Progress
 from ..model import Adapter, Module, rows
 from . import args, provenance
 from .linalg import lowrank_svd
 from .lowrank import (
     DTYPES,
-    Progress,
     check_dense_all,
     factors,
     lora_module,
@@ -106,8 +106,8 @@ def check_args(
 
 def mix_adapters(
     adapters: list[Adapter],
-    weights: list[float],
-    method: Method = "cat",
+    weights: list[float] | None = None,
+    method: Method | None = None,
     rank: int | None = None,
     *,
     dtype: str | None = None,
@@ -115,7 +115,8 @@ def mix_adapters(
     strict: bool = False,
     progress: Progress | None = None,
 ) -> tuple[Adapter, MixReport]:
-    """The weighted combination of ``adapters`` as a new adapter (format and naming of the first)."""
+    """The weighted combination of ``adapters`` (1 each by default) as a new adapter, in the format and naming of
+    the first, and its report. The default method is ``cat`` (exact) without ``rank``, ``svd`` with it."""
     import torch
 
     if not isinstance(adapters, (list, tuple)) or not all(isinstance(a, Adapter) for a in adapters):
@@ -151,6 +152,7 @@ def mix_adapters(
         values = {a.metadata.get(key) for a in adapters}
         if len(values) == 1 and None not in values:
             out.metadata[key] = values.pop()  # type: ignore[assignment]
+    tick = progress(len(order)) if progress else None
     for parts in order.values():
         template = parts[0][1]
         shape = template.weight_shape()
@@ -187,8 +189,8 @@ def mix_adapters(
         module = lora_module(template, up, down, target)
         out.modules[template.name] = module
         report.modules.append(MixedModule(template.name, len(parts), up.shape[1], energy))
-        if progress:
-            progress(template.name)
+        if tick:
+            tick()
     return out, report
 
 

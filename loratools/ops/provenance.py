@@ -3,7 +3,6 @@ under one header metadata key, and ``inspect`` shows it."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -13,29 +12,24 @@ from typing import Any
 
 from ..errors import LoratoolsError, UsageError
 from ..io import jsonfile
+from ..io.digest import file_sha256 as sha256
+from ..model import PROVENANCE_KEY
 from ..version import __version__
 
-KEY = "loratools"
+#: the header metadata key of the record (the data model names it: a writer carries it across formats)
+KEY = PROVENANCE_KEY
 
 
 def weights_file(source: str | os.PathLike[str]) -> Path:
     """The file whose bytes stand for an adapter (a folder's weights file)."""
-    from ..formats import diffusers, peft, resolve_source
+    from ..formats import adapter_file, diffusers, peft
 
-    p = resolve_source(source)
+    p = adapter_file(source)
     if p.is_dir():
         if peft.is_peft_folder(p):
             return peft.find_weights(p)
         return p / diffusers.FILENAME
     return p
-
-
-def sha256(path: str | os.PathLike[str]) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def record(

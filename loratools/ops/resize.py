@@ -11,12 +11,12 @@ from typing import Any
 
 from ..errors import UsageError
 from ..formats import FORMATS, load_adapter, save_adapter
+from ..io.progress import Progress
 from ..model import Adapter
 from . import args, provenance
-from .linalg import lowrank_svd
+from .linalg import lowrank_svd, rank_for_energy
 from .lowrank import (
     DTYPES,
-    Progress,
     check_dense_all,
     factors,
     lora_module,
@@ -69,6 +69,9 @@ def resize_adapter(
     device: str | None = None,
     progress: Progress | None = None,
 ) -> tuple[Adapter, ResizeReport]:
+    """``adapter`` re-compressed to ``rank``, or per module to the smallest rank keeping ``energy`` of its delta's
+    Frobenius energy (give one of the two), and the report. A plain LoRA module already at or below the target is
+    kept exactly; DoRA modules that would need truncating are refused."""
     if not isinstance(adapter, Adapter):
         raise UsageError(f"adapter must be an Adapter (loratools.load_adapter gives one), not {type(adapter).__name__}")
     rank, energy = check_args(rank, energy, dtype, device, progress)
@@ -82,14 +85,15 @@ def resize_adapter(
     )
     report = ResizeReport(None, adapter.format, rank, energy)
     check_dense_all(adapter.modules.values())  # before any work: headers only
+    tick = progress(len(adapter.modules)) if progress else None
     for name, m in adapter.modules.items():
         old = m.rank
         plain = m.is_two_factor()
         if plain and rank is not None and old is not None and old <= rank and dtype is None:
             out.modules[name] = m
             report.modules.append(ResizedModule(name, old, old, 1.0, True))
-            if progress:
-                progress(name)
+            if tick:
+                tick()
             continue
         up, down = factors(m, dev, work)
         svd = lowrank_svd(up, down)
@@ -99,9 +103,7 @@ def resize_adapter(
             k = min(rank, n)
         else:
             assert energy is not None
-            # smallest k whose cumulative energy reaches F (a hair of slack for the rounding of the sum)
-            k = int((cum < energy - 1e-12).sum().item()) + 1
-            k = min(max(k, 1), n)
+            k = rank_for_energy(svd.s, energy)
         if plain and old is not None and k >= old and dtype is None:
             out.modules[name] = m
             report.modules.append(ResizedModule(name, old, old, 1.0, True))
@@ -109,8 +111,8 @@ def resize_adapter(
             refuse_dora(m, "re-compressing it")
             out.modules[name] = lora_module(m, *svd.truncate(k), stored_dtype(m, dtype))
             report.modules.append(ResizedModule(name, old, k, float(cum[k - 1]), False))
-        if progress:
-            progress(name)
+        if tick:
+            tick()
     return out, report
 
 
@@ -127,8 +129,9 @@ def resize(
     progress: Progress | None = None,
     origins: Mapping[str, str] | None = None,
 ) -> ResizeReport:
-    """Read, resize, and write atomically. ``origins``: the name the provenance record gives a source fetched from
-    the Hub (see ``provenance.record``)."""
+    """Read ``source``, resize it (:func:`resize_adapter`) and write the result to ``out`` atomically, in the
+    source's format or ``to``. ``origins``: the name the provenance record gives a source fetched from the Hub
+    (see ``provenance.record``)."""
     from ..formats import input_files
     from ..io.atomic import check_output
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import math
 import os
 from dataclasses import asdict, dataclass, field
@@ -10,9 +9,11 @@ from pathlib import Path
 from typing import Any, Literal
 
 from ..errors import FileFormatError, HeaderError, LoratoolsError, UnsafePickleError
-from ..formats import FORMATS, detect, load_adapter, patterns, peft, resolve_source
-from ..formats.common import PICKLE_SUFFIXES, open_raw
+from ..formats import FORMATS, adapter_file, detect, load_adapter, patterns, peft
+from ..formats.common import open_raw
 from ..io.checkpoint import BaseTensor, base_tensors
+from ..io.digest import file_sha256
+from ..io.pickle import TORCH_SUFFIXES
 from ..model import Adapter, Module, TensorRef
 from . import args
 
@@ -180,7 +181,7 @@ def _damage(source: str | os.PathLike[str], e: LoratoolsError) -> tuple[str, str
 
 
 def _named_as_weights(p: Path) -> bool:
-    return p.suffix.lower() in (".safetensors", *PICKLE_SUFFIXES)
+    return p.suffix.lower() in (".safetensors", *TORCH_SUFFIXES)
 
 
 def _check_module(m: Module, adapter: Adapter, add: Any) -> None:
@@ -196,7 +197,7 @@ def _check_module(m: Module, adapter: Adapter, add: Any) -> None:
         add("error", "alpha", f"alpha is {m.alpha:g}: it must be a positive number", m.name)
     cfg = _config_for(adapter, m.name)
     if cfg is not None and not m.check() and m.rank is not None:  # check first: rank reads the factors' shapes
-        want, _ = peft.resolve(cfg[0], cfg[1], _config_name(adapter, m.name))
+        want, _ = peft.rank_alpha_for(cfg[0], cfg[1], _config_name(adapter, m.name))
         if want is not None and want != m.rank:
             add("error", "rank-config", f"tensors have rank {m.rank}, the config says {want}", m.name)
 
@@ -278,16 +279,11 @@ def _check_hash(adapter: Adapter, add: Any) -> None:
     # kohya's hash is the sha256 of the data section; LyCORIS writes "0x" + a per-tensor hash of its own
     if not want or want.startswith("0x") or adapter.source is None:
         return
-    src = resolve_source(adapter.source)
+    src = adapter_file(adapter.source)
     raw = open_raw(src) if src.is_file() else None
     if raw is None or raw.header is None:
         return
-    h = hashlib.sha256()
-    with open(src, "rb") as fh:
-        fh.seek(raw.header.data_start)
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    if h.hexdigest() != want.lower():
+    if file_sha256(src, start=raw.header.data_start) != want.lower():
         add("warning", "stale-hash", "header sshs_model_hash does not match the tensors (A1111 trusts it)")
 
 
