@@ -95,6 +95,32 @@ def kohya_candidates(peer: str) -> list[str]:
     return [f"lora_te_{flat}", f"lora_te_text_model_{flat}"]
 
 
+#: how each format spells a module's component: kohya's prefixes, diffusers' component paths (LLM modules have none)
+_COMPONENTS = {
+    "lora_unet_": "unet",
+    "lora_te_": "text_encoder",
+    "lycoris_": "",
+    "unet.": "unet",
+    "text_encoder.": "text_encoder",
+}
+
+
+def kohya_spelling(name: str) -> tuple[str, str]:
+    """(component, path with ``_`` for ``.``): a module name in kohya's flattened convention, whichever format
+    spells it; independent of loratools' own name tables."""
+    for prefix, component in _COMPONENTS.items():
+        if name.startswith(prefix):
+            return component, name.removeprefix(prefix).replace(".", "_")
+    return "", name.replace(".", "_")
+
+
+def same_module(a: str, b: str) -> bool:
+    """Two spellings of one module: the same flattened path, in the same component where both name one (a PEFT
+    adapter of a UNet names none)."""
+    (ca, fa), (cb, fb) = kohya_spelling(a), kohya_spelling(b)
+    return fa == fb and (not ca or not cb or ca == cb)
+
+
 def unet_inputs() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(3)
     return torch.randn(1, 4, 8, 8, generator=g), torch.tensor([10]), torch.randn(1, 3, 16, generator=g)
