@@ -360,3 +360,27 @@ def test_lycoris_loads_a_resized_kohya_file(mf: ModuleType, tmp_path: Path) -> N
                 )
             kit.close(lm(x), want, lm.lora_name, kit.OUT_TOL)
     check_source(load_adapter(FIXTURES / "kohya_sd" / "lora.safetensors"), ours, names, report, None)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    raises=RuntimeError,
+    reason="convert --to diffusers of a LyCORIS LoHa without --base writes its conv modules' LoRA factors 2-D "
+    "(a LoHa stores conv factors flattened, so the kernel is unknown without the base) and reports success "
+    "(validate --for diffusers says OK too); diffusers refuses the file (size mismatch in load_lora_into_unet). "
+    "It should write the kernel shape or stop and ask for --base",
+)
+def test_loha_to_diffusers_without_base_loads_or_asks_for_base(
+    diffusers: ModuleType, mf: ModuleType, tmp_path: Path
+) -> None:
+    out = tmp_path / "out.safetensors"
+    src = FIXTURES / "lycoris_loha.safetensors"
+    code, stdout, err = run_cli("convert", str(src), "--to", "diffusers", "-o", str(out), "--json")
+    if code != 0:
+        assert code == 1 and "--base" in err and not out.exists(), err
+        return
+    _, layers, _, _ = kit.diffusers_load(mf, out)
+    ours = load_adapter(out)
+    assert set(layers) == set(ours.modules)
+    names = {m["source"]: m["name"] for m in json.loads(stdout)["modules"]}
+    check_source(load_adapter(src), ours, names, {}, "fp32")
