@@ -3,21 +3,26 @@
 * PEFT folders written by ``convert`` and ``resize`` (rank_pattern / alpha_pattern, per-module ranks from
   ``--energy``, rsLoRA, DoRA, fan_in_fan_out, embeddings with modules_to_save, a PEFT adapter of a UNet) are loaded
   with ``PeftModel.from_pretrained`` on the tiny base they were made for;
-* diffusers files written by ``convert --to diffusers`` (from kohya, LyCORIS LoKr/LoHa turned into LoRA, a PEFT
-  folder of a UNet, the old diffusers layout) are loaded the way ``StableDiffusionPipeline.load_lora_weights`` does;
-* kohya files written by ``convert --to kohya`` and ``resize`` are loaded by diffusers' kohya converter.
+* diffusers files written by ``convert --to diffusers`` and ``resize`` (from kohya, LyCORIS LoKr/LoHa turned into
+  LoRA, a PEFT folder of a UNet, per-module ranks, the old diffusers layout) are loaded the way
+  ``StableDiffusionPipeline.load_lora_weights`` does (``lora_state_dict``, ``load_lora_into_unet`` /
+  ``load_lora_into_text_encoder``);
+* kohya files written by ``convert --to kohya`` and ``resize`` are loaded by diffusers' kohya converter, and (per-module
+  alphas, which diffusers 0.42.1 does not map back for attention layers) by lycoris' kohya loader.
 
-What the owner built is then compared with loratools: per module the rank, the scale and ``get_delta_weight``
-against loratools' own reading of the file it wrote; the merged/fused weights against loratools' ``apply``; the
-model's output (logits, the UNet's noise prediction) against the base with loratools' weights; and the file against
-its source, by mapped module name (the ``--json`` report's source -> name): the same delta where the conversion is
-exact, the reported energy where ``resize`` truncated (Eckart-Young: ``|D_k|^2 = e |D|^2`` and
-``|D - D_k|^2 = (1 - e) |D|^2``).
+What the owner built is then compared with loratools, module by module: the rank and the scale it took; its merged
+(PEFT's ``merge_and_unload``) or fused (``merge`` of each layer, what ``fuse_lora`` runs) weights against loratools'
+``apply`` of the module to the base weight; for PEFT models also the logits (the UNet's noise prediction) with the
+adapter active against the base carrying loratools' weights. Then loratools' file against its source, by mapped module
+name (each step's ``--json`` report: source -> name): the same delta where the conversion is exact, and where ``resize``
+truncated, the energy the report states (Eckart-Young: ``|D_k|^2 = e |D|^2`` and ``|D - D_k|^2 = (1 - e) |D|^2``).
 
-Tolerances: peer numbers are fp32 (``peers_kit.TOL``: a few fp32 roundings of O(0.1) products); a source compared
-in float64 with a file that copied its factors (``COPY``): only alpha went through a float32 ``.alpha`` tensor or a
-JSON float, a relative 2^-24; factors made by loratools' float64 SVD and stored in fp32 (``SVD``): a relative 2^-24
-per factor entry, summed over the rank, measured against the largest entry of the delta.
+Tolerances: what the owner computes is fp32 (``peers_kit.TOL``: a few fp32 roundings of O(0.1) products; outputs
+``peers_kit.OUT_TOL``). Against the source, in float64: where the factors were copied (``"copy"``) only alpha went
+through a float32 ``.alpha`` tensor or a JSON float, a relative 2^-24 of the scale: rtol 1e-6; where loratools made
+new factors and stored them in fp32 (``"fp32"``: LyCORIS -> LoRA by its float64 SVD, scales baked into the up factor)
+each factor entry is rounded by 2^-24 and the delta's entries sum r such products: rtol 1e-5 and an atol of 1e-6 of
+the delta's largest entry (entries that cancel).
 """
 
 from __future__ import annotations
@@ -89,10 +94,13 @@ def check_source(
     source: Adapter, ours: Adapter, names: dict[str, str], report: dict[str, Any], exact: str | None
 ) -> None:
     """loratools' output (by output name; already checked equal to what the owner built) against its source, by
-    mapped name, in float64: the same delta and DoRA magnitude (``exact`` = "copy" or "fp32", see the module doc), or
+    mapped name, in float64: the full tensors it carries, the same delta and DoRA magnitude (``exact`` = "copy" or "fp32", see the module doc), or
     (``None``: resize) the truncation the report states, per module."""
     assert set(names) == set(source.modules)
     assert set(names.values()) == set(ours.modules)
+    assert ours.extras.keys() == source.extras.keys()  # modules_to_save copies and saved embeddings carried over
+    for key, extra in source.extras.items():
+        assert extra.role == ours.extras[key].role and torch.equal(extra.ref.load(), ours.extras[key].ref.load()), key
     stated = {m["name"]: m for m in report["modules"]} if exact is None else {}
     for src, out in names.items():
         s, o = source.modules[src], ours.modules[out]
