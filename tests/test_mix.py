@@ -86,6 +86,25 @@ def test_mix_across_formats_and_module_kinds(tmp_path: Path) -> None:
     assert max(float(x.delta().abs().max()) for x in zero.modules.values()) < 1e-6
 
 
+@pytest.mark.xfail(
+    strict=True,
+    raises=AssertionError,
+    reason="a mix takes the layout of its first input's module: with a LyCORIS LoHa first (conv factors stored "
+    "flattened), the conv modules' lora_down/lora_up are written 2-D ([r, in*kh*kw], [out, r]) although the other "
+    "input (kohya LoCon) carries the kernel shape; kohya's and diffusers' loaders need [r, in, kh, kw], [out, r, 1, 1]",
+)
+def test_mix_keeps_conv_kernels_whatever_input_comes_first(tmp_path: Path) -> None:
+    k, h = FIXTURES / "kohya_sd" / "lora.safetensors", FIXTURES / "lycoris_loha.safetensors"
+    mix([h, k], tmp_path / "m.safetensors", [0.5, 1.0])
+    kohya, mixed = load_adapter(k), load_adapter(tmp_path / "m.safetensors")
+    convs = [n for n in load_adapter(h).modules if kohya.modules[n].factors["down"].load().dim() == 4]
+    assert convs  # conv_in, resnet convs, proj_in/proj_out, the downsampler
+    for name in convs:
+        down, up = mixed.modules[name].factors["down"], mixed.modules[name].factors["up"]
+        assert len(down.shape) == 4 and tuple(down.shape[1:]) == tuple(kohya.modules[name].factors["down"].shape[1:])
+        assert tuple(up.shape[2:]) == (1, 1), name
+
+
 @pytest.mark.parametrize("k", [1, 3, 6])
 def test_svd_error_is_the_optimal_rank_k_error(k: int) -> None:
     a, b = load_adapter(FIXTURES / "peft_llama"), load_adapter(FIXTURES / "peft_llama_patterns")
