@@ -1,5 +1,6 @@
-"""convert: every pair of formats on the peer-made fixtures, LyCORIS to LoRA against LyCORIS itself, kohya files
-through diffusers' own loader, GGUF against llama.cpp's rules, dtype reports, and validate --for."""
+"""convert: every pair of formats on the peer-made fixtures (deltas compared by mapped module name), LyCORIS to LoRA
+against LyCORIS itself, GGUF against llama.cpp's rules, dtype reports, and validate --for. The converted files loaded by
+their owners (PEFT, diffusers and its kohya converter) are in test_owners.py."""
 
 from __future__ import annotations
 
@@ -9,12 +10,13 @@ from pathlib import Path
 from types import ModuleType
 
 import numpy as np
+import peers_kit as kit
 import pytest
 import safetensors.torch
 import torch
 import torch.nn.functional as F
 from click.testing import CliRunner
-from conftest import FIXTURES
+from conftest import FIXTURES, run_cli
 
 from loratools import load_adapter, save_adapter
 from loratools.cli import cli
@@ -57,27 +59,48 @@ def unet_only(tmp_path: Path) -> Path:
     ],
 )
 def test_round_trips_keep_every_delta(src: str, chain: list[str], tmp_path: Path) -> None:
+    """Each step's ``--json`` report says where each module went (source -> name); every name is checked against
+    kohya's flattening convention (``peers_kit.same_module``), and every module's delta is compared with its
+    source's by that mapped name.
+
+    Tolerance: a conversion copies the factors; only alpha may be re-expressed (rsLoRA alpha / sqrt(r) as kohya's
+    per-module alpha, stored as a float32 ``.alpha`` tensor or a JSON float), a relative 2^-24 of the scale. In
+    float64 the deltas then differ by at most that relative amount entry by entry: rtol 1e-6."""
     path = unet_only(tmp_path) if src == "UNET_ONLY" else FIXTURES / src
     first = load_adapter(path)
+    names = {n: n for n in first.modules}
     current = path
     for i, fmt in enumerate(chain):
         out = tmp_path / (f"step{i}" if fmt == "peft" else f"step{i}.safetensors")
-        convert(current, fmt, out)
+        code, stdout, stderr = run_cli("convert", str(current), "--to", fmt, "-o", str(out), "--json")
+        assert code == 0, stderr
+        step = {m["source"]: m["name"] for m in json.loads(stdout)["modules"]}
+        assert set(step) == set(names.values()) and len(set(step.values())) == len(step)
+        bad = [(a, b) for a, b in step.items() if not kit.same_module(a, b)]
+        assert not bad, f"step {i} ({fmt}) renamed modules into other modules: {bad[:3]}"
+        names = {k: step[v] for k, v in names.items()}
         current = out
     last = load_adapter(current)
     assert last.format == chain[-1]
+    assert set(names.values()) == set(last.modules)
+    for name, dst in names.items():
+        m, n = first.modules[name], last.modules[dst]
+        want = m.delta(dtype=torch.float64)
+        torch.testing.assert_close(
+            n.delta(dtype=torch.float64).reshape(want.shape), want, rtol=1e-6, atol=1e-12,
+            msg=lambda s, a=name, b=dst: f"{a} -> {b}: {s}",
+        )  # fmt: skip
+        assert (m.magnitude is None) == (n.magnitude is None), name
+        if m.magnitude is not None and n.magnitude is not None:
+            assert torch.equal(m.magnitude.load().reshape(-1), n.magnitude.load().reshape(-1)), name
     if first.format == last.format:
+        assert names == {n: n for n in first.modules}  # back under its own names
         same_deltas(first, last)  # bit for bit: no tensor was recomputed on the way
         for name, m in first.modules.items():
             n = last.modules[name]
             for role, t in m.tensors().items():
                 assert t.dtype == n.tensors()[role].dtype
                 assert torch.equal(t.load().reshape(-1), n.tensors()[role].load().reshape(-1)), (name, role)
-    else:
-        assert len(last.modules) == len(first.modules)
-        assert sorted(round(m.delta_norm(), 4) for m in first.modules.values()) == sorted(
-            round(m.delta_norm(), 4) for m in last.modules.values()
-        )
 
 
 def test_peft_to_kohya_keeps_patterns_rslora_and_dora(tmp_path: Path) -> None:
@@ -87,6 +110,9 @@ def test_peft_to_kohya_keeps_patterns_rslora_and_dora(tmp_path: Path) -> None:
     for name, m in p.modules.items():
         km = k.modules["lycoris_" + name.replace(".", "_")]
         assert km.rank == m.rank and km.scale == pytest.approx(m.scale, rel=1e-6)  # alpha / sqrt(r) baked
+        # the factors as they were; the scale through kohya's float32 .alpha: a relative 2^-24
+        want = m.delta(dtype=torch.float64)
+        torch.testing.assert_close(km.delta(dtype=torch.float64), want, rtol=1e-6, atol=1e-12)
     meta = safetensors.safe_open(str(tmp_path / "k.safetensors"), "pt").metadata()
     assert meta["ss_network_dim"] == "Dynamic" and json.loads(meta["loratools"])["command"] == "convert"
     convert(FIXTURES / "peft_llama_dora", "kohya", tmp_path / "d.safetensors")
@@ -130,10 +156,21 @@ def test_kohya_names_resolve_by_table_or_against_the_base(mf: ModuleType, tmp_pa
     safetensors.torch.save_file(base, str(tmp_path / "base.safetensors"))
     convert(tmp_path / "odd.safetensors", "peft", tmp_path / "back", base=tmp_path / "base.safetensors")
     same_deltas(load_adapter(tmp_path / "odd"), load_adapter(tmp_path / "back"))
-    # LyCORIS names against a diffusers UNet folder
-    mf.tiny_unet().save_pretrained(tmp_path / "unet")
-    convert(FIXTURES / "lycoris_lokr.safetensors", "diffusers", tmp_path / "lokr.safetensors", base=tmp_path / "unet")
-    assert all(n.startswith("unet.") for n in load_adapter(tmp_path / "lokr.safetensors").modules)
+    # LyCORIS names against a diffusers UNet folder: each resolves to that UNet's module of the same flattened name,
+    # and keeps its delta (LoKr -> LoRA through a float64 SVD stored in fp32: 1e-6 of the largest entry)
+    unet = mf.tiny_unet()
+    unet.save_pretrained(tmp_path / "unet")
+    rep = convert(
+        FIXTURES / "lycoris_lokr.safetensors", "diffusers", tmp_path / "lokr.safetensors", base=tmp_path / "unet"
+    )
+    real = {f"unet.{n}" for n, _ in unet.named_modules()}
+    src, lokr = load_adapter(FIXTURES / "lycoris_lokr.safetensors"), load_adapter(tmp_path / "lokr.safetensors")
+    assert {r.source for r in rep.modules} == set(src.modules) and {r.name for r in rep.modules} == set(lokr.modules)
+    for r in rep.modules:
+        assert r.name in real and kit.same_module(r.source, r.name), (r.source, r.name)
+        want = src.modules[r.source].delta(dtype=torch.float64)
+        got = lokr.modules[r.name].delta(dtype=torch.float64).reshape(want.shape)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6 * float(want.abs().max()))
 
 
 @pytest.mark.parametrize(
@@ -172,25 +209,6 @@ def test_lycoris_to_lora_matches_lycoris_own_weights(fixture: str, mf: ModuleTyp
     # with --rank the SVD truncation keeps the optimal part and says how much
     small = convert(FIXTURES / fixture, "diffusers", tmp_path / "small.safetensors", rank=1)
     assert all(m.rank == 1 for m in small.modules) and min(m.energy for m in small.modules) < 1
-
-
-def test_kohya_written_by_loratools_loads_in_diffusers(mf: ModuleType, tmp_path: Path) -> None:
-    from diffusers.loaders.lora_pipeline import StableDiffusionLoraLoaderMixin as SD
-    from peft.tuners.lora import LoraLayer
-
-    convert(FIXTURES / "diffusers_sd", "kohya", tmp_path / "k.safetensors")
-    unet = mf.tiny_unet()
-    sd, alphas = SD.lora_state_dict(str(tmp_path), weight_name="k.safetensors")
-    SD.load_lora_into_unet(sd, alphas, unet, adapter_name="default")
-    src = load_adapter(FIXTURES / "diffusers_sd")
-    checked = 0
-    for name, layer in unet.named_modules():
-        if isinstance(layer, LoraLayer) and "default" in layer.lora_A:
-            want = src.modules[f"unet.{name}"].delta()
-            got = layer.get_delta_weight("default")
-            torch.testing.assert_close(got.reshape(want.shape), want, rtol=1e-5, atol=1e-6)
-            checked += 1
-    assert checked == sum(n.startswith("unet.") for n in src.modules)
 
 
 def _gguf_base(mf: ModuleType, tmp_path: Path) -> Path:

@@ -12,17 +12,17 @@ lycoris-lora), and that library's own numbers are the truth:
   what consumers actually run -- against the base layer computed with loratools' merged weight.
   (lycoris 4.1.3 ``get_diff_weight`` applies the scale twice for LoHa/LoKr, so it is not used.)
 
-All comparisons are in fp32.  Deltas and merged weights are compared with ``rtol=1e-5, atol=1e-6``;
-layer outputs sum a few hundred products (in_features * kh * kw) in a different order than the peer
+All comparisons are in fp32.  Deltas and merged weights are compared with ``rtol=1e-5, atol=1e-6``
+(``peers_kit.TOL``); layer outputs sum a few hundred products (in_features * kh * kw) in a different order than the peer
 does, so they use ``atol=1e-5`` (outputs are O(1); the worst observed difference is ~1e-6).
 """
 
 from __future__ import annotations
 
-import os
 from types import ModuleType
 from typing import Any
 
+import peers_kit as kit
 import pytest
 import torch
 import torch.nn.functional as F
@@ -30,11 +30,6 @@ from conftest import FIXTURES
 
 from loratools import load_adapter
 from loratools.model import Module
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
-TOL: dict[str, Any] = dict(rtol=1e-5, atol=1e-6)
-OUT_TOL: dict[str, Any] = dict(rtol=1e-5, atol=1e-5)
 
 #: PEFT fixture -> builder of its base model in make_fixtures
 PEFT_FIXTURES = {
@@ -56,20 +51,6 @@ LYCORIS_FIXTURES = [
 ]
 
 
-def _snapshot(model: torch.nn.Module, prefix: str = "") -> dict[str, torch.Tensor]:
-    return {prefix + k: v.detach().clone() for k, v in model.state_dict().items()}
-
-
-def _lora_layers(model: torch.nn.Module, prefix: str = "", strip: str = "") -> dict[str, Any]:
-    from peft.tuners.lora import LoraLayer
-
-    return {prefix + n.removeprefix(strip): m for n, m in model.named_modules() if isinstance(m, LoraLayer)}
-
-
-def _close(got: torch.Tensor, want: torch.Tensor, where: str, tol: dict[str, Any] = TOL) -> None:
-    torch.testing.assert_close(got, want, **tol, msg=lambda s: f"{where}: {s}")
-
-
 def _check_against_peft_layer(name: str, m: Module, layer: Any) -> None:
     """rank, scale and delta of one loratools module against the peft layer diffusers/peft built."""
     assert m.rank == layer.r["default"], name
@@ -78,7 +59,7 @@ def _check_against_peft_layer(name: str, m: Module, layer: Any) -> None:
         want = layer.get_delta_weight("default").float()
     got = m.delta()
     assert want.abs().max() > 1e-3, f"{name}: the peer loaded an all-zero adapter"
-    _close(got.reshape(want.shape), want, name)
+    kit.close(got.reshape(want.shape), want, name)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -90,9 +71,9 @@ def _peft_model(mf: ModuleType, fixture: str) -> tuple[dict[str, torch.Tensor], 
     from peft import PeftModel
 
     base = getattr(mf, PEFT_FIXTURES[fixture])()
-    original = _snapshot(base)
+    original = kit.snapshot(base)
     pm = PeftModel.from_pretrained(base, str(FIXTURES / fixture))
-    return original, pm, _lora_layers(pm, strip="base_model.model.")
+    return original, pm, kit.lora_layers(pm, strip="base_model.model.")
 
 
 @pytest.mark.parametrize("fixture", sorted(PEFT_FIXTURES))
@@ -107,7 +88,7 @@ def test_peft_delta_equals_get_delta_weight(mf: ModuleType, fixture: str) -> Non
         mag = getattr(layer, "lora_magnitude_vector", {})
         if "default" in mag:
             assert m.magnitude is not None and m.type == "dora", name
-            torch.testing.assert_close(m.magnitude.load().float().reshape(-1), mag["default"].weight.float(), **TOL)
+            torch.testing.assert_close(m.magnitude.load().float().reshape(-1), mag["default"].weight.float(), **kit.TOL)
         else:
             assert m.magnitude is None, name
 
@@ -118,14 +99,14 @@ def test_peft_apply_equals_merge_and_unload(mf: ModuleType, fixture: str) -> Non
     original, pm, layers = _peft_model(mf, fixture)
     a = load_adapter(FIXTURES / fixture)
     with torch.no_grad():
-        merged = _snapshot(pm.merge_and_unload())
+        merged = kit.snapshot(pm.merge_and_unload())
     assert set(a.modules) == set(layers)
     for name, m in a.modules.items():
         key = f"{name}.weight"
         w = original[key]
         want = merged[key]
         assert not torch.allclose(want, w), f"{name}: peft's merge left the weight unchanged"
-        _close(m.apply(w), want, name)
+        kit.close(m.apply(w), want, name)
     if fixture == "peft_llama_embed":
         # the modules_to_save copy replaces lm_head outright in peft's merged model
         torch.testing.assert_close(a.extras["lm_head.weight"].ref.load(), merged["lm_head.weight"], rtol=0, atol=0)
@@ -155,42 +136,21 @@ def test_peft_embed_extras(mf: ModuleType) -> None:
 # ------------------------------------------------------------------------------------------------
 
 
-def _diffusers_load(mf: ModuleType, path: Any) -> tuple[dict[str, torch.Tensor], dict[str, Any], Any]:
-    """Load a LoRA file into the tiny UNet + CLIP the way a StableDiffusionPipeline does."""
-    from diffusers.loaders.lora_pipeline import StableDiffusionLoraLoaderMixin as SD
-
-    unet, te = mf.tiny_unet(), mf.tiny_clip()
-    original = _snapshot(unet, "unet.") | _snapshot(te, "text_encoder.")
-    if path.is_dir():
-        sd, alphas, meta = SD.lora_state_dict(str(path), return_lora_metadata=True)
-    else:
-        sd, alphas, meta = SD.lora_state_dict(str(path.parent), weight_name=path.name, return_lora_metadata=True)
-    SD.load_lora_into_unet(sd, alphas, unet, adapter_name="default", metadata=meta)
-    SD.load_lora_into_text_encoder(sd, alphas, te, adapter_name="default", metadata=meta)
-    layers = _lora_layers(unet, "unet.") | _lora_layers(te, "text_encoder.")
-    return original, layers, te
-
-
 def _check_merge(name: str, m: Module, layer: Any, w: torch.Tensor) -> None:
     with torch.no_grad():
         layer.merge(adapter_names=["default"])
         want = layer.get_base_layer().weight.detach()
-    _close(m.apply(w), want, f"{name} (merged)")
+    kit.close(m.apply(w), want, f"{name} (merged)")
 
 
 @pytest.mark.parametrize("fixture", ["diffusers_sd", "diffusers_sd_old"])
 def test_diffusers_files_match_diffusers(mf: ModuleType, fixture: str) -> None:
-    original, layers, te = _diffusers_load(mf, FIXTURES / fixture)
+    original, layers, _, te = kit.diffusers_load(mf, FIXTURES / fixture)
     a = load_adapter(FIXTURES / fixture)
     assert a.format == "diffusers"
 
-    def peer_name(name: str) -> str:
-        # transformers-4 names (text_model.) are stripped by diffusers for a transformers-5 CLIP
-        if name.startswith("text_encoder.text_model.") and not hasattr(te, "text_model"):
-            return "text_encoder." + name.removeprefix("text_encoder.text_model.")
-        return name
-
-    mapped = {peer_name(n): m for n, m in a.modules.items()}
+    # transformers-4 names (text_model.) are stripped by diffusers for a transformers-5 CLIP
+    mapped = {kit.peer_name(n, te): m for n, m in a.modules.items()}
     assert len(mapped) == len(a.modules)
     assert any(n.startswith("text_encoder.") for n in layers) and any(n.startswith("unet.") for n in layers)
     assert set(mapped) == set(layers)
@@ -201,7 +161,7 @@ def test_diffusers_files_match_diffusers(mf: ModuleType, fixture: str) -> None:
 
 def test_kohya_matches_diffusers_converter(mf: ModuleType) -> None:
     path = FIXTURES / "kohya_sd" / "lora.safetensors"
-    original, layers, te = _diffusers_load(mf, path)
+    original, layers, _, te = kit.diffusers_load(mf, path)
     a = load_adapter(path)
     assert a.format == "kohya"
     assert not hasattr(te, "text_model")  # kohya TE names carry text_model_, the transformers-5 CLIP not
@@ -267,7 +227,7 @@ def test_lycoris_forward_matches_merged_weight(mf: ModuleType, fixture: str) -> 
                 lm.bypass_mode = mode
                 want = lm(x)
                 assert not torch.allclose(want, base), f"{lm.lora_name}: lycoris applied no change"
-                _close(got, want, f"{lm.lora_name} (bypass={mode}, {m.kind})", OUT_TOL)
+                kit.close(got, want, f"{lm.lora_name} (bypass={mode}, {m.kind})", kit.OUT_TOL)
                 checked += 1
         assert (m.magnitude is not None) == bool(getattr(lm, "wd", False)), lm.lora_name
     assert checked >= len(loras)
