@@ -1,6 +1,6 @@
 """Hostile base checkpoints: sharded folders whose ``model.safetensors.index.json`` lies, and the shards it names.
 
-Read by ``validate --base`` and ``diff`` (io.checkpoint.base_tensors) and by ``merge`` (its layout reader). Every
+Read by ``validate --base``, ``diff`` and ``merge``, all through io.checkpoint.read_checkpoint. Every
 case is refused with an error naming the problem (``validate``: a finding), nothing is written, nothing hangs (a
 shard that is a FIFO is never opened).
 """
@@ -22,7 +22,7 @@ from readers_kit import FIXTURES, put
 
 from loratools.errors import FileFormatError
 from loratools.io import jsonfile
-from loratools.io.checkpoint import base_tensors
+from loratools.io.checkpoint import read_checkpoint
 from loratools.io.safetensors import write_safetensors
 
 INDEX = "model.safetensors.index.json"
@@ -207,7 +207,7 @@ def test_hostile_index(tmp_path: Path, name: str, monkeypatch: pytest.MonkeyPatc
 def test_sound_base_is_read(tmp_path: Path) -> None:
     """The control: the same base, honest, is read, validated against and merged into."""
     b = base(tmp_path)
-    assert len(base_tensors(b)) == 8
+    assert len(read_checkpoint(b).tensors) == 8
     kit.validate([ADAPTER, "--base", b], inputs=[b, ADAPTER], ok=True)
     hostile.run(["diff", b, b], inputs=[b], code=0)
     hostile.run(["merge", b, ADAPTER, "-o", tmp_path / "merged"], inputs=[b, ADAPTER], code=0)
@@ -216,8 +216,8 @@ def test_sound_base_is_read(tmp_path: Path) -> None:
 
 def test_library_raises_one_line(tmp_path: Path) -> None:
     b = CASES["weight_map-list"].build(tmp_path)
-    hostile.call(base_tensors, b, raises=FileFormatError, inputs=[b], says="weight_map must be an object")
-    hostile.call(base_tensors, b / INDEX, raises=FileFormatError, inputs=[b], says="weight_map must be an object")
+    hostile.call(read_checkpoint, b, raises=FileFormatError, inputs=[b], says="weight_map must be an object")
+    hostile.call(read_checkpoint, b / INDEX, raises=FileFormatError, inputs=[b], says="weight_map must be an object")
 
 
 def test_counts() -> None:

@@ -38,7 +38,7 @@ READER_MODULES = (
     *(f"loratools.cli.{c}" for c in ("convert", "diff", "extract", "inspect", "mix", "resize", "validate")),
 )
 READERS = (
-    "load_adapter", "detect", "open_raw", "read_header", "layout_of", "base_tensors", "check_output", "local",
+    "load_adapter", "detect", "open_raw", "read_header", "read_checkpoint", "check_output", "local",
     "resolve", "fetch",
 )  # fmt: skip
 

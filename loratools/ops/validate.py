@@ -12,7 +12,8 @@ from typing import Any, Literal
 from ..errors import FileFormatError, HeaderError, LoratoolsError, UnsafePickleError
 from ..formats import FORMATS, detect, load_adapter, patterns, peft, resolve_source
 from ..formats.common import PICKLE_SUFFIXES, open_raw
-from ..io.checkpoint import BaseTensor, base_tensors
+from ..formats.names import kohya_index
+from ..io.checkpoint import BaseTensor, read_checkpoint
 from ..model import Adapter, Module, TensorRef
 from . import args
 
@@ -102,7 +103,7 @@ def validate(
     for value, name in ((strict, "strict"), (fast, "fast")):
         args.flag(value, name)
     args.choice(for_, "for_", RULES)
-    base_weights = base_tensors(base) if base is not None else None  # unreadable: nothing to check against
+    base_weights = read_checkpoint(base).tensors if base is not None else None  # unreadable: nothing to check against
     rep = ValidateReport(str(source), format, strict)
 
     def add(sev: Severity, code: str, msg: str, module: str | None = None) -> None:
@@ -292,8 +293,6 @@ def _check_hash(adapter: Adapter, add: Any) -> None:
 
 
 def _check_base(adapter: Adapter, base: str | os.PathLike[str], tensors: dict[str, BaseTensor], add: Any) -> None:
-    from ..io.checkpoint import kohya_index
-
     index = kohya_index(list(tensors)) if adapter.format == "kohya" else {}
     for m in adapter.modules.values():
         module = index.get(m.name, m.name)
