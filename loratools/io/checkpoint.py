@@ -9,9 +9,9 @@ their tensors named with the component as a prefix (``unet.down_blocks.0...``).
 Refused, each with an error that names it: a path that is missing, or neither a regular file nor a folder; a
 folder or special file where a weights file is expected (a FIFO is never opened); several index files in one
 folder (also when one of them is named); several ``.safetensors`` files and no index; a model folder (or a
-pipeline component) with only pickle weights, or no weights; an index whose JSON lies (:func:`read_index`); a
-shard that is missing or that is not a safetensors file; a tensor the index puts in a shard that does not hold
-it; a tensor in two shards.
+pipeline component) with only pickle weights, or no weights; an index whose JSON lies (:func:`read_index`) or
+that names no tensors; a shard that is missing or that is not a safetensors file; a tensor the index puts in a
+shard that does not hold it; a tensor in two shards.
 """
 
 from __future__ import annotations
@@ -154,6 +154,8 @@ def _sharded(root: Path, sub: Path, name: str, doc: dict[str, Any], prefix: str)
     folder = root / sub
     weight_map: dict[str, str] = doc["weight_map"]
     shards = sorted(set(weight_map.values()))
+    if not shards:
+        raise FileFormatError(f"{name}: its weight_map names no tensors", "is the checkpoint complete?")
     missing = [s for s in shards if not (folder / s).exists()]  # a folder or a FIFO: refused by read_header
     if missing:
         raise FileFormatError(
