@@ -32,6 +32,7 @@ EMBEDDING_CHOICES = ("lora", "save", "skip")
 
 
 def selector(include: Iterable[str], exclude: Iterable[str]) -> Callable[[str], bool]:
+    """``--include`` / ``--exclude`` as a test of a tensor name."""
     # user patterns: Python re syntax, matched at bounded cost (a pathological one is refused, never hangs)
     inc = patterns.pattern_set(args.strings(include, "include"), "--include", "search", UsageError)
     exc = patterns.pattern_set(args.strings(exclude, "exclude"), "--exclude", "search", UsageError)
