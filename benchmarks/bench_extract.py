@@ -87,10 +87,10 @@ def write_pair(base: Path, tuned: Path, layers: int, rank: int, shard_bytes: int
 def errors(base: Path, tuned: Path, adapter: Path) -> tuple[float, float, int]:
     """(relative error over all modules, largest per module, modules) of an adapter against TUNED - BASE."""
     from loratools import load_adapter
-    from loratools.io.checkpoint import base_tensors
+    from loratools.io.checkpoint import read_checkpoint
     from loratools.io.safetensors import read_tensor
 
-    a, b = base_tensors(base), base_tensors(tuned)
+    a, b = read_checkpoint(base).tensors, read_checkpoint(tuned).tensors
     got = load_adapter(adapter)
     lost = total = 0.0
     worst = 0.0

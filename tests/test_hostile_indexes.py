@@ -1,6 +1,8 @@
-"""Hostile base checkpoints: sharded folders whose ``model.safetensors.index.json`` lies, and the shards it names.
+"""Hostile base checkpoints: sharded folders whose ``model.safetensors.index.json`` lies, and the shards it names;
+folders that are not one model (several indexes, a pipeline component without weights, pickle weights only).
 
-Read by ``validate --base`` and ``diff`` (io.checkpoint.base_tensors) and by ``merge`` (its layout reader). Every
+Read by ``validate --base``, ``diff``, ``merge``, ``extract`` and ``convert --base``, all through one reader
+(io.checkpoint.read_checkpoint). Every
 case is refused with an error naming the problem (``validate``: a finding), nothing is written, nothing hangs (a
 shard that is a FIFO is never opened).
 """
@@ -22,7 +24,7 @@ from readers_kit import FIXTURES, put
 
 from loratools.errors import FileFormatError
 from loratools.io import jsonfile
-from loratools.io.checkpoint import base_tensors
+from loratools.io.checkpoint import read_checkpoint
 from loratools.io.safetensors import write_safetensors
 
 INDEX = "model.safetensors.index.json"
@@ -189,6 +191,63 @@ def _index_is_folder(d: Path) -> None:
 
 case("index-is-a-folder", "is a folder", mutated(_index_is_folder))
 
+
+# ---- what the one reader takes: the strictest rule of the two readers it replaced ------------------------------------
+
+
+def _named_among_two(tmp: Path) -> Path:
+    d = base(tmp)
+    shutil.copy(d / INDEX, d / ("other" + INDEX[5:]))
+    return d / INDEX  # naming one of them does not make the folder one model: the other's shards would be copied
+
+
+def _unsharded(d: Path) -> dict[str, torch.Tensor]:
+    """The sharded base's tensors, its index and shards removed."""
+    (d / INDEX).unlink()
+    for shard in SHARDS:
+        (d / shard).unlink()
+    return {k: v for ts in weights().values() for k, v in ts.items()}
+
+
+def _weights_file_is_a_folder(d: Path) -> None:
+    ts = _unsharded(d)
+    (d / "model.safetensors").mkdir()
+    write_safetensors(d / "model.safetensors" / "model.safetensors", ts)
+
+
+def _only_pickles(d: Path) -> None:
+    ts = _unsharded(d)
+    torch.save(ts, d / "pytorch_model.bin")
+
+
+def _no_weights(d: Path) -> None:
+    _unsharded(d)
+
+
+def _pipeline(tmp: Path, text_encoder: Callable[[Path], None]) -> Path:
+    """A pipeline folder: the base as its ``unet``, and a ``text_encoder`` folder made by ``text_encoder``."""
+    d = tmp / "pipe"
+    d.mkdir()
+    (d / "model_index.json").write_text("{}")
+    base(tmp).rename(d / "unet")
+    (d / "text_encoder").mkdir()
+    (d / "text_encoder" / "config.json").write_text("{}")
+    text_encoder(d / "text_encoder")
+    return d
+
+
+case("two-index-files-one-named", "several safetensors index files", _named_among_two)
+index_case("weight_map-empty", "names no tensors", {"metadata": {}, "weight_map": {}})
+case("weights-file-is-a-folder", "is a folder", mutated(_weights_file_is_a_folder))
+case("only-pickle-weights", "only pickle weights", mutated(_only_pickles))
+case("no-weights", "no .safetensors weights found", mutated(_no_weights))
+case("component-without-weights", "no .safetensors weights found", lambda tmp: _pipeline(tmp, lambda d: None))
+case(
+    "component-only-pickle-weights",
+    "only pickle weights",
+    lambda tmp: _pipeline(tmp, lambda d: torch.save({"w": torch.zeros(2)}, d / "pytorch_model.bin")),
+)
+
 SLOW = {"index-1GB"}  # hashing a 1 GB sparse input before and after each run
 
 
@@ -202,23 +261,66 @@ def test_hostile_index(tmp_path: Path, name: str, monkeypatch: pytest.MonkeyPatc
     hostile.run(["diff", b, b], inputs=[b], code=(1, 2), says=c.says)
     out = tmp_path / "merged"
     hostile.run(["merge", b, ADAPTER, "-o", out], inputs=inputs, code=1, out=out, says=c.says)
+    out = tmp_path / "extracted"
+    hostile.run(["extract", b, b, "--rank", "1", "-o", out], inputs=[b], code=1, out=out, says=c.says)
+    out = tmp_path / "converted.safetensors"
+    hostile.run(["convert", ADAPTER, "--to", "kohya", "--base", b, "-o", out], inputs=inputs, code=1, out=out,
+                says=c.says)  # fmt: skip
 
 
 def test_sound_base_is_read(tmp_path: Path) -> None:
     """The control: the same base, honest, is read, validated against and merged into."""
     b = base(tmp_path)
-    assert len(base_tensors(b)) == 8
+    assert len(read_checkpoint(b).tensors) == 8
     kit.validate([ADAPTER, "--base", b], inputs=[b, ADAPTER], ok=True)
     hostile.run(["diff", b, b], inputs=[b], code=0)
     hostile.run(["merge", b, ADAPTER, "-o", tmp_path / "merged"], inputs=[b, ADAPTER], code=0)
     assert (tmp_path / "merged" / INDEX).is_file()
+    hostile.run(["extract", b, b, "--rank", "1", "-o", tmp_path / "x"], inputs=[b], code=1, says="no changed weights")
+    out = tmp_path / "converted.safetensors"
+    hostile.run(["convert", ADAPTER, "--to", "kohya", "--base", b, "-o", out], inputs=[b, ADAPTER], code=0, out=out)
+
+
+def test_index_named_directly_is_its_folder(tmp_path: Path) -> None:
+    """The index file stands for its folder: the same tensors, the same files, the same output."""
+    b = base(tmp_path)
+    whole, named = read_checkpoint(b), read_checkpoint(b / INDEX)
+    assert named.root == b and [i.rel for i in named.indexes] == [Path(INDEX)]
+    assert list(named.tensors) == list(whole.tensors) and [f.rel for f in named.files] == [Path(s) for s in SHARDS]
+    hostile.run(["merge", b / INDEX, ADAPTER, "-o", tmp_path / "merged"], inputs=[b, ADAPTER], code=0)
+    assert sorted(os.listdir(tmp_path / "merged")) == sorted(os.listdir(b))
+
+
+def test_index_metadata_null_is_merged(tmp_path: Path) -> None:
+    """``"metadata": null`` is an index without metadata: the output's index gets its total size."""
+    b = base(tmp_path, {"metadata": None, "weight_map": weight_map()})
+    hostile.run(["merge", b, ADAPTER, "-o", tmp_path / "merged"], inputs=[b, ADAPTER], code=0)
+    index = json.loads((tmp_path / "merged" / INDEX).read_text())
+    shards = sum((tmp_path / "merged" / s).stat().st_size for s in SHARDS)
+    assert index["weight_map"] == weight_map() and 0 < index["metadata"]["total_size"] < shards
+
+
+def test_a_pipeline_is_read_by_component(tmp_path: Path) -> None:
+    """The control for the pipeline cases: components with weights are read, their tensors prefixed."""
+    d = _pipeline(tmp_path, lambda te: write_safetensors(te / "model.safetensors", {"w.weight": torch.zeros(2, 2)}))
+    ckpt = read_checkpoint(d)
+    assert [f.prefix for f in ckpt.files] == ["unet.", "unet.", "text_encoder."]
+    assert "text_encoder.w.weight" in ckpt.tensors and len(ckpt.tensors) == 9
+    assert ckpt.tensors["text_encoder.w.weight"].file == d / "text_encoder" / "model.safetensors"
+
+
+def test_a_special_file_as_the_base_is_refused(tmp_path: Path) -> None:
+    """A FIFO named as the checkpoint is refused by what it is, never opened (it would block)."""
+    fifo = tmp_path / "base.safetensors"
+    os.mkfifo(fifo)
+    hostile.call(read_checkpoint, fifo, raises=FileFormatError, says="not a regular file or folder")
 
 
 def test_library_raises_one_line(tmp_path: Path) -> None:
     b = CASES["weight_map-list"].build(tmp_path)
-    hostile.call(base_tensors, b, raises=FileFormatError, inputs=[b], says="weight_map must be an object")
-    hostile.call(base_tensors, b / INDEX, raises=FileFormatError, inputs=[b], says="weight_map must be an object")
+    hostile.call(read_checkpoint, b, raises=FileFormatError, inputs=[b], says="weight_map must be an object")
+    hostile.call(read_checkpoint, b / INDEX, raises=FileFormatError, inputs=[b], says="weight_map must be an object")
 
 
 def test_counts() -> None:
-    assert len(CASES) >= 40
+    assert len(CASES) >= 47

@@ -57,7 +57,7 @@ def commands(w: dict[str, Path]) -> dict[str, list[str]]:
 
 #: where the work is stopped: (module attribute to wrap, which call raises)
 POINTS: dict[str, tuple[str, str, int]] = {
-    "in-a-merge-thread": ("loratools.ops.merge", "_chunk", 2),
+    "in-a-merge-thread": ("loratools.ops.merge_engine", "_chunk", 2),
     "while-writing": ("loratools.io.safetensors", "tensor_bytes", 2),
     "before-the-rename": ("loratools.io.atomic", "fsync_tree", 1),
     "at-the-rename": ("loratools.io.atomic", "_rename_noreplace", 1),
@@ -94,7 +94,7 @@ def test_a_stopped_run_cleans_up_and_says_so(
 
     module, name, nth = POINTS[point]
     if point == "while-writing" and cmd == "merge":
-        module = "loratools.ops.merge"  # its own name for the same helper
+        module = "loratools.ops.merge_engine"  # its own name for the same helper
     mod = importlib.import_module(module)
     real = getattr(mod, name)
     calls = {"n": 0}
@@ -280,10 +280,9 @@ def test_a_signal_inside_a_hand_off_waits_for_the_next_checkpoint(
 ) -> None:
     """The handler runs while the main thread is inside a queue hand-off (where an exception would lose a
     wake-up and hang a join): the stop is deferred to the next chunk boundary, and the run ends cleanly."""
-    from loratools.io import interrupts
-    from loratools.ops import merge as merge_mod
+    from loratools.io import interrupts, stream
 
-    cls, name = (merge_mod._Pool, "submit") if where == "submit" else (merge_mod._Writer, "write")
+    cls, name = (stream.Pool, "submit") if where == "submit" else (stream.Writer, "write")
     real = getattr(cls, name)
     calls = {"n": 0, "raised": False}
 

@@ -38,7 +38,7 @@ READER_MODULES = (
     *(f"loratools.cli.{c}" for c in ("convert", "diff", "extract", "inspect", "mix", "resize", "validate")),
 )
 READERS = (
-    "load_adapter", "detect", "open_raw", "read_header", "layout_of", "base_tensors", "check_output",
+    "load_adapter", "detect", "open_raw", "read_header", "read_checkpoint", "check_output",
     "fetch_if_remote", "fetch_if_repo", "resolve", "fetch", "fetch_headers",
 )  # fmt: skip
 

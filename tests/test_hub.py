@@ -356,13 +356,12 @@ def test_fetch_a_checkpoint_skips_other_formats(server: HubServer) -> None:
 
 
 def test_a_cached_sharded_checkpoint_reads(server: HubServer) -> None:
-    from loratools.io.checkpoint import base_tensors
-    from loratools.ops.merge import layout_of
+    from loratools.io.checkpoint import read_checkpoint
 
     sharded_repo(server)
     path = hub.fetch("org/base", kind="checkpoint")
-    assert sorted(layout_of(path).names()) == ["model.embed.weight", "model.layers.0.q_proj.weight"]  # merge
-    assert sorted(base_tensors(path)) == ["model.embed.weight", "model.layers.0.q_proj.weight"]  # validate, diff
+    # merge, extract, convert, validate, diff
+    assert sorted(read_checkpoint(path).tensors) == ["model.embed.weight", "model.layers.0.q_proj.weight"]
 
 
 def test_fetch_a_pipeline_checkpoint(server: HubServer) -> None:

@@ -15,7 +15,7 @@ import torch
 from loratools.errors import HeaderError, OutputExistsError, UnsafePickleError
 from loratools.io.atomic import atomic_write
 from loratools.io.pickle import read_pickle
-from loratools.io.safetensors import MAX_HEADER, read_header, read_tensor, write_safetensors
+from loratools.io.safetensors import MAX_HEADER, encode_header, read_header, read_tensor, write_safetensors
 
 TENSORS = {
     "a": torch.arange(12, dtype=torch.float32).reshape(3, 4),
@@ -50,6 +50,19 @@ def test_reference_reads_what_we_write(tmp_path: Path) -> None:
     (n,) = struct.unpack("<Q", raw[:8])
     assert n % 8 == 0
     assert raw[8 + n : 8 + n + 48] == TENSORS["a"].numpy().tobytes()
+
+
+def test_the_one_header_encoder_golden_bytes() -> None:
+    """The header every safetensors file loratools writes starts with (write_safetensors, merge's files): compact
+    JSON, the tensors in the order given, padded with spaces so that the data starts 8-byte aligned."""
+    head, size = encode_header([("b", "BF16", (2,)), ("a", "F32", (3, 4))], {"k": "v"})
+    text = (
+        b'{"__metadata__":{"k":"v"},"b":{"dtype":"BF16","shape":[2],"data_offsets":[0,4]},'
+        b'"a":{"dtype":"F32","shape":[3,4],"data_offsets":[4,52]}}'
+    )
+    text += b" " * (-len(text) % 8)
+    assert head == struct.pack("<Q", len(text)) + text and size == 52 and len(head) % 8 == 0
+    assert encode_header([], {}) == (struct.pack("<Q", 8) + b"{}      ", 0)  # empty metadata is left out
 
 
 def test_write_refuses_to_overwrite_and_leaves_nothing_on_failure(tmp_path: Path) -> None:

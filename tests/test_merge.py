@@ -17,7 +17,8 @@ from conftest import FIXTURES
 from loratools import load_adapter
 from loratools.cli import cli
 from loratools.errors import LoratoolsError, OutputExistsError, ShapeError
-from loratools.ops import merge as merge_mod
+from loratools.io import stream
+from loratools.ops import merge_engine
 from loratools.ops.merge import merge
 
 PEFT_FIXTURES = {
@@ -209,7 +210,7 @@ def test_failure_half_way_leaves_nothing(
     bases: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     calls = {"n": 0}
-    real = merge_mod._merge_tensor
+    real = merge_engine._merge_tensor
 
     def failing(*args: Any, **kw: Any) -> Any:
         calls["n"] += 1
@@ -217,7 +218,7 @@ def test_failure_half_way_leaves_nothing(
             raise KeyboardInterrupt  # Ctrl-C in the middle of a shard
         return real(*args, **kw)
 
-    monkeypatch.setattr(merge_mod, "_merge_tensor", failing)
+    monkeypatch.setattr(merge_engine, "_merge_tensor", failing)
     before = sorted(os.listdir(tmp_path))
     with pytest.raises(KeyboardInterrupt):
         merge(bases["tiny_llama"], [FIXTURES / "peft_llama"], tmp_path / "out")
@@ -297,8 +298,8 @@ def test_chunking_does_not_change_the_result(
     adapters = [FIXTURES / "peft_llama", FIXTURES / "peft_llama_patterns"]
     whole = merge(tmp_path / "base", adapters, tmp_path / "whole", [0.7, 0.4])
     row = 64 * 4  # the widest tiny_llama row in float32 bytes
-    monkeypatch.setattr(merge_mod, "CHUNK_BYTES", row)
-    monkeypatch.setattr(merge_mod, "IO_BYTES", 3 * 64 * 2)
+    monkeypatch.setattr(merge_engine, "CHUNK_BYTES", row)
+    monkeypatch.setattr(stream, "IO_BYTES", 3 * 64 * 2)
     chunked = merge(tmp_path / "base", adapters, tmp_path / "chunked", [0.7, 0.4])
     a, b = load_dir(tmp_path / "whole"), load_dir(tmp_path / "chunked")
     assert a.keys() == b.keys()
@@ -331,9 +332,9 @@ def test_unaligned_tensor_data_is_read_rather_than_mapped(
     odd = tmp_path / "odd.safetensors"
     odd.write_bytes(len(header).to_bytes(8, "little") + header + raw[8 + n :])
     reads: list[int] = []
-    real_read = merge_mod.read_into
+    real_read = merge_engine.read_into
     monkeypatch.setattr(
-        merge_mod, "read_into", lambda fh, start, view: reads.append(start) or real_read(fh, start, view)
+        merge_engine, "read_into", lambda fh, start, view: reads.append(start) or real_read(fh, start, view)
     )
     merge(src, [FIXTURES / "peft_llama"], tmp_path / "aligned.safetensors")
     assert reads == []  # aligned: every LoRA target viewed in place through the memory map

@@ -14,6 +14,7 @@ from conftest import FIXTURES
 
 from loratools.errors import OutputError
 from loratools.io import safetensors as st_io
+from loratools.io import stream
 from loratools.ops import merge as merge_mod
 
 
@@ -71,13 +72,13 @@ class _FullDisk:
 
 
 def test_full_disk_during_merge_leaves_nothing(big_base: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    real = merge_mod._Writer.__init__
+    real = stream.Writer.__init__
 
-    def init(self: merge_mod._Writer, fh: object) -> None:
+    def init(self: stream.Writer, fh: object) -> None:
         real(self, _FullDisk(fh, 10_000_000))
 
-    monkeypatch.setattr(merge_mod._Writer, "__init__", init)
-    monkeypatch.setattr(merge_mod, "_kernel_copy", lambda *a: False)  # every byte through the failing writer
+    monkeypatch.setattr(stream.Writer, "__init__", init)
+    monkeypatch.setattr(stream, "kernel_copy", lambda *a: False)  # every byte through the failing writer
     before = digest(big_base)
     with pytest.raises(OutputError, match="No space left"):
         merge_mod.merge(big_base, [FIXTURES / "peft_llama"], tmp_path / "out.safetensors")

@@ -198,8 +198,6 @@ def from_kohya(names: list[str], base_names: list[str] | None = None) -> tuple[d
     """kohya names -> dotted names (with a diffusers component where the prefix names one), and the names
     that could not be resolved. With ``base_names`` (a base checkpoint's tensor names) they are matched
     against the base; otherwise by the identifier table."""
-    from ..io.checkpoint import kohya_index
-
     index = kohya_index(base_names) if base_names is not None else {}
     found: dict[str, str] = {}
     missing: list[str] = []
@@ -232,3 +230,49 @@ def component_of(names: list[str]) -> str | None:
     if all(n.startswith("text_model") for n in names):
         return "text_encoder"
     return None
+
+
+# ---- kohya names against a base checkpoint's own tensor names ----------------------------------------------------
+
+#: prefixes of single-file SD/SDXL checkpoints and their kohya names
+SINGLE_FILE_PREFIXES = {
+    "model.diffusion_model.": "lora_unet_",
+    "cond_stage_model.transformer.": "lora_te_",
+    "conditioner.embedders.0.transformer.": "lora_te1_",
+    "conditioner.embedders.1.model.": "lora_te2_",
+}
+
+
+def _component_prefixes() -> dict[str, tuple[str, ...]]:
+    """Component folder prefix ("unet.") -> every kohya prefix that names it, from :data:`KOHYA_COMPONENTS`;
+    kohya's own Flux LoRAs call the transformer "unet"."""
+    out: dict[str, tuple[str, ...]] = {}
+    for kohya, component in KOHYA_COMPONENTS.items():
+        if component:
+            out[component + "."] = (*out.get(component + ".", ()), kohya)
+    out["transformer."] = (*out.get("transformer.", ()), "lora_unet_")
+    return out
+
+
+def kohya_index(names: list[str]) -> dict[str, str]:
+    """Flattened kohya/LyCORIS module names -> a base checkpoint's dotted module names (from its tensor names;
+    weights only)."""
+    out: dict[str, str] = {}
+    components = _component_prefixes()
+    for name in names:
+        if not name.endswith(".weight"):
+            continue
+        module = name[: -len(".weight")]
+        flat = module.replace(".", "_")
+        out.setdefault("lycoris_" + flat, module)
+        for table in (SINGLE_FILE_PREFIXES, components):
+            for prefix, kohya in table.items():
+                if module.startswith(prefix):
+                    rest = module[len(prefix) :].replace(".", "_")
+                    for k in (kohya,) if isinstance(kohya, str) else kohya:
+                        out.setdefault(k + rest, module)
+                        if k.startswith("lora_te") and not rest.startswith("text_model"):
+                            # transformers 5 CLIP text models lost their `text_model.` level; kohya names keep it
+                            out.setdefault(k + "text_model_" + rest, module)
+        out.setdefault("lora_unet_" + flat, module)
+    return out

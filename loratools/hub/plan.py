@@ -14,8 +14,9 @@ from pathlib import PurePosixPath
 from typing import Any, Literal
 
 from ..errors import FileFormatError, HubError, LoratoolsError
-from ..io.checkpoint import COMPONENTS, INDEX_SUFFIX
+from ..io.checkpoint import INDEX_SUFFIX
 from ..io.pickle import is_pickle
+from ..model.components import COMPONENTS
 from .ids import RepoRef, show
 
 Kind = Literal["adapter", "checkpoint", "file"]

@@ -12,7 +12,7 @@ import math
 import os
 import stat
 import struct
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from io import BufferedReader
 from pathlib import Path
@@ -353,6 +353,26 @@ def iter_chunks(path: str | os.PathLike[str], info: TensorInfo, chunk: int = 1 <
             yield buf
 
 
+def encode_header(
+    tensors: Iterable[tuple[str, str, Sequence[int]]], metadata: Mapping[str, str] | None = None
+) -> tuple[bytes, int]:
+    """The bytes before a safetensors file's data: the 8-byte length and the JSON header, padded with spaces to a
+    multiple of 8 so that the data is aligned; ``tensors`` (name, dtype, shape) lie one after the other in the
+    order given, and ``metadata``, when not empty, is the header's ``__metadata__``. Returns them and the size
+    of the data section."""
+    entries: dict[str, Any] = {}
+    if metadata:
+        entries["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
+    offset = 0
+    for name, dtype, shape in tensors:
+        nbytes = math.prod(shape) * DTYPE_SIZES[dtype]
+        entries[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    raw = json.dumps(entries, separators=(",", ":")).encode("utf-8")
+    raw += b" " * (-len(raw) % 8)
+    return struct.pack("<Q", len(raw)) + raw, offset
+
+
 def write_safetensors(
     path: str | os.PathLike[str],
     tensors: Mapping[str, torch.Tensor | TensorRef],
@@ -362,23 +382,14 @@ def write_safetensors(
 ) -> None:
     """Write a safetensors file atomically: header first (all offsets known from shapes), then each tensor in
     turn, loading :class:`TensorRef` data only when its turn comes. Tensor order is sorted by name."""
-    entries: dict[str, Any] = {}
-    if metadata:
-        entries["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
-    offset = 0
     names = sorted(tensors)
+    specs = []
     for name in names:
         t = tensors[name]
-        shape = list(t.shape)
-        dtype = t.dtype if isinstance(t, TensorRef) else dtype_name(t.dtype)
-        nbytes = math.prod(shape) * DTYPE_SIZES[dtype]
-        entries[name] = {"dtype": dtype, "shape": shape, "data_offsets": [offset, offset + nbytes]}
-        offset += nbytes
-    header = json.dumps(entries, separators=(",", ":")).encode("utf-8")
-    header += b" " * (-len(header) % 8)
+        specs.append((name, t.dtype if isinstance(t, TensorRef) else dtype_name(t.dtype), tuple(t.shape)))
+    head, _ = encode_header(specs, metadata)
     with atomic_write(path, force=force) as tmp, open(tmp, "wb") as fh:
-        fh.write(struct.pack("<Q", len(header)))
-        fh.write(header)
+        fh.write(head)
         for name in names:
             t = tensors[name]
             fh.write(tensor_bytes(t.load() if isinstance(t, TensorRef) else t))

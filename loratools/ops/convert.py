@@ -18,9 +18,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..errors import IncompatibleAdaptersError, LoratoolsError, ShapeError, UsageError
+from ..errors import IncompatibleAdaptersError, ShapeError, UsageError
 from ..formats import FORMATS, load_adapter, save_adapter
 from ..formats.names import component_of, from_kohya, split_kohya, to_kohya
+from ..io.checkpoint import load_config
 from ..model import Adapter, Module, TensorRef, torch_dtype
 from ..model.components import COMPONENTS
 from . import args, provenance
@@ -286,11 +287,11 @@ def convert(
     base_names = None
     hparams = None
     if base is not None:
-        from .merge import layout_of
+        from ..io.checkpoint import read_checkpoint
 
-        base_names = list(layout_of(base).names())
+        base_names = list(read_checkpoint(base).tensors)
     if to == "gguf":
-        hparams = _hparams(Path(base)) if base is not None else _config(Path(base_config)) if base_config else None
+        hparams = _hparams(Path(base)) if base is not None else load_config(base_config) if base_config else None
     rep = ConvertReport(str(source), None, adapter.format, to)
     if to == "gguf":
         _drop_unchanged_base_layers(adapter, base, rep)
@@ -321,22 +322,17 @@ def _drop_unchanged_base_layers(adapter: Adapter, base: str | os.PathLike[str] |
     the base's own tensor."""
     import torch
 
-    from ..io.safetensors import read_tensor
-    from .merge import layout_of
+    from ..io.checkpoint import read_checkpoint
 
     copies = [k for k, e in adapter.extras.items() if e.role == "base_layer"]
     if not copies or base is None:
         return
-    layout = layout_of(base)
-    names = layout.names()
+    tensors = read_checkpoint(base).tensors
     for key in copies:
         plain = key.replace(".base_layer.", ".")
-        if plain not in names:
+        if plain not in tensors:
             continue
-        i, k = names[plain]
-        wf = layout.files[i]
-        path = layout.root / wf.rel if not layout.single_file else layout.root
-        if torch.equal(read_tensor(path, wf.header.tensors[k]), adapter.extras[key].ref.load()):
+        if torch.equal(tensors[plain].ref().load(), adapter.extras[key].ref.load()):
             del adapter.extras[key]
             rep.notes.append(f"{key} is an unchanged copy of the base's {plain}: not written (llama.cpp skips it)")
 
@@ -368,23 +364,8 @@ def reads_base_weights(source: str | os.PathLike[str], to: str) -> bool:
     return any(e.role == "base_layer" for e in load_adapter(source).extras.values())
 
 
-#: the most bytes a base config.json may have (real ones are a few KB; a vision-language config a few hundred)
-MAX_CONFIG_BYTES = 4 << 20
-
-
 def _hparams(base: Path) -> dict[str, Any] | None:
     """The base model's config.json beside ``base`` (a folder, or a file in one); None when there is none."""
-    folder = base if base.is_dir() else base.parent
-    cfg = folder / "config.json"
-    return _config(cfg) if cfg.exists() else None
+    from ..io.checkpoint import read_config
 
-
-def _config(cfg: Path) -> dict[str, Any]:
-    """A base model's config.json."""
-    from ..io import jsonfile
-
-    # the one JSON reader: size and depth limits, duplicate keys refused (transformers writes NaN/Infinity)
-    value = jsonfile.load(cfg, what="model config", nonfinite=True, limit=MAX_CONFIG_BYTES)
-    if not isinstance(value, dict):
-        raise LoratoolsError(f"{cfg}: a {type(value).__name__}, not a JSON object: not a model config")
-    return value
+    return read_config(base)

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from ..errors import HeaderError, LoratoolsError
 from ..formats import detect, load_adapter
-from ..io.checkpoint import BaseTensor, base_tensors
+from ..io.checkpoint import BaseTensor, read_checkpoint
 from ..io.progress import Progress
 from ..model import DTYPE_SIZES, Adapter, Module, TensorRef, torch_dtype
 from . import args
@@ -271,7 +271,7 @@ def plan_diff(a: str | os.PathLike[str], b: str | os.PathLike[str], mode: Mode =
 
 
 def _plan_tensors(a: str | os.PathLike[str], b: str | os.PathLike[str]) -> DiffPlan:
-    ta, tb = base_tensors(a), base_tensors(b)
+    ta, tb = read_checkpoint(a).tensors, read_checkpoint(b).tensors
     plan = DiffPlan(str(a), str(b), "tensors")
     plan.only_in_a = [n for n in ta if n not in tb]
     plan.only_in_b = [n for n in tb if n not in ta]

@@ -6,7 +6,7 @@ from __future__ import annotations
 import html
 import math
 
-from .merge import MergeReport, iter_layers
+from .merge_report import MergeReport, iter_layers
 
 
 def _bars(values: list[tuple[str, float]], title: str, fmt: str, log: bool = False) -> str:

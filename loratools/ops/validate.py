@@ -11,7 +11,8 @@ from typing import Any, Literal
 from ..errors import FileFormatError, HeaderError, LoratoolsError, UnsafePickleError
 from ..formats import FORMATS, adapter_file, detect, load_adapter, patterns, peft
 from ..formats.common import open_raw
-from ..io.checkpoint import BaseTensor, base_tensors
+from ..formats.names import kohya_index
+from ..io.checkpoint import BaseTensor, read_checkpoint
 from ..io.digest import file_sha256
 from ..io.pickle import TORCH_SUFFIXES
 from ..model import Adapter, Module, TensorRef
@@ -103,7 +104,7 @@ def validate(
     for value, name in ((strict, "strict"), (fast, "fast")):
         args.flag(value, name)
     args.choice(for_, "for_", RULES)
-    base_weights = base_tensors(base) if base is not None else None  # unreadable: nothing to check against
+    base_weights = read_checkpoint(base).tensors if base is not None else None  # unreadable: nothing to check against
     rep = ValidateReport(str(source), format, strict)
 
     def add(sev: Severity, code: str, msg: str, module: str | None = None) -> None:
@@ -288,8 +289,6 @@ def _check_hash(adapter: Adapter, add: Any) -> None:
 
 
 def _check_base(adapter: Adapter, base: str | os.PathLike[str], tensors: dict[str, BaseTensor], add: Any) -> None:
-    from ..io.checkpoint import kohya_index
-
     index = kohya_index(list(tensors)) if adapter.format == "kohya" else {}
     for m in adapter.modules.values():
         module = index.get(m.name, m.name)

@@ -1,0 +1,301 @@
+"""The merge's arithmetic, one base file at a time: each targeted tensor becomes ``W + sum_i w_i * delta_i`` in
+float32 on the chosen device, cast once to the stored dtype, and its numbers go to the report.
+
+Plain LoRA tensors are merged in row chunks straight from the base file's memory map, several chunks at once on
+the CPU (one thread each); DoRA, LoHa, LoKr, Tucker and replaced tensors are merged whole (``Module.apply``).
+Untargeted tensors are copied as they are (file to file, in the kernel) or cast. The threads, buffers and the
+writing thread are :mod:`loratools.io.stream`'s; Ctrl-C is taken at :func:`~loratools.io.interrupts.checkpoint`
+between chunks, and a failed tensor's chunks are cancelled or finished before the memory map they read closes.
+"""
+
+from __future__ import annotations
+
+import math
+import mmap
+from concurrent.futures import Future
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ..errors import ShapeError
+from ..io import stream
+from ..io.interrupts import checkpoint
+from ..io.progress import Tick
+from ..io.safetensors import Header, TensorInfo, encode_header, read_bytes, read_into, tensor_bytes, tensor_from_bytes
+from ..model import DTYPE_SIZES, Module, torch_dtype
+from .merge_report import MergeReport, TensorReport
+from .merge_targets import Target
+
+if TYPE_CHECKING:
+    import torch
+
+#: bytes of float32 work per chunk of rows: small, so that the few passes over a chunk stay in the CPU's cache
+CHUNK_BYTES = 2 << 20
+
+
+def _lost(lost: torch.Tensor) -> tuple[float, int]:
+    """|lost|^2 and the count of elements that overflowed to inf in storage (left out of the norm; ``lost`` is
+    overwritten)."""
+    import torch
+
+    flat = lost.reshape(-1)
+    lost_sq = float(torch.dot(flat, flat))
+    if math.isfinite(lost_sq):
+        return lost_sq, 0
+    bad = ~torch.isfinite(lost)
+    return float(torch.linalg.vector_norm(lost.masked_fill_(bad, 0))) ** 2, int(bad.sum())
+
+
+class _Stats:
+    """Norms accumulated chunk by chunk (float64 sums of float32 norms: a few fused passes per chunk)."""
+
+    def __init__(self) -> None:
+        self.delta_sq = self.base_sq = self.lost_sq = self.max_abs = 0.0
+        self.overflow = 0
+
+    def add(self, base: torch.Tensor, delta: torch.Tensor, stored: torch.Tensor) -> None:
+        """``delta`` is what was meant (merged - base, float32); ``stored`` what the file now holds."""
+        import torch
+
+        norm = torch.linalg.vector_norm
+        self.delta_sq += float(norm(delta)) ** 2
+        self.base_sq += float(norm(base)) ** 2
+        if delta.numel():
+            self.max_abs = max(self.max_abs, float(norm(delta, float("inf"))))
+        self.add_lost((stored.float() - base).sub_(delta))  # out of place first: stored may be float32 already
+
+    def add_lost(self, lost: torch.Tensor) -> None:
+        """``lost`` = stored - (base + delta): the part of the delta that storage rounded away (may be reused)."""
+        lost_sq, overflow = _lost(lost)
+        self.lost_sq += lost_sq
+        self.overflow += overflow
+
+    def report(self, name: str, info: TensorInfo, dtype: str, adapters: int, replaced: bool) -> TensorReport:
+        dn, bn = math.sqrt(self.delta_sq), math.sqrt(self.base_sq)
+        return TensorReport(
+            name=name, shape=list(info.shape), dtype=dtype, adapters=adapters, delta_norm=dn, base_norm=bn,
+            relative_change=dn / bn if bn else math.inf if dn else 0.0, max_abs_delta=self.max_abs,
+            retained=1.0 - math.sqrt(self.lost_sq) / dn if dn else 1.0, overflow=self.overflow, replaced=replaced,
+        )  # fmt: skip
+
+
+def _plain(parts: list[tuple[float, Module]]) -> bool:
+    return all(m.magnitude is None and m.is_two_factor() for _, m in parts)
+
+
+_BUFFERS = stream.WorkBuffers()
+
+
+def _chunk(
+    src: torch.Tensor, a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, device: str, store: torch.dtype
+) -> tuple[float, float, float, int]:  # fmt: skip
+    """One chunk of rows: ``out = cast(src + a @ b)``; returns (max |delta|, |base|^2, |lost|^2, overflows),
+    where lost = stored - (base + delta). Work tensors are the calling thread's own."""
+    import torch
+
+    shape = (src.shape[0], src.shape[1])
+    merged = _BUFFERS.get("merged", shape, device)
+    torch.matmul(a, b, out=merged)  # the delta, for now
+    lo, hi = torch.aminmax(merged)  # one pass; vector_norm(inf) is ten times slower on CPU
+    base = _BUFFERS.get("base", shape, device)
+    base.copy_(src)
+    merged.add_(base)
+    flat = base.view(-1)
+    base_sq = float(torch.dot(flat, flat))
+    if out.device == merged.device:
+        stored = out.copy_(merged)
+    else:
+        stored = _BUFFERS.get("stored", shape, device, store).copy_(merged)
+        out.copy_(stored)
+    lost = torch.sub(stored, merged, out=_BUFFERS.get("lost", shape, device))  # one mixed-dtype pass
+    lost_sq, overflow = _lost(lost)
+    return max(-float(lo), float(hi)), base_sq, lost_sq, overflow
+
+
+def _merge_rows(
+    fh: Any, mapped: mmap.mmap | None, info: TensorInfo, store: torch.dtype, target: Target, device: str,
+    writer: stream.Writer, tick: Tick | None, stats: _Stats, pool: stream.Pool | None,
+) -> None:  # fmt: skip
+    """Plain LoRA in row chunks: ``W[r0:r1] + U[r0:r1] @ D`` (or ``D[:, r0:r1]^T @ U^T`` for weights stored
+    transposed), the factors of all adapters stacked, never the whole tensor in float32.
+
+    The base is viewed through the file's memory map (no copy out of the page cache); the chunks are small
+    enough that the passes over one stay in the CPU's cache, and on the CPU several are merged at once, one
+    thread each; they are handed to the writing thread in groups. ``|delta|`` comes from the factors' Gram
+    matrices (``sum((U^T U) * (D D^T))``); the chunk passes are: one matmul, max |delta|, cast in, add, cast
+    out, the stored-minus-meant difference, and two norms."""
+    import torch
+
+    shape = info.shape
+    rows = shape[0]
+    per_row = math.prod(shape[1:]) if len(shape) > 1 else 1
+    ups, downs, flags = [], [], set()
+    for w, m in target.contributions:
+        up, down = m.lora_factors(dtype=torch.float32, device=device)  # type: ignore[misc]
+        transposed = m.layer == "embedding" or m.fan_in_fan_out
+        flags.add(transposed)
+        ups.append(up)
+        downs.append(down * w)
+    if len(flags) > 1:
+        raise ShapeError(f"{info.name}: adapters disagree on whether this weight is stored transposed")
+    transposed = flags.pop()
+    u, d = torch.cat(ups, 1), torch.cat(downs, 0)  # out x R, R x in
+    # delta (out x in) = u @ d; stored rows are delta rows, or delta columns when transposed
+    a, b = (d.T, u.T) if transposed else (u, d)  # stored rows = a[rows] @ b
+    a = a.contiguous()
+    if b.numel():  # |u @ d|^2 = sum((u^T u) * (d d^T)), in float64, without the dense delta
+        ad, bd = a.double(), b.double()
+        stats.delta_sq += float(((ad.T @ ad) * (bd @ bd.T)).sum().clamp_min(0))
+    if rows * per_row == 0:
+        return
+    step = max(1, CHUNK_BYTES // (per_row * 4))
+    row_bytes = per_row * DTYPE_SIZES[info.dtype]
+    # output buffers of several chunks (the writer's, going round): one is filled while it writes the others
+    group = step * max(1, stream.IO_BYTES // (step * per_row * store.itemsize))
+    dt = torch_dtype(info.dtype)
+    if info.start % DTYPE_SIZES[info.dtype]:  # a file whose data is not aligned: read it instead
+        mapped = None
+    if mapped is None:
+        pool = None
+    if mapped is not None:
+        stream.advise(mapped, info.start, info.nbytes, stream.POPULATE_READ)  # map it in one call, not page by page
+    raw = bytearray(0 if mapped is not None else min(rows, step) * row_bytes)
+    jobs: list[tuple[int, Future[Any]]] = []
+    try:
+        for g0 in range(0, rows, group):
+            checkpoint()
+            g1 = min(rows, g0 + group)
+            full = writer.buffer((g1 - g0) * per_row * store.itemsize, pinned=device.startswith("cuda"))
+            buf = full[: (g1 - g0) * per_row * store.itemsize].view(store)
+            jobs = []
+            for r0 in range(g0, g1, step):
+                n = min(g1, r0 + step) - r0
+                if mapped is not None:
+                    src = torch.frombuffer(mapped, dtype=dt, count=n * per_row, offset=info.start + r0 * row_bytes)
+                else:
+                    read_into(fh, info.start + r0 * row_bytes, memoryview(raw)[: n * row_bytes])
+                    src = torch.frombuffer(raw, dtype=dt, count=n * per_row)
+                args = (
+                    src.view(n, per_row),
+                    a[r0 : r0 + n],
+                    b,
+                    buf[(r0 - g0) * per_row : (r0 - g0 + n) * per_row].view(n, per_row),
+                    device,
+                    store,
+                )
+                jobs.append((n, pool.submit(_chunk, *args) if pool else stream.done(_chunk(*args))))
+            for n, job in jobs:
+                mx, base_sq, lost_sq, overflow = job.result()
+                stats.max_abs = max(stats.max_abs, mx)
+                stats.base_sq += base_sq
+                stats.lost_sq += lost_sq
+                stats.overflow += overflow
+                if tick:
+                    tick(n * row_bytes, 0)
+            writer.write(tensor_bytes(buf), done=lambda full=full: writer.give_back(full))  # type: ignore[misc]
+    except BaseException:
+        stream.settle(jobs)
+        raise
+    if mapped is not None:  # unmapped again (it stays in the page cache): the process holds one tensor at most
+        stream.advise(mapped, info.start, info.nbytes, stream.DONTNEED)
+
+
+def _merge_tensor(
+    fh: Any,
+    mapped: mmap.mmap | None,
+    info: TensorInfo,
+    out_dtype: str,
+    target: Target,
+    device: str,
+    writer: stream.Writer,
+    tick: Tick | None,
+    pool: stream.Pool | None,
+) -> _Stats:
+    import torch
+
+    stats = _Stats()
+    shape = info.shape
+    store = torch_dtype(out_dtype)
+    if target.biases and not target.contributions and target.replacement is None:
+        base_b = tensor_from_bytes(read_bytes(fh, info.start, info.nbytes), info.dtype, shape).to(device, torch.float32)
+        delta = torch.zeros_like(base_b)
+        for w, m in target.biases:
+            assert m.bias is not None
+            delta += w * m.scale * m.bias.load().to(device, torch.float32).reshape(shape)
+        stored = (base_b + delta).to(store)
+        stats.add(base_b, delta, stored)
+        writer.write(tensor_bytes(stored))
+        if tick:
+            tick(info.nbytes, 0)
+        return stats
+    if target.replacement is not None:
+        base_full = tensor_from_bytes(read_bytes(fh, info.start, info.nbytes), info.dtype, shape).to(
+            device, torch.float32
+        )
+        start = target.replacement.load().to(device, torch.float32).reshape(shape)
+    else:
+        base_full, start = None, None
+    if _plain(target.contributions) and start is None:
+        _merge_rows(fh, mapped, info, store, target, device, writer, tick, stats, pool)
+        return stats
+    # whole tensor: DoRA (needs whole-row norms of the merged weight), LoHa, LoKr, Tucker, replacements
+    if base_full is None:
+        base_full = tensor_from_bytes(read_bytes(fh, info.start, info.nbytes), info.dtype, shape).to(
+            device, torch.float32
+        )
+    merged = base_full.clone() if start is None else start
+    for w, m in target.contributions:
+        merged = m.apply(merged, multiplier=w).reshape(shape)
+    stored = merged.to(store)
+    stats.add(base_full, merged - base_full, stored)
+    writer.write(tensor_bytes(stored))
+    if tick:
+        tick(info.nbytes, 0)
+    return stats
+
+
+def _copy_tensor(fh: Any, info: TensorInfo, out_dtype: str, writer: stream.Writer, tick: Tick | None) -> None:
+    if out_dtype == info.dtype:
+        writer.copy(fh.fileno(), info.start, info.nbytes, tick)
+        return
+    t = tensor_from_bytes(read_bytes(fh, info.start, info.nbytes), info.dtype, info.shape)
+    writer.write(tensor_bytes(t.to(torch_dtype(out_dtype))))
+    if tick:
+        tick(info.nbytes, 0)
+
+
+def _out_dtype(info: TensorInfo, dtype: str | None) -> str:
+    if dtype and info.dtype.startswith(("F", "BF")):
+        return dtype
+    return info.dtype
+
+
+def write_file(
+    src: Path, header: Header, dest: Path, prefix: str, targets: dict[str, Target], dtype: str | None,
+    device: str, report: MergeReport, tick: Tick | None, pool: stream.Pool | None,
+) -> int:  # fmt: skip
+    """One safetensors file: same tensors in the same order, merged where targeted. Returns bytes of data."""
+    order = sorted(header.tensors.values(), key=lambda t: (t.start, t.name))
+    head, size = encode_header(((t.name, _out_dtype(t, dtype), t.shape) for t in order), header.metadata)
+    # the base's bytes are used in place, from the page cache, through the memory map
+    with open(src, "rb") as fh, open(dest, "wb") as out, stream.mapped(fh, header.file_size) as mapped:
+        out.write(head)
+        writer = stream.Writer(out)
+        try:
+            for info in order:
+                checkpoint()
+                dt = _out_dtype(info, dtype)
+                target = targets.get(prefix + info.name)
+                if target is None:
+                    _copy_tensor(fh, info, dt, writer, tick)
+                    report.copied += 1
+                else:
+                    stats = _merge_tensor(fh, mapped, info, dt, target, device, writer, tick, pool)
+                    report.tensors.append(
+                        stats.report(prefix + info.name, info, dt, len(target.contributions),
+                                     target.replacement is not None)
+                    )  # fmt: skip
+                if tick:
+                    tick(0, 1)
+        finally:
+            writer.close()
+    return size

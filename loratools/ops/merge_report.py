@@ -1,0 +1,74 @@
+"""The numbers of a merge: per merged tensor, the norm of the delta meant, of the base, the relative change, and
+how much of the delta survived storage (the rest was rounded away, or overflowed to inf); by layer for the chart
+of the HTML page (:mod:`.merge_html`)."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+
+@dataclass
+class TensorReport:
+    name: str
+    shape: list[int]
+    dtype: str
+    adapters: int
+    delta_norm: float  # ||intended delta||, float32 arithmetic
+    base_norm: float
+    relative_change: float  # delta_norm / base_norm
+    max_abs_delta: float
+    retained: float  # 1 - ||(stored - base) - delta|| / ||delta||: how much of the delta survived storage
+    overflow: int  # elements that became inf in storage
+    replaced: bool = False
+
+
+@dataclass
+class MergeReport:
+    base: str
+    output: str | None
+    adapters: list[str]
+    weights: list[float]
+    device: str
+    dtype: str | None
+    tensors: list[TensorReport] = field(default_factory=list)
+    copied: int = 0  # tensors copied unchanged
+    files_copied: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def summary(self) -> dict[str, Any]:
+        merged = [t for t in self.tensors if t.delta_norm > 0]
+        kept = sorted(t.retained for t in merged)
+        return {
+            "merged": len(self.tensors),
+            "copied": self.copied,
+            "overflow": sum(t.overflow for t in self.tensors),
+            "retained_min": kept[0] if kept else None,
+            "retained_median": kept[len(kept) // 2] if kept else None,
+            "relative_change_max": max((t.relative_change for t in merged), default=None),
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["summary"] = self.summary
+        return d
+
+
+def layer_of(name: str) -> int | None:
+    m = re.search(r"\.(\d+)\.", name)
+    return int(m.group(1)) if m else None
+
+
+def iter_layers(report: MergeReport) -> Iterator[tuple[str, float, float]]:
+    """(layer label, max relative change, min retained) per layer, in layer order, for the HTML chart."""
+    groups: dict[str, list[TensorReport]] = {}
+    for t in report.tensors:
+        n = layer_of(t.name)
+        groups.setdefault("other" if n is None else str(n), []).append(t)
+    for key in sorted(groups, key=lambda k: (k == "other", int(k) if k.isdigit() else 0)):
+        ts = [t for t in groups[key] if t.delta_norm > 0]
+        if ts:
+            yield key, max(t.relative_change for t in ts), min(t.retained for t in ts)
