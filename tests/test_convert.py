@@ -183,8 +183,10 @@ def test_kohya_names_resolve_by_table_or_against_the_base(mf: ModuleType, tmp_pa
     ],
 )
 def test_lycoris_to_lora_matches_lycoris_own_weights(fixture: str, mf: ModuleType, tmp_path: Path) -> None:
-    """The converted LoRA changes each layer's output exactly as LyCORIS' own module does."""
-    rep = convert(FIXTURES / fixture, "diffusers", tmp_path / "out.safetensors")
+    """The converted LoRA changes each layer's output exactly as LyCORIS' own module does (the base gives the
+    kernels of conv layers whose LoHa/LoKr factors are stored flattened)."""
+    mf.tiny_unet().save_pretrained(tmp_path / "unet")
+    rep = convert(FIXTURES / fixture, "diffusers", tmp_path / "out.safetensors", base=tmp_path / "unet")
     assert all(m.energy == pytest.approx(1.0, abs=1e-9) for m in rep.modules)  # exact: no --rank given
     lora = load_adapter(tmp_path / "out.safetensors")
     assert {m.kind for m in lora.modules.values()} == {"lora"}
@@ -207,7 +209,7 @@ def test_lycoris_to_lora_matches_lycoris_own_weights(fixture: str, mf: ModuleTyp
             want = lm(x)
         torch.testing.assert_close(out, want, rtol=1e-4, atol=1e-5, msg=lambda s, n=lm.lora_name: f"{n}: {s}")
     # with --rank the SVD truncation keeps the optimal part and says how much
-    small = convert(FIXTURES / fixture, "diffusers", tmp_path / "small.safetensors", rank=1)
+    small = convert(FIXTURES / fixture, "diffusers", tmp_path / "small.safetensors", rank=1, base=tmp_path / "unet")
     assert all(m.rank == 1 for m in small.modules) and min(m.energy for m in small.modules) < 1
 
 
@@ -314,14 +316,21 @@ def test_validate_for_consumers() -> None:
     assert r.exit_code == 1 and "loratools convert" in r.stdout
 
 
-def test_cli_convert(tmp_path: Path) -> None:
+def test_cli_convert(tmp_path: Path, mf: ModuleType) -> None:
+    loha = str(FIXTURES / "lycoris_loha.safetensors")
+    r = CliRunner().invoke(cli, ["convert", loha, "--to", "diffusers", "-o", str(tmp_path / "x.safetensors")])
+    # a LoHa stores conv factors flattened: LoRA needs the kernel, which only the base can give (never guessed)
+    assert r.exit_code == 1 and "--base" in r.stderr and not (tmp_path / "x.safetensors").exists()
+    mf.tiny_unet().save_pretrained(tmp_path / "unet")
     r = CliRunner().invoke(
         cli,
         [
             "convert",
-            str(FIXTURES / "lycoris_loha.safetensors"),
+            loha,
             "--to",
             "diffusers",
+            "--base",
+            str(tmp_path / "unet"),
             "-o",
             str(tmp_path / "x.safetensors"),
             "--json",

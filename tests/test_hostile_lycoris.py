@@ -277,6 +277,7 @@ def test_shapes_lycoris_makes_are_taken_with_its_delta(case: str, unet: Path, tm
     """Not stricter than LyCORIS where ComfyUI loads the file too: each loads, validates, converts, mixes and
     merges, and its delta is LyCORIS' own rebuild (the rank alpha divides by is LyCORIS' too)."""
     from loratools import load_adapter
+    from loratools.formats.names import is_linear_leaf
     from loratools.ops.validate import validate
 
     name, build = VALID[case]
@@ -294,12 +295,15 @@ def test_shapes_lycoris_makes_are_taken_with_its_delta(case: str, unet: Path, tm
     out.mkdir()
     for args in (
         ["inspect", path],
-        ["convert", path, "--to", "diffusers", "-o", out / "c.safetensors"],
+        ["convert", path, "--to", "diffusers", "--base", unet, "-o", out / "c.safetensors"],
         ["mix", path, path, "--weights", "1,-0.5", "-o", out / "m.safetensors"],
         ["merge", unet, path, "-o", out / "merged.safetensors"],
     ):
         if args[0] in ("mix", "convert") and "dora_scale" in parts:
             hostile.run(args, inputs=[path], says="DoRA")  # DoRA neither mixes nor becomes plain LoRA
+            continue
+        if args[0] == "mix" and m.flattened and not is_linear_leaf(name):  # LoRA needs the kernel only the base gives
+            hostile.run(args, inputs=[path], says=["flattened", "--base"])
             continue
         hostile.run(args, inputs=[path, unet], code=0)
 

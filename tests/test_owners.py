@@ -215,12 +215,6 @@ def test_peft_loads_what_convert_and_resize_write(
 # diffusers and kohya files, loaded by diffusers
 # ------------------------------------------------------------------------------------------------------------------
 
-_CONV_FLAT = (
-    "a LyCORIS LoHa's conv modules become LoRA factors of the flattened delta: {what} are written 2-D "
-    "([r, in*kh*kw] and [out, r]) where diffusers/PEFT (and kohya's conv LoRA) need [r, in, kh, kw] and "
-    "[out, r, 1, 1], so diffusers refuses the file (size mismatch in load_lora_into_unet){base}"
-)
-
 #: case -> (CLI steps writing {tmp}/out.safetensors, the source it is compared with, how exactly)
 DIFFUSERS_CASES: dict[str, Any] = {
     # kohya names (UNet and text encoder, transformers-4 text_model names) and per-module alphas into diffusers'
@@ -252,15 +246,6 @@ DIFFUSERS_CASES: dict[str, Any] = {
         [["convert", "{fx}/lycoris_loha.safetensors", "--to", "diffusers", "--base", "{unet}",
           "-o", "{tmp}/out.safetensors"]],
         "{fx}/lycoris_loha.safetensors", "fp32",
-        marks=pytest.mark.xfail(strict=True, raises=RuntimeError, reason=_CONV_FLAT.format(
-            what="conv_in, resnet conv1/conv2, downsampler conv (3x3) and proj_in/proj_out (1x1)",
-            base=", even with --base naming the UNet whose weights give every kernel shape")),
-    ),
-    "resize-loha-to-kohya": pytest.param(
-        [["resize", "{fx}/lycoris_loha.safetensors", "--rank", "2", "-o", "{tmp}/out.safetensors"]],
-        "{fx}/lycoris_loha.safetensors", None,
-        marks=pytest.mark.xfail(strict=True, raises=RuntimeError, reason=_CONV_FLAT.format(
-            what="in the kohya file resize writes, the lora_down/lora_up of the conv modules", base="")),
     ),
 }  # fmt: skip
 SLOW_DIFFUSERS_CASES: dict[str, Any] = {
@@ -276,8 +261,6 @@ SLOW_DIFFUSERS_CASES: dict[str, Any] = {
         [["convert", "{fx}/lycoris_loha_tucker.safetensors", "--to", "diffusers", "--base", "{unet}",
           "-o", "{tmp}/out.safetensors"]],
         "{fx}/lycoris_loha_tucker.safetensors", "fp32",
-        marks=pytest.mark.xfail(strict=True, raises=RuntimeError, reason=_CONV_FLAT.format(
-            what="the 1x1 proj_in/proj_out (the Tucker 3x3 convs keep their kernel)", base=", even with --base")),
     ),
     # one alpha: diffusers 0.42.1's kohya converter keeps per-module alphas of attention layers only when they all
     # agree (its alpha_pattern keys come out in the old attn-processor spelling), so a per-module --energy resize of
@@ -370,14 +353,6 @@ def test_lycoris_loads_a_resized_kohya_file(mf: ModuleType, tmp_path: Path) -> N
     check_source(load_adapter(FIXTURES / "kohya_sd" / "lora.safetensors"), ours, names, report, None)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=RuntimeError,
-    reason="convert --to diffusers of a LyCORIS LoHa without --base writes its conv modules' LoRA factors 2-D "
-    "(a LoHa stores conv factors flattened, so the kernel is unknown without the base) and reports success "
-    "(validate --for diffusers says OK too); diffusers refuses the file (size mismatch in load_lora_into_unet). "
-    "It should write the kernel shape or stop and ask for --base",
-)
 def test_loha_to_diffusers_without_base_loads_or_asks_for_base(
     diffusers: ModuleType, mf: ModuleType, tmp_path: Path
 ) -> None:

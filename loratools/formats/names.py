@@ -157,6 +157,20 @@ _TABLE = _compound_table()
 _KNOWN = set(SIMPLE) | set(COMPOUNDS)
 
 
+#: module leaves that are nn.Linear in every diffusers and transformers model that has them (attention and MLP
+#: projections): a flattened LoHa/LoKr module on one of these is a linear layer, whatever base it was made for
+LINEAR_LEAVES = (
+    "to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out",
+    "q_proj", "k_proj", "v_proj", "o_proj", "out_proj", "fc1", "fc2", "gate_proj", "up_proj", "down_proj",
+    "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2", "time_emb_proj",
+)  # fmt: skip
+
+
+def is_linear_leaf(name: str) -> bool:
+    """Whether module ``name`` (dotted, or kohya-flattened) ends in one of :data:`LINEAR_LEAVES`."""
+    return any(name.endswith(("." + leaf, "_" + leaf.replace(".", "_"))) or name == leaf for leaf in LINEAR_LEAVES)
+
+
 def undot(flat: str) -> str | None:
     """``down_blocks_0_attentions_1_proj_in`` -> ``down_blocks.0.attentions.1.proj_in``; None if any part of
     the name is not a known identifier or a number."""

@@ -21,7 +21,7 @@ from .errors import hub_error
 from .filelist import listing
 from .headers import fetch_headers
 from .ids import DEFAULT_REVISION, PREFIX, RepoRef, is_model_id, is_repo_id, parse_repo_ref, printable
-from .plan import Kind, Plan, plan_adapter, plan_checkpoint
+from .plan import FetchKind, Plan, plan_adapter, plan_checkpoint
 from .selection import (
     BROKEN,
     COMPANIONS,
@@ -43,7 +43,7 @@ from .upload import PushFile, PushReport, push, target
 
 __all__ = [
     "BROKEN", "COMPANIONS", "DEADLINE_VAR", "DEFAULT_REVISION", "HIDDEN", "LINK_DIR", "LINK_HIDDEN", "LINK_OUT",
-    "OTHER", "OTHER_PICKLE", "PICKLE", "PREFIX", "SPECIAL", "HubEnv", "Kind", "LeftOut", "OnBytes", "Plan",
+    "OTHER", "OTHER_PICKLE", "PICKLE", "PREFIX", "SPECIAL", "HubEnv", "FetchKind", "LeftOut", "OnBytes", "Plan",
     "PushFile", "PushReport", "RepoRef", "Selection", "deadline", "environment", "fetch", "fetch_headers", "fetch_if_repo",
     "hub_error", "include_problem", "is_model_id", "is_repo_id", "listing", "origin", "parse_repo_ref", "plan_adapter",
     "plan_checkpoint", "printable", "push", "select", "target",

@@ -15,7 +15,7 @@ from .env import LIBRARY, HubEnv, deadline, environment, timeout
 from .errors import http_errors, hub_error, transport_errors, unwrap
 from .filelist import listing, load_json
 from .ids import DEFAULT_REVISION, RepoRef, check_revision, parse_repo_ref
-from .plan import Kind, Plan, plan
+from .plan import FetchKind, Plan, plan
 from .watch import Watch, watching
 
 #: how a download reports its progress: (file in the repo, bytes received so far, its size when known)
@@ -125,7 +125,9 @@ def _repo_cached(env: HubEnv, repo_id: str) -> bool:
     return (env.cache_dir / repo_folder_name(repo_id=repo_id, repo_type="model")).is_dir()
 
 
-def from_cache(ref: RepoRef, rev: str, kind: Kind, env: HubEnv, why: str, hint: str, local: str | None = None) -> Path:
+def from_cache(
+    ref: RepoRef, rev: str, kind: FetchKind, env: HubEnv, why: str, hint: str, local: str | None = None
+) -> Path:
     """What :func:`fetch` would give, from the cached snapshot alone, when the Hub cannot be asked (``why``).
     ``local``: the SOURCE as given, when it could have been a local path (the error says first that it is not)."""
     snapshot = _cached_snapshot(env, ref.repo_id, rev)
@@ -148,7 +150,9 @@ def from_cache(ref: RepoRef, rev: str, kind: Kind, env: HubEnv, why: str, hint: 
     return snapshot / wanted.target if wanted.target else snapshot
 
 
-def fetch(arg: str, *, revision: str | None = None, kind: Kind = "adapter", on_bytes: OnBytes | None = None) -> Path:
+def fetch(
+    arg: str, *, revision: str | None = None, kind: FetchKind = "adapter", on_bytes: OnBytes | None = None
+) -> Path:
     """Download what a command needs from a Hub repo into the huggingface_hub cache, and return the local path that
     loratools' readers take: a PEFT folder, a single adapter file, or a model folder / file for ``kind="checkpoint"``.
 
@@ -160,7 +164,7 @@ def fetch(arg: str, *, revision: str | None = None, kind: Kind = "adapter", on_b
     return fetch_as(arg, revision, kind, on_bytes, None)
 
 
-def fetch_as(arg: str, revision: str | None, kind: Kind, on_bytes: OnBytes | None, local: str | None) -> Path:
+def fetch_as(arg: str, revision: str | None, kind: FetchKind, on_bytes: OnBytes | None, local: str | None) -> Path:
     """:func:`fetch`; ``local``: the SOURCE as given, when it could have been a local path (errors say so first)."""
     ref = parse_repo_ref(arg)
     if ref is None:

@@ -30,7 +30,7 @@ from .env import HubEnv, deadline, environment, headers, timeout
 from .errors import http_errors, hub_error, transport_errors, unwrap
 from .filelist import listing, load_json
 from .ids import DEFAULT_REVISION, RepoRef, check_revision, parse_repo_ref
-from .plan import Kind, plan
+from .plan import FetchKind, plan
 from .watch import MAX_FILE, Watch, watching
 
 #: what the first range request asks for: most headers fit (huggingface_hub's choice, for the same reason)
@@ -135,7 +135,7 @@ def _link(src: Path, dst: Path) -> None:
 
 
 def fetch_headers(
-    arg: str, into: str | os.PathLike[str], *, revision: str | None = None, kind: Kind = "checkpoint",
+    arg: str, into: str | os.PathLike[str], *, revision: str | None = None, kind: FetchKind = "checkpoint",
     on_bytes: OnBytes | None = None,
 ) -> Path:  # fmt: skip
     """A header-only view of what ``kind`` needs of a Hub repo, built in the folder ``into`` (which the caller
@@ -145,7 +145,7 @@ def fetch_headers(
 
 
 def fetch_headers_as(
-    arg: str, into: str | os.PathLike[str], revision: str | None, kind: Kind, on_bytes: OnBytes | None,
+    arg: str, into: str | os.PathLike[str], revision: str | None, kind: FetchKind, on_bytes: OnBytes | None,
     local: str | None,
 ) -> Path:  # fmt: skip
     """:func:`fetch_headers`; ``local``: the SOURCE as given, when it could have been a local path."""
@@ -189,7 +189,7 @@ def fetch_headers_as(
     return root / wanted.target if wanted.target else root
 
 
-def _view(env: HubEnv, ref: RepoRef, rel: str, sha: str, seconds: float, dst: Path, kind: Kind, get: Any) -> None:
+def _view(env: HubEnv, ref: RepoRef, rel: str, sha: str, seconds: float, dst: Path, kind: FetchKind, get: Any) -> None:
     """One planned file in the view: linked from the cache (a small JSON file, a file already cached, weights a
     reader must read), a stub (a ``.safetensors`` file's header), or left out (tokenizers and the like)."""
     from huggingface_hub import try_to_load_from_cache

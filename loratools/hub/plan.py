@@ -19,7 +19,7 @@ from ..io.pickle import is_pickle
 from ..model.components import COMPONENTS
 from .ids import RepoRef, show
 
-Kind = Literal["adapter", "checkpoint", "file"]
+FetchKind = Literal["adapter", "checkpoint", "file"]
 
 #: weights in formats loratools does not read, besides every pickle container (io.pickle's table): never downloaded
 #: for a checkpoint
@@ -203,7 +203,7 @@ def plan_checkpoint(files: set[str], ref: RepoRef, read_json: Callable[[str], An
     return Plan(wanted, folder)
 
 
-def plan(files: set[str], ref: RepoRef, kind: Kind, read_json: Callable[[str], Any]) -> Plan:
+def plan(files: set[str], ref: RepoRef, kind: FetchKind, read_json: Callable[[str], Any]) -> Plan:
     """What a command of ``kind`` needs of a repo holding ``files``."""
     if kind == "adapter":
         return plan_adapter(files, ref)

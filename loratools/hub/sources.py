@@ -10,14 +10,14 @@ from ..errors import LoratoolsError
 from .download import OnBytes, fetch_as
 from .headers import fetch_headers_as
 from .ids import PREFIX, is_repo_id
-from .plan import Kind
+from .plan import FetchKind
 
 
 def fetch_if_repo(
     arg: str,
     *,
     revision: str | None = None,
-    kind: Kind = "adapter",
+    kind: FetchKind = "adapter",
     on_bytes: OnBytes | None = None,
     headers_into: str | os.PathLike[str] | None = None,
 ) -> Path:

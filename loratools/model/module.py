@@ -51,6 +51,19 @@ class Module:
         return "dora" if self.kind == "lora" else f"{self.kind}+dora"
 
     @property
+    def flattened(self) -> bool:
+        """True when the factors do not tell the layer's kernel: a LoHa (without Tucker cores) or a LoKr whose
+        second factor is a low-rank pair stores a conv layer's factors flattened to (out, in*kh*kw), exactly as it
+        stores a linear layer's (out, in). Only the base model (or another adapter of the same layer) can say
+        which it is."""
+        f = self.factors
+        if self.kind == "loha":
+            return "t1" not in f
+        if self.kind == "lokr":
+            return "w2" not in f and "t2" not in f and len(f["w2b"].shape) == 2
+        return False
+
+    @property
     def rank(self) -> int | None:
         """The rank the scale divides by; None for full-matrix LoKr, full diffs, and incomplete modules."""
         f = self.factors

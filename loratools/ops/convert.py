@@ -105,8 +105,35 @@ def _rename(adapter: Adapter, to: str, base_names: list[str] | None) -> dict[str
     return names_map
 
 
-def _as_lora(m: Module, rank: int | None, energy: float | None, device: str, work: Any) -> tuple[Module, float]:
-    """A LyCORIS / Tucker / full module as plain LoRA: optimal rank-k factors of its delta."""
+def _layer_shapes(adapter: Adapter, base_shapes: Mapping[str, tuple[int, ...]] | None) -> dict[str, tuple[int, ...]]:
+    """Each module's base weight shape, where the base is given: what a flattened LoHa/LoKr module needs to
+    become LoRA with its conv kernel."""
+    if not base_shapes:
+        return {}
+    names = list(base_shapes)
+    if adapter.format == "kohya":
+        dotted, _ = from_kohya(list(adapter.modules), names)
+    else:
+        dotted = {n: n for n in adapter.modules}
+    out: dict[str, tuple[int, ...]] = {}
+    for src, d in dotted.items():
+        comp, dot, rel = d.partition(".")
+        for cand in (d + ".weight", rel + ".weight" if dot and comp in DIFFUSERS_COMPONENTS else None):
+            if cand and cand in base_shapes:
+                out[src] = tuple(base_shapes[cand])
+                break
+        else:
+            ends = [n for n in names if n.endswith("." + d + ".weight")]
+            if len(ends) == 1:
+                out[src] = tuple(base_shapes[ends[0]])
+    return out
+
+
+def _as_lora(
+    m: Module, rank: int | None, energy: float | None, device: str, work: Any, shape: tuple[int, ...] | None = None
+) -> tuple[Module, float]:
+    """A LyCORIS / Tucker / full module as plain LoRA: optimal rank-k factors of its delta (``shape``: the base
+    layer's, for a module whose factors are flattened)."""
     svd = lowrank_svd(*factors(m, device, work))
     cum = svd.energy()
     n = svd.s.shape[0]
@@ -118,7 +145,7 @@ def _as_lora(m: Module, rank: int | None, energy: float | None, device: str, wor
         s = svd.s
         k = max(1, int((s > s[0] * 1e-6).sum())) if n and float(s[0]) > 0 else 1
     dtype = next(iter(m.factors.values())).dtype
-    out = lora_module(m, *svd.truncate(k), dtype if dtype in ("F32", "F16", "BF16") else "F32")
+    out = lora_module(m, *svd.truncate(k), dtype if dtype in ("F32", "F16", "BF16") else "F32", shape)
     return out, float(cum[k - 1]) if n else 1.0
 
 
@@ -196,6 +223,7 @@ def convert_adapter(
     base_names: list[str] | None = None,
     base_model: str | None = None,
     report: ConvertReport | None = None,
+    base_shapes: Mapping[str, tuple[int, ...]] | None = None,
 ) -> tuple[Adapter, ConvertReport]:
     import torch
 
@@ -220,6 +248,7 @@ def convert_adapter(
             rep.notes.append("the diffusers file stores no alpha (no lora_adapter_metadata): alpha = rank")
     caster = _Caster(DTYPES[dtype], rep) if dtype else None
     lycoris_ok = to == "kohya"
+    layers = _layer_shapes(adapter, base_shapes if base_shapes is not None else None)
     if not lycoris_ok:  # the dense deltas about to be formed, bounded before any work (headers only)
         check_dense_all(m for m in adapter.modules.values() if m.kind != "lora" or "mid" in m.factors)
     for src, m in adapter.modules.items():
@@ -231,7 +260,7 @@ def convert_adapter(
                 raise IncompatibleAdaptersError(
                     f"{src}: a {m.type} module cannot become plain LoRA with its DoRA magnitude"
                 )
-            new, kept = _as_lora(m, rank, energy, "cpu", torch.float64)
+            new, kept = _as_lora(m, rank, energy, "cpu", torch.float64, layers.get(src))
             note = f"{m.kind} -> lora rank {new.rank}"
         if alpha_mode == "bake":
             new = _bake(new)
@@ -285,11 +314,14 @@ def convert(
         gguf.require()  # before any work: the optional package is there
     adapter = load_adapter(source)
     base_names = None
+    base_shapes = None
     hparams = None
     if base is not None:
         from ..io.checkpoint import read_checkpoint
 
-        base_names = list(read_checkpoint(base).tensors)
+        tensors = read_checkpoint(base).tensors
+        base_names = list(tensors)
+        base_shapes = {n: t.shape for n, t in tensors.items()}
     if to == "gguf":
         hparams = _hparams(Path(base)) if base is not None else load_config(base_config) if base_config else None
     rep = ConvertReport(str(source), None, adapter.format, to)
@@ -297,7 +329,7 @@ def convert(
         _drop_unchanged_base_layers(adapter, base, rep)
     converted, rep = convert_adapter(
         adapter, to, rank=rank, energy=energy, alpha_mode=alpha_mode, dtype=dtype, base_names=base_names,
-        base_model=base_model, report=rep,
+        base_model=base_model, report=rep, base_shapes=base_shapes,
     )  # fmt: skip
     converted.metadata[provenance.KEY] = provenance.record(
         "convert", [(str(source), adapter.format)], origins=origins, to=to, rank=rank, energy=energy, dtype=dtype,

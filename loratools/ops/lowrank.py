@@ -6,7 +6,7 @@ import math
 from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
-from ..errors import IncompatibleAdaptersError, LoratoolsError
+from ..errors import IncompatibleAdaptersError, LoratoolsError, ShapeError
 from ..model import Module, TensorRef, torch_dtype
 from .linalg import dense_factors
 
@@ -122,10 +122,26 @@ def _finite(t: torch.Tensor) -> bool:
     return not t.is_floating_point() or bool(torch.isfinite(t).all())
 
 
-def lora_module(template: Module, up: torch.Tensor, down: torch.Tensor, dtype: str) -> Module:
+def lora_module(
+    template: Module, up: torch.Tensor, down: torch.Tensor, dtype: str, shape: tuple[int, ...] | None = None
+) -> Module:
     """A plain LoRA module with ``up @ down`` as its delta matrix (scale 1: alpha = rank), in the layout of
-    ``template`` (conv kernels, embedding, fan_in_fan_out)."""
-    shape = template.delta_shape()
+    ``template`` (conv kernels, embedding, fan_in_fan_out). ``shape``: the delta's true (out, in[, kh, kw]) shape,
+    for a template whose factors do not tell its kernel (:attr:`Module.flattened`): from the base model, or from
+    another adapter of the same layer. Without it such a module is refused unless its name is a projection that
+    is linear in every model (never guessed: a conv written as linear LoRA does not load)."""
+    from ..formats.names import is_linear_leaf
+
+    if shape is None:
+        shape = template.delta_shape()
+        if template.flattened and not is_linear_leaf(template.name):
+            raise ShapeError(
+                f"{template.name}: a {template.kind} module stores a conv layer's factors flattened "
+                f"({list(shape)}): without the base model its kernel size is unknown, and LoRA needs it",
+                "convert it with --base BASE (the base model gives every layer's shape), then resize or mix that",
+            )
+    elif math.prod(shape) != math.prod(template.delta_shape()) or shape[0] != template.delta_shape()[0]:
+        raise ShapeError(f"{template.name}: its delta is {list(template.delta_shape())}, the layer {list(shape)}")
     k = up.shape[1]
     kernel = tuple(shape[2:])
     if kernel:
@@ -140,7 +156,7 @@ def lora_module(template: Module, up: torch.Tensor, down: torch.Tensor, dtype: s
             "up": TensorRef.of(up.to("cpu", target).contiguous()),
         },
         alpha=float(k),
-        layer=template.layer,
+        layer="conv" if kernel else template.layer,
         fan_in_fan_out=template.fan_in_fan_out,
     )
 

@@ -186,7 +186,8 @@ def mix_adapters(
             k = min(rank, svd.s.shape[0])
             energy = float(svd.energy()[k - 1]) if k else 1.0
             up, down = svd.truncate(k)
-        module = lora_module(template, up, down, target)
+        known = next((m.delta_shape() for _, m in parts if not m.flattened), None)  # another input knows the kernel
+        module = lora_module(template, up, down, target, known if template.flattened else None)
         out.modules[template.name] = module
         report.modules.append(MixedModule(template.name, len(parts), up.shape[1], energy))
         if tick:
