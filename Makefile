@@ -31,7 +31,7 @@ demo: setup
 	$(VENV)/bin/loratools convert fixtures/peft_llama_patterns --to kohya -o $(OUT)/patterns.safetensors
 	$(VENV)/bin/loratools convert $(OUT)/patterns.safetensors --to peft -o $(OUT)/patterns-back
 	$(VENV)/bin/loratools diff fixtures/peft_llama_patterns $(OUT)/patterns-back
-	$(VENV)/bin/loratools convert fixtures/lycoris_loha.safetensors --to diffusers -o $(OUT)/loha-lora.safetensors
+	$(VENV)/bin/loratools convert fixtures/lycoris_lokr.safetensors --to diffusers -o $(OUT)/lokr-lora.safetensors
 	$(PY) -c "import sys; sys.path.insert(0, 'fixtures'); from make_fixtures import tiny_llama; tiny_llama().save_pretrained('$(OUT)/base')"
 	$(VENV)/bin/loratools merge $(OUT)/base fixtures/peft_llama -o $(OUT)/merged --report $(OUT)/merge-report.html
 	$(VENV)/bin/loratools convert fixtures/peft_llama --to gguf --base $(OUT)/base -o $(OUT)/adapter.gguf

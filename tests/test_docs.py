@@ -65,3 +65,39 @@ def test_api_page_documents_every_public_name() -> None:
     assert len(functions) >= 16
     missing = [n for n in functions if f"`{n}" not in text]
     assert not missing, f"docs/api.md does not mention {missing}"
+
+
+def console_commands(page: Path) -> list[list[str]]:
+    """The ``$ loratools ...`` lines of a page's ```console blocks, as argument lists (comments dropped)."""
+    import shlex
+
+    out = []
+    for block in re.findall(r"^```console\n(.*?)^```$", page.read_text(encoding="utf-8"), flags=re.S | re.M):
+        for line in block.splitlines():
+            if line.startswith("$ loratools "):
+                out.append(shlex.split(line[2:], comments=True)[1:])
+    return out
+
+
+#: README lines that need what the committed fixtures are not: a real base model, the Hub
+NEEDS_MORE = ("./base-model", "someone/", "me/llama-lora")
+
+
+def test_readme_commands_run_on_the_fixtures(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every README command that needs only the committed fixtures (and what the lines before it wrote) runs, in
+    order, and exits 0 (validate of a sound fixture included); the others are the ones naming a real base model
+    or the Hub."""
+    from conftest import run_cli
+
+    commands = console_commands(ROOT / "README.md")
+    (tmp_path / "fixtures").symlink_to(ROOT / "fixtures", target_is_directory=True)
+    monkeypatch.chdir(tmp_path)
+    ran = 0
+    for args in commands:
+        if any(a.startswith(NEEDS_MORE) for a in args):
+            continue
+        code, out, err = run_cli(*args)
+        answer = args[0] in ("validate", "diff") and code == 1 and out and "Error:" not in err  # findings
+        assert code == 0 or answer, f"loratools {' '.join(args)}: exit {code}\n{err}"
+        ran += 1
+    assert ran >= 10, f"only {ran} README commands ran"
