@@ -164,8 +164,11 @@ def fetch(
     return fetch_as(arg, revision, kind, on_bytes, None)
 
 
-def fetch_as(arg: str, revision: str | None, kind: FetchKind, on_bytes: OnBytes | None, local: str | None) -> Path:
-    """:func:`fetch`; ``local``: the SOURCE as given, when it could have been a local path (errors say so first)."""
+def begin(
+    arg: str, revision: str | None, kind: FetchKind, local: str | None
+) -> tuple[RepoRef, HubEnv, str, Path | None]:
+    """What every request starts from: the repo, the environment and the revision; offline
+    (``HF_HUB_OFFLINE=1``), the cached snapshot as the answer (or a HubError saying it is not there)."""
     ref = parse_repo_ref(arg)
     if ref is None:
         raise LoratoolsError(f"{arg!r} is not a Hub repo id", "write owner/name, or owner/name/path/in/repo")
@@ -173,9 +176,16 @@ def fetch_as(arg: str, revision: str | None, kind: FetchKind, on_bytes: OnBytes 
     rev = revision or DEFAULT_REVISION
     check_revision(rev)
     if env.offline:
-        return from_cache(
-            ref, rev, kind, env, "HF_HUB_OFFLINE is set", "run it once online (unset HF_HUB_OFFLINE)", local
-        )
+        why, hint = "HF_HUB_OFFLINE is set", "run it once online (unset HF_HUB_OFFLINE)"
+        return ref, env, rev, from_cache(ref, rev, kind, env, why, hint, local)
+    return ref, env, rev, None
+
+
+def fetch_as(arg: str, revision: str | None, kind: FetchKind, on_bytes: OnBytes | None, local: str | None) -> Path:
+    """:func:`fetch`; ``local``: the SOURCE as given, when it could have been a local path (errors say so first)."""
+    ref, env, rev, cached = begin(arg, revision, kind, local)
+    if cached is not None:
+        return cached
     seconds = deadline()
     current: str | None = None
     try:

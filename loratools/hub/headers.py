@@ -25,11 +25,11 @@ from typing import Any
 from ..errors import HubError, LoratoolsError
 from ..io.checkpoint import INDEX_SUFFIX
 from ..io.safetensors import MAX_HEADER, read_header
-from .download import OnBytes, download, from_cache
-from .env import HubEnv, deadline, environment, headers, timeout
+from .download import OnBytes, begin, download, from_cache
+from .env import HubEnv, deadline, headers, timeout
 from .errors import http_errors, hub_error, transport_errors, unwrap
 from .filelist import listing, load_json
-from .ids import DEFAULT_REVISION, RepoRef, check_revision, parse_repo_ref
+from .ids import RepoRef
 from .plan import FetchKind, plan
 from .watch import MAX_FILE, Watch, watching
 
@@ -149,16 +149,9 @@ def fetch_headers_as(
     local: str | None,
 ) -> Path:  # fmt: skip
     """:func:`fetch_headers`; ``local``: the SOURCE as given, when it could have been a local path."""
-    ref = parse_repo_ref(arg)
-    if ref is None:
-        raise LoratoolsError(f"{arg!r} is not a Hub repo id", "write owner/name, or owner/name/path/in/repo")
-    env = environment()
-    rev = revision or DEFAULT_REVISION
-    check_revision(rev)
-    if env.offline:
-        return from_cache(
-            ref, rev, kind, env, "HF_HUB_OFFLINE is set", "run it once online (unset HF_HUB_OFFLINE)", local
-        )
+    ref, env, rev, cached = begin(arg, revision, kind, local)
+    if cached is not None:
+        return cached
     root = Path(into) / ref.repo_id.split("/")[1]  # named as the repo: messages name a base by its folder
     seconds = deadline()
     current: str | None = None

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import stat
 import struct
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -83,7 +82,7 @@ def read_header(path: str | os.PathLike[str], *, lenient: bool = False) -> Heade
     refused with :class:`FileFormatError` saying what it is."""
     p = Path(path)
     where = p.name
-    size = _regular_size(p, "safetensors file")
+    size = jsonfile.regular_size(p, "safetensors file")
     try:
         with open(p, "rb") as fh:
             head = fh.read(8)
@@ -139,22 +138,6 @@ def read_header(path: str | os.PathLike[str], *, lenient: bool = False) -> Heade
                 raise HeaderError(f"{where}: {msg}", "the reference safetensors reader refuses this file too")
             problems.append(msg)
     return Header(p, tensors, dict(meta_raw), n, size, problems)
-
-
-def _regular_size(p: Path, what: str) -> int:
-    """The size of a regular file; a folder, a special file (a FIFO would block the read) or an unreadable path
-    is refused before anything is opened."""
-    try:
-        st = p.stat()
-    except FileNotFoundError:
-        raise FileFormatError(f"{p}: no such file") from None
-    except OSError as e:
-        raise FileFormatError(f"{p}: cannot read ({e.strerror or e})") from None
-    if stat.S_ISDIR(st.st_mode):
-        raise FileFormatError(f"{p}: is a folder, expected a {what}")
-    if not stat.S_ISREG(st.st_mode):
-        raise FileFormatError(f"{p}: not a regular file, expected a {what}")
-    return st.st_size
 
 
 def _coverage(tensors: dict[str, TensorInfo], data_start: int, data_len: int) -> list[str]:
