@@ -92,7 +92,9 @@ def test_convert_from_each_format_to_kohya_writes_true_hashes_and_every_alpha(sr
     source, back = load_adapter(FIXTURES / src), load_adapter(out)
     assert len(back.modules) == len(source.modules)
     # every alpha written says the scale the source meant (alpha = rank where the source stored none)
-    for (name, m), b in zip(sorted(source.modules.items()), [back.modules[n] for n in sorted(back.modules)]):
+    for (name, m), b in zip(
+        sorted(source.modules.items()), [back.modules[n] for n in sorted(back.modules)], strict=True
+    ):
         assert b.scale == pytest.approx(m.scale, rel=1e-6), name  # rsLoRA baked into alpha: the same scale
     old = source.metadata.get("sshs_model_hash")
     assert meta["sshs_model_hash"] != old  # never the source's (LyCORIS' "0x..." of its own) carried along

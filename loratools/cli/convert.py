@@ -7,6 +7,7 @@ from .output import (
     dtype_option,
     fetch_if_remote,
     json_option,
+    note,
     out_console,
     print_json,
     revision_option,
@@ -39,13 +40,16 @@ from .params import FRACTION, PATH, filter_options, left_out_line, only, refuse
     type=click.Choice(["keep", "bake"]),
     default="keep",
     show_default=True,
-    help="keep: store each module's alpha; bake: fold every scale into the up factor (alpha = rank).",
+    help="keep: store each module's alpha; bake: fold every module's scale into one factor (LoRA: up; LoHa, LoKr: "
+    "the first), alpha = rank.",
 )
 @click.option(
     "--base", type=PATH, help="Base model (folder, .safetensors or Hub id): its real module names and config.json."
 )
 @click.option(
-    "--base-model", help="Hub id of the base model: recorded in the output; for gguf, its config.json is read."
+    "--base-model",
+    help="Hub id of the base model: recorded in the output (kohya ss_sd_model_name, PEFT base_model_name_or_path, "
+    "the provenance record), replacing what the source says; for gguf, its config.json is read.",
 )
 @filter_options
 @click.option("--force", is_flag=True, help="Overwrite the output if it exists.")
@@ -88,11 +92,11 @@ def convert_cmd(
         base_model=base_model, base_config=_hub_config(source, to, base, base_model), force=force, origins=origins,
         include=include, exclude=exclude, only=part,
     )  # fmt: skip
-    for note in rep.notes:
-        warn(note)
+    for text in rep.notes:
+        warn(text)
     line = left_out_line(rep.left_out)
     if line:
-        warn(line)
+        note(line)
     if rep.overflow or rep.underflow:
         warn(f"{rep.overflow} value(s) overflowed to inf and {rep.underflow} underflowed to 0 in {dtype}")
     if as_json:

@@ -8,6 +8,7 @@ from .output import (
     dtype_option,
     fetch_if_remote,
     json_option,
+    note,
     out_console,
     print_json,
     progress_bar,
@@ -89,7 +90,7 @@ def merge_cmd(
         warn(w)
     line = left_out_line(report.left_out)
     if line:
-        warn(line)
+        note(line)
     if as_json:
         print_json(report.to_dict())
     else:

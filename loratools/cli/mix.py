@@ -6,6 +6,7 @@ from .output import (
     dtype_option,
     fetch_if_remote,
     json_option,
+    note,
     out_console,
     print_json,
     progress_bar,
@@ -94,14 +95,14 @@ def mix_cmd(
         warn(w)
     line = left_out_line(report.left_out)
     if line:
-        warn(line)
+        note(line)
     if as_json:
         print_json(report.to_dict())
         return
-    note = " (not the weighted sum of the deltas)" if report.method == "linear" else ""
+    caveat = " (not the weighted sum of the deltas)" if report.method == "linear" else ""
     ranks = sorted({m.rank for m in report.modules})
     rank_text = str(ranks[0]) if len(ranks) == 1 else f"{ranks[0]}-{ranks[-1]}"
-    line = f"wrote {report.output} ({report.format}): {len(report.modules)} modules, {report.method}{note}, rank {rank_text}"
+    line = f"wrote {report.output} ({report.format}): {len(report.modules)} modules, {report.method}{caveat}, rank {rank_text}"
     energies = [m.energy for m in report.modules if m.energy is not None]
     if energies:
         line += f", energy kept min {min(energies):.4f}"
