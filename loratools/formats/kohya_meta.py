@@ -24,7 +24,6 @@ reference writer lays out the metadata keys, which is not defined (a hash map): 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -32,14 +31,13 @@ import struct
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+from ..io.digest import StreamDigest
 from ..io.safetensors import encode_header, reference_order, write_safetensors
 from ..model import Module, TensorRef, dtype_name, torch_dtype
 from .names import is_linear_leaf
 
 #: digests of the data section: recomputed on every kohya write, dropped by every other writer (never carried)
 HASH_KEYS = ("sshs_model_hash", "sshs_legacy_hash", "modelspec.hash_sha256")
-#: the keys that describe the network the tensors form: derived from the modules on every kohya write
-NETWORK_KEYS = ("ss_network_module", "ss_network_dim", "ss_network_alpha", "ss_network_args")
 #: the base model an adapter is for (and how it is used with it): true of a mix whose inputs all agree on them;
 #: every other ``ss_*`` training key (learning rates, epochs, datasets, tag frequencies, output name, comment) and
 #: the ``modelspec.*`` description keys (title, author, date) describe one training run and are not carried into
@@ -261,25 +259,16 @@ class DataHashes:
 
     def __init__(self, keys: Iterable[str], legacy: tuple[int, int] | None) -> None:
         self.keys = set(keys)
-        self.legacy = legacy
-        self.data = hashlib.sha256()
-        self.window = hashlib.sha256()
-        self.at = 0
+        self.digest = StreamDigest(legacy)
 
     def update(self, chunk: bytes | memoryview) -> None:
-        view = memoryview(chunk).cast("B")
-        self.data.update(view)
-        if self.legacy is not None:
-            lo, hi = max(self.legacy[0], self.at), min(self.legacy[1], self.at + len(view))
-            if lo < hi:
-                self.window.update(view[lo - self.at : hi - self.at])
-        self.at += len(view)
+        self.digest.update(chunk)
 
     def values(self) -> dict[str, str]:
-        digest = self.data.hexdigest()
+        digest = self.digest.whole.hexdigest()
         out = {"sshs_model_hash": digest, "modelspec.hash_sha256": "0x" + digest}
-        if self.legacy is not None:
-            out["sshs_legacy_hash"] = self.window.hexdigest()[:8]
+        if self.digest.window is not None:
+            out["sshs_legacy_hash"] = self.digest.part.hexdigest()[:8]
         return {k: v for k, v in out.items() if k in self.keys}
 
 
