@@ -152,3 +152,18 @@ def test_merge_include_and_errors(pipe: Path, tmp_path: Path) -> None:
     run(["merge", pipe, llm, "--unet-only", "-o", out], inputs=[pipe, llm], out=out, says="no UNet")
     run(["merge", pipe, DIFFUSERS, "--exclude", ".", "-o", out], inputs=[pipe, DIFFUSERS], out=out,
         says="selects none")  # fmt: skip
+
+
+def test_a_filtered_peft_adapter_targets_only_what_it_keeps(mf: ModuleType, tmp_path: Path) -> None:
+    """PEFT builds a layer for every module its config targets: after a filter the config names exactly the
+    modules kept, so PEFT (the oracle) loads the file with no layer lacking its weights."""
+    from peft import PeftModel
+    from peft.tuners.lora import LoraLayer
+
+    convert(FIXTURES / "peft_llama", "peft", tmp_path / "p", include=[r"layers\.0\.self_attn\.[qv]_proj"])
+    model = PeftModel.from_pretrained(mf.tiny_llama(), tmp_path / "p")
+    wrapped = sorted(n for n, m in model.named_modules() if isinstance(m, LoraLayer))
+    assert [n.split("layers.", 1)[-1] for n in wrapped] == ["0.self_attn.q_proj", "0.self_attn.v_proj"]
+    a, b = load_adapter(FIXTURES / "peft_llama"), load_adapter(tmp_path / "p")
+    for name, m in b.modules.items():
+        torch.testing.assert_close(m.delta(), a.modules[name].delta())

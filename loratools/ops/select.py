@@ -131,6 +131,8 @@ def apply(flt: ModuleFilter | None, adapter: Adapter, source: str) -> LeftOut:
         adapter.modules.pop(name, None)
         adapter.extras.pop(name, None)
         left.modules.append(name)
+    if left.modules:
+        _narrow_config(adapter)
     if not adapter.modules and not adapter.extras:
         raise IncompatibleAdaptersError(
             f"{flt.describe()} selects none of the {len(left.modules)} module(s) of {source}",
@@ -138,3 +140,26 @@ def apply(flt: ModuleFilter | None, adapter: Adapter, source: str) -> LeftOut:
             "unet.down_blocks..., PEFT: model.layers.0...)",
         )
     return left
+
+
+def _narrow_config(adapter: Adapter) -> None:
+    """A PEFT config (a diffusers file's, per component) names the modules it targets: after a filter, exactly
+    the modules kept (full paths, which PEFT matches exactly), and no ``modules_to_save`` copy that was left out.
+    Otherwise PEFT would build layers the file has no weights for."""
+    if adapter.format == "peft":
+        _narrow(adapter.config, list(adapter.modules), list(adapter.extras))
+    elif adapter.format == "diffusers":
+        for comp, cfg in adapter.config.items():
+            if isinstance(cfg, dict):
+                rel = [n.partition(".")[2] for n in adapter.modules if n.startswith(comp + ".")]
+                extras = [n.partition(".")[2] for n in adapter.extras if n.startswith(comp + ".")]
+                _narrow(cfg, rel, extras)
+
+
+def _narrow(cfg: dict[str, Any], modules: list[str], extras: list[str]) -> None:
+    if "target_modules" in cfg:
+        cfg["target_modules"] = sorted(modules)
+    saved = cfg.get("modules_to_save")
+    if isinstance(saved, list):
+        kept = [m for m in saved if any(e == m or e.startswith(m + ".") or f".{m}." in f".{e}" for e in extras)]
+        cfg["modules_to_save"] = kept or None
