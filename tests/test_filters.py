@@ -167,3 +167,19 @@ def test_a_filtered_peft_adapter_targets_only_what_it_keeps(mf: ModuleType, tmp_
     a, b = load_adapter(FIXTURES / "peft_llama"), load_adapter(tmp_path / "p")
     for name, m in b.modules.items():
         torch.testing.assert_close(m.delta(), a.modules[name].delta())
+
+
+@pytest.mark.parametrize("command", ["convert", "mix", "merge"])
+def test_a_pattern_that_backtracks_is_answered_in_bounded_time(
+    command: str, pipe: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The filters use extract's bounded matcher: a pattern on which Python's re would hang is refused (a tenth of
+    a CPU second here instead of two), naming it."""
+    from loratools.formats import patterns
+
+    monkeypatch.setattr(patterns, "BUDGET", 0.1)
+    patterns._SETS.clear()
+    out = tmp_path / "o.safetensors"
+    head = {"convert": ["convert", KOHYA, "--to", "kohya"], "mix": ["mix", KOHYA], "merge": ["merge", pipe, KOHYA]}
+    run([*head[command], "--include", "(.|.)*[XY]", "-o", out], inputs=[KOHYA], out=out, says=["--include", "too long"],
+        seconds=10)  # fmt: skip

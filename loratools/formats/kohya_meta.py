@@ -33,7 +33,7 @@ from typing import Any
 
 from ..io.digest import StreamDigest
 from ..io.safetensors import encode_header, reference_order, write_safetensors
-from ..model import Module, TensorRef, dtype_name, torch_dtype
+from ..model import Module, TensorRef, torch_dtype
 from .names import is_linear_leaf
 
 #: digests of the data section: recomputed on every kohya write, dropped by every other writer (never carried)
@@ -305,10 +305,7 @@ def write(
     ``modelspec.hash_sha256``) computed from the bytes written."""
     meta = {k: v for k, v in metadata.items() if k not in HASH_KEYS}
     keys = ["sshs_model_hash", "sshs_legacy_hash"] + (["modelspec.hash_sha256"] if spec_hash else [])
-    specs = reference_order(
-        (name, t.dtype if isinstance(t, TensorRef) else dtype_name(t.dtype), tuple(t.shape))
-        for name, t in tensors.items()
-    )
+    specs = reference_order((name, t.dtype, t.shape) for name, t in tensors.items())
     window = legacy_window(specs, meta)
     if window is None:
         keys.remove("sshs_legacy_hash")
