@@ -1,9 +1,23 @@
-"""Will it load there? What each consumer refuses, or silently gets wrong, and the command that fixes it."""
+"""Will it load there? What each consumer refuses, or silently gets wrong, and the command that fixes it.
+
+What each rule is based on:
+
+* llama.cpp: ``src/llama-adapter.cpp`` (``llama_adapter_lora_init_impl``) loads a GGUF file whose tensors name the
+  model's (``LoRA tensor ... does not exist in base model``) and applies ``alpha / rank`` to each; the names are
+  those of ``convert_lora_to_gguf.py``, which takes every module through its architecture's converter class and
+  gguf's tensor name map (here :mod:`loratools.formats.gguf.surgery`). Ollama runs llama.cpp; its Modelfile
+  ``ADAPTER`` also imports safetensors adapters, for Llama, Mistral and Gemma bases only (``docs/modelfile.md``).
+* vLLM: ``vllm/lora/utils.py`` (``get_supported_lora_modules``: "all linear layers support LoRA", plus the model
+  class's ``embedding_modules``) and ``lora_model.py`` (``from_local_checkpoint`` refuses a module whose name is
+  not among them); embedding and lm_head LoRA are taken only where the model class registers them (not Qwen2/Qwen3:
+  vllm-project/vllm#32599, #33234), so they are a warning, not an error.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
+from ..formats.gguf.surgery import anywhere
 from ..model import Adapter
 
 CONSUMERS = ("vllm", "tgi", "llama.cpp", "ollama", "diffusers", "comfyui")
@@ -13,8 +27,8 @@ VLLM_DEFAULT_MAX_RANK = 16
 Add = Callable[[str, str, str], None]  # severity, message, hint
 
 
-def _common_llm(a: Adapter, add: Add, who: str) -> None:
-    if a.format != "peft":
+def _common_llm(a: Adapter, add: Add, who: str, reads: str = "peft") -> None:
+    if a.format != reads and reads == "peft":  # (llama.cpp's own format message is its rule's)
         add(
             "error",
             f"{who} reads PEFT adapter folders, this is a {a.format} file",
@@ -33,6 +47,14 @@ def _common_llm(a: Adapter, add: Add, who: str) -> None:
 
 def _vllm(a: Adapter, add: Add) -> None:
     _common_llm(a, add, "vLLM")
+    conv = [n for n, m in a.modules.items() if m.layer == "conv"]
+    if conv:
+        add("error", f"vLLM takes LoRA on linear layers and embeddings, not on conv layers: {', '.join(conv[:4])}",
+            "leave these modules out (or merge the adapter)")  # fmt: skip
+    emb = [n for n, m in a.modules.items() if m.layer == "embedding" or n.rsplit(".", 1)[-1] == "lm_head"]
+    if emb:
+        add("warning", f"vLLM takes LoRA on {', '.join(emb[:3])} only for model classes that register them as "
+            "embedding modules (not Qwen2/Qwen3)", "merge these modules into the base if vLLM refuses the adapter")  # fmt: skip
     top = max((m.rank or 0 for m in a.modules.values()), default=0)
     if top > VLLM_DEFAULT_MAX_RANK:
         add("warning", f"rank {top} is above vLLM's default --max-lora-rank {VLLM_DEFAULT_MAX_RANK}",
@@ -46,15 +68,30 @@ def _tgi(a: Adapter, add: Add) -> None:
 
 
 def _llama_cpp(a: Adapter, add: Add, who: str = "llama.cpp") -> None:
-    _common_llm(a, add, who)
+    if a.format == "gguf":  # read back through the converter's own tables: names, layout and scale are llama.cpp's
+        if a.extras:
+            add("warning", f"{who} skips the norm tensors a merge tool put in this file: {', '.join(sorted(a.extras)[:3])}",
+                "merge the adapter into the base to keep them")  # fmt: skip
+        return
+    _common_llm(a, add, who, reads="gguf")
+    fix = "loratools convert SRC --to gguf --base BASE -o OUT"
+    if who == "llama.cpp":
+        add("error", f"llama.cpp loads GGUF adapters, this is a {a.format} adapter", fix)
+    else:
+        add("warning", f"{who} imports safetensors adapters for Llama, Mistral and Gemma bases only; a GGUF "
+            "adapter works for every architecture its llama.cpp knows", fix)  # fmt: skip
+    unknown = [n for n in a.modules if anywhere(n) is None]
+    if unknown:
+        add("error", f"{len(unknown)} module(s) have no GGUF tensor in the architectures loratools converts "
+            f"for llama.cpp (docs/convert.md): {', '.join(unknown[:4])}", "leave them out, or merge the adapter instead")  # fmt: skip
     mods = list(a.modules.values())
     if any(m.rslora for m in mods):
         add("error", f"{who} applies alpha / r: rsLoRA modules (alpha / sqrt(r)) come out too weak",
-            "loratools convert SRC --to gguf --base BASE -o OUT (bakes the scale)")  # fmt: skip
+            f"{fix} (bakes the scale)")  # fmt: skip
     alphas = {m.alpha for m in mods}
     if len(alphas) > 1:
         add("error", f"{who} stores one alpha for the file: per-module alphas would be mis-scaled",
-            "loratools convert SRC --to gguf --base BASE -o OUT (bakes the differences)")  # fmt: skip
+            f"{fix} (bakes the differences)")  # fmt: skip
 
 
 def _diffusers(a: Adapter, add: Add) -> None:
