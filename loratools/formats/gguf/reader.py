@@ -15,8 +15,10 @@ store, loratools' own) read back into the canonical model, every rule of the wri
 
 from __future__ import annotations
 
+import functools
 import math
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -95,8 +97,8 @@ def read(path: str | os.PathLike[str], *, problems: list[str] | None = None) -> 
         if "a" in ab:
             factors["down"] = _ref(p, ab["a"], transpose=layer == "embedding")
         if "b" in ab:
-            n = heads.of(kind_, ab["b"], base) if rules.permute_qk and kind_ in ("ATTN_Q", "ATTN_K") else None
-            factors["up"] = _ref(p, ab["b"], heads=n)
+            qk = rules.permute_qk and kind_ in ("ATTN_Q", "ATTN_K")
+            factors["up"] = _ref(p, ab["b"], heads=functools.partial(heads.of, kind_, ab["b"], base) if qk else None)
         adapter.modules[module] = _module(module, factors, alpha, layer)
     _check(leftovers, arch, problems)
     return adapter
@@ -248,11 +250,11 @@ def _ref(
     *,
     expert: int | None = None,
     transpose: bool = False,
-    heads: int | None = None,
+    heads: Callable[[], int] | None = None,
     offset: float = 0.0,
 ) -> TensorRef:
-    """A tensor of the file, loaded when asked for: one expert of a stack, transposed, its rows un-permuted, or an
-    offset taken off."""
+    """A tensor of the file, loaded when asked for: one expert of a stack, transposed, its rows un-permuted (for
+    ``heads()`` heads, looked up then), or an offset taken off."""
     gguf = require()
     qtype = gguf.GGMLQuantizationType(e.ggml_type)
     dtype = qtype.name if qtype.name in ("F32", "F16", "BF16", "F64") else "F32"
@@ -266,7 +268,7 @@ def _ref(
         if transpose:
             t = t.T.contiguous()
         if heads is not None:
-            t = unpermute(t, heads)
+            t = unpermute(t, heads())
         if offset:
             t = (t.float() + offset).to(t.dtype)
         return t
