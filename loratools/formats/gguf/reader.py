@@ -92,6 +92,10 @@ def read(path: str | os.PathLike[str], *, problems: list[str] | None = None) -> 
         if module is None:
             leftovers += [base + ".lora_" + k for k in ab]
             continue
+        flat = {k: list(e.shape) for k, e in ab.items() if len(e.shape) != 2}
+        if flat:
+            _problem(f"{base}: LoRA factors must be 2-D (only expert stacks are 3-D), found {flat}", problems)
+            continue
         factors: dict[str, TensorRef] = {}
         layer: Layer = "embedding" if base == "token_embd.weight" else "linear"
         if "a" in ab:
@@ -129,16 +133,20 @@ def _experts(
     dims = {k: e.shape for k, e in ab.items()}
     counts = {s[0] for s in dims.values() if len(s) == 3}
     if any(len(s) != 3 for s in dims.values()) or len(counts) != 1:
-        msg = f"{base}: an expert stack needs 3-D lora_a / lora_b with one expert count, found {dims}"
-        if problems is None:
-            raise ShapeError(msg)
-        problems.append(msg)
+        _problem(f"{base}: an expert stack needs 3-D lora_a / lora_b with one expert count, found {dims}", problems)
         return True
     for xid in range(counts.pop()):
         path = rules.experts.per_expert.format(bid=bid, xid=xid, w=w)
         factors = {("down" if k == "a" else "up"): _ref(p, e, expert=xid) for k, e in ab.items()}
         adapter.modules[path] = _module(path, factors, alpha, "linear")
     return True
+
+
+def _problem(msg: str, problems: list[str] | None) -> None:
+    """A shape that no writer makes: raised, or collected for validate."""
+    if problems is None:
+        raise ShapeError(msg)
+    problems.append(msg)
 
 
 def _check(leftovers: list[str], arch: str, problems: list[str] | None) -> None:
