@@ -130,3 +130,16 @@ def test_architectures_table_cites_the_converter() -> None:
     assert {s.arch for s in SURGERY.values()} <= covered
     for arch, s in SURGERY.items():
         assert "Model" in s.converter and getattr(gguf.MODEL_ARCH, s.arch), arch
+
+
+def test_validate_for_llama_cpp_knows_the_architecture(case: dict[str, Any]) -> None:
+    """With --base, validate --for llama.cpp checks the adapter against the base's own architecture: its GGUF file
+    is clean, and its PEFT folder is told it needs converting (and why) but has no module without a GGUF tensor."""
+    from loratools.ops.validate import validate
+
+    rep = validate(case["plain"][1], base=case["base"], for_="llama.cpp", fast=True)
+    assert [f.message for f in rep.findings if f.severity == "error"] == []
+    peft = validate(case["root"] / "plain", base=case["base"], for_="llama.cpp", fast=True)
+    said = [f.message for f in peft.findings if f.code == "consumer"]
+    assert any("llama.cpp loads GGUF adapters, this is a peft adapter" in m for m in said), said
+    assert not any("no GGUF tensor" in m or "the base is a" in m for m in said), said

@@ -231,12 +231,17 @@ def from_gguf(s: Surgery, gname: str) -> str | None:
     return path
 
 
+def tensor_of(rules: Surgery, module: str) -> str | None:
+    """The GGUF tensor a module's LoRA goes to under one architecture's rules (a stack for an expert), or None."""
+    expert = expert_of(rules, module)
+    return expert_stack_name(rules, expert[0], expert[2]) if expert else to_gguf(rules, module)
+
+
 def anywhere(module: str) -> str | None:
     """The GGUF tensor a module's LoRA goes to under any supported architecture (the first that has one), or None:
     a module no architecture's name map knows (a vision tower, an architecture llama.cpp has no rules for)."""
     for rules in dict.fromkeys(SURGERY.values()):
-        expert = expert_of(rules, module)
-        name = expert_stack_name(rules, expert[0], expert[2]) if expert else to_gguf(rules, module)
+        name = tensor_of(rules, module)
         if name is not None:
             return name
     return None
