@@ -151,7 +151,11 @@ def main() -> None:
         rows.append((what, med, [r["seconds"] for r in runs]))
         print(f"{mode}: {json.dumps(med)}", file=sys.stderr)
     print(f"Machine: {machine()}. Date: {time.strftime('%Y-%m-%d')}.")
-    print(f"File: {size:,} bytes ({mib(size)}), {LAYERS * len(MODULES) * 2} tensors, rank {RANK}, float32.\n")
+    from loratools.formats.gguf import read_header
+
+    head = read_header(path).data_start
+    print(f"File: {size:,} bytes ({mib(size)}), {LAYERS * len(MODULES) * 2} tensors, rank {RANK}, float32; "
+          f"its header (key/values and tensor infos, up to the aligned data start) is {head:,} bytes.\n")  # fmt: skip
     print("| what | command time | process wall | read from disk (`read_bytes`) | file in page cache after |")
     print("|---|---|---|---|---|")
     for what, m, _ in rows:
