@@ -73,6 +73,11 @@ ORACLES: dict[str, Oracle] = {
     "olmo3": Oracle("Olmo3Config", {}, "OLMO2"),
     "smollm3": Oracle("SmolLM3Config", dict(tie_word_embeddings=False), "SMOLLM3", permute=True, family="permute"),
     "ministral3": Oracle("Ministral3Config", {}, "MISTRAL3", permute=True, family="permute"),
+    "arcee": Oracle("ArceeConfig", {}, "ARCEE", permute=True, family="permute"),
+    "cohere": Oracle("CohereConfig", {}, "COMMAND_R"),
+    "cohere2": Oracle("Cohere2Config", {}, "COHERE2"),
+    "ernie4_5": Oracle("Ernie4_5Config", dict(head_dim=8), "ERNIE4_5"),
+    "exaone4": Oracle("Exaone4Config", {}, "EXAONE4"),
 }
 #: one architecture of each surgery kind runs in the default test run; the rest under -m slow
 DEFAULT = {"llama", "qwen2", "phi3", "gemma", "qwen2moe"}

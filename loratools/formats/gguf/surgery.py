@@ -98,6 +98,15 @@ SURGERY: dict[str, Surgery] = {
     "Olmo2ForCausalLM": _OLMO2,
     "Olmo3ForCausalLM": _OLMO2,  # registered to Olmo2Model
     "SmolLM3ForCausalLM": Surgery("SMOLLM3", "SmolLM3Model(LlamaModel) (conversion/smollm3.py)", permute_qk=True),
+    "ArceeForCausalLM": Surgery("ARCEE", "ArceeModel(LlamaModel) (conversion/arcee.py)", permute_qk=True),
+    "CohereForCausalLM": Surgery("COMMAND_R", "CommandR2Model (conversion/command_r.py), no modify_tensors"),
+    "Cohere2ForCausalLM": Surgery("COHERE2", "Cohere2Model (conversion/command_r.py): only zero biases skipped"),
+    "Ernie4_5ForCausalLM": Surgery(
+        "ERNIE4_5",
+        "Ernie4_5Model (conversion/ernie.py): splits only a fused qkv_proj / up_gate_proj, which "
+        "transformers' Ernie 4.5 does not have",
+    ),  # fmt: skip
+    "Exaone4ForCausalLM": Surgery("EXAONE4", "Exaone4Model (conversion/exaone.py), no permutation"),
     "Ministral3ForCausalLM": _MISTRAL3,
     "Mistral3ForConditionalGeneration": _MISTRAL3,  # its text model
 }
