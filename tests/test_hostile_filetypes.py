@@ -70,10 +70,11 @@ case("json-list", "a JSON file", file("weights.safetensors", "[1, 2, 3, 4, 5, 6,
 case("readme", "a text file", file("README.md", "# My LoRA\n\nTrained on cats.\n"))
 case("html-error-page", "a text file", file("lora.safetensors", "<!DOCTYPE html><html><body>404</body></html>"))
 case("git-lfs-pointer", "Git LFS pointer", file("lora.safetensors", LFS))
-case("gguf", "GGUF adapter: not readable yet", file("adapter.gguf", b"GGUF\x03\x00\x00\x00" + b"\x00" * 64))
+# a GGUF file with no keys: read as GGUF (by its magic, whatever its name), and it is no adapter
+case("gguf", "no general.type, not an adapter", file("adapter.gguf", b"GGUF\x03\x00\x00\x00" + b"\x00" * 64))
 case(
     "gguf-named-safetensors",
-    "GGUF adapter: not readable yet",
+    "no general.type, not an adapter",
     file("a.safetensors", b"GGUF\x03\x00\x00\x00" + b"\0" * 64),
 )
 case("torch-zip-named-safetensors", "a torch pickle (zip)", _torch_zip)

@@ -12,10 +12,14 @@ from ..io.atomic import check_output
 from ..io.pickle import is_torch_pickle
 from ..io.safetensors import shown
 from ..model import Adapter
-from . import diffusers, kohya, peft
+from . import diffusers, gguf, kohya, peft
 from .common import open_raw
 
+#: the formats loratools reads and writes alike (``--format``, ``--to``)
 FORMATS: dict[str, ModuleType] = {"peft": peft, "kohya": kohya, "diffusers": diffusers}
+#: every format loratools reads: GGUF adapters are detected by their magic and written by ``convert --to gguf``
+#: alone (a GGUF export needs the base's config)
+READERS: dict[str, ModuleType] = {**FORMATS, gguf.NAME: gguf}
 
 
 def _path(value: object, what: str) -> Path:
@@ -33,13 +37,19 @@ def _path(value: object, what: str) -> Path:
     return Path(text)
 
 
-def _format(value: object) -> str | None:
+def _format(value: object, table: dict[str, ModuleType] = FORMATS) -> str | None:
     if value is None:
         return None
     if not isinstance(value, str):
-        raise UsageError(f"format must be a string ({', '.join(FORMATS)}) or None, not {type(value).__name__}")
-    if value not in FORMATS:
-        raise FileFormatError(f"unknown format {value!r}", "choose one of " + ", ".join(FORMATS))
+        raise UsageError(f"format must be a string ({', '.join(table)}) or None, not {type(value).__name__}")
+    if value == gguf.NAME and table is FORMATS:
+        raise FileFormatError(
+            "unknown format 'gguf' here: GGUF is read by every command and written by `convert --to gguf`, "
+            "which reads the base's config.json",
+            "choose one of " + ", ".join(FORMATS) + ", then `loratools convert OUT --to gguf --base BASE`",
+        )
+    if value not in table:
+        raise FileFormatError(f"unknown format {value!r}", "choose one of " + ", ".join(table))
     return value
 
 
@@ -53,13 +63,15 @@ def detect(source: str | os.PathLike[str]) -> str:
             return peft.NAME
         if (p / diffusers.FILENAME).is_file():
             return diffusers.NAME
-        files = sorted(p.glob("*.safetensors"))
-        if len(files) == 1:
-            return detect(files[0])
+        one = _one_file(p)
+        if one is not None:
+            return detect(one)
         raise FileFormatError(
             f"{p}: no adapter found in this folder",
-            f"expected {peft.CONFIG} (PEFT), {diffusers.FILENAME} (diffusers) or one .safetensors file",
+            f"expected {peft.CONFIG} (PEFT), {diffusers.FILENAME} (diffusers), one .safetensors or one .gguf file",
         )
+    if gguf.is_gguf(p):  # by its magic, whatever its name
+        return gguf.NAME
     if p.name in peft.WEIGHTS and peft.has_config(p.parent):
         return peft.NAME
     raw = open_raw(p, lenient=not is_torch_pickle(p))  # damage is for the reader to report
@@ -78,14 +90,26 @@ def detect(source: str | os.PathLike[str]) -> str:
     )
 
 
-def adapter_file(source: str | os.PathLike[str]) -> Path:
-    """What a reader opens for ``source``: a folder holding exactly one ``.safetensors`` file stands for that file;
-    anything else (a file, a PEFT or diffusers folder) for itself."""
-    p = Path(source)
-    if p.is_dir() and not peft.is_peft_folder(p) and not (p / diffusers.FILENAME).is_file():
-        files = sorted(p.glob("*.safetensors"))
+def _one_file(folder: Path) -> Path | None:
+    """The one ``.safetensors`` file of a folder, else its one ``.gguf`` file (a folder holding only a GGUF
+    adapter, as llama.cpp's converter and unsloth write one); None when there is no such single file."""
+    for pattern in ("*.safetensors", "*.gguf"):
+        files = sorted(folder.glob(pattern))
         if len(files) == 1:
             return files[0]
+        if files:
+            return None
+    return None
+
+
+def adapter_file(source: str | os.PathLike[str]) -> Path:
+    """What a reader opens for ``source``: a folder holding exactly one ``.safetensors`` file (or, with none, one
+    ``.gguf`` file) stands for that file; anything else (a file, a PEFT or diffusers folder) for itself."""
+    p = Path(source)
+    if p.is_dir() and not peft.is_peft_folder(p) and not (p / diffusers.FILENAME).is_file():
+        one = _one_file(p)
+        if one is not None:
+            return one
     return p
 
 
@@ -102,8 +126,8 @@ def load_adapter(
         raise UsageError(
             f"problems must be a list (findings are appended to it) or None, not {type(problems).__name__}"
         )
-    fmt = _format(format) or detect(src)
-    adapter: Adapter = FORMATS[fmt].read(adapter_file(src), problems=problems)
+    fmt = _format(format, READERS) or detect(src)
+    adapter: Adapter = READERS[fmt].read(adapter_file(src), problems=problems)
     for m in adapter.modules.values():
         found = m.check() if problems is None else []
         if found:
@@ -120,12 +144,15 @@ def load_adapter(
 
 
 def input_files(source: str | os.PathLike[str]) -> list[Path]:
-    """What reading ``source`` reads: itself, and for a bare PEFT weights file the config beside it (an output
-    must never replace one of these)."""
+    """What reading ``source`` reads: itself, for a bare PEFT weights file the config beside it, and for a GGUF
+    adapter the base's config.json beside it, which gives the head counts when the file has none (an output must
+    never replace one of these)."""
     p = Path(source)
     out = [p]
     if p.is_file() and (p.parent / peft.CONFIG).is_file():
         out.append(p.parent / peft.CONFIG)
+    if p.is_file() and (p.parent / "config.json").is_file() and gguf.is_gguf(p):
+        out.append(p.parent / "config.json")
     return out
 
 

@@ -223,8 +223,9 @@ def sniff(path: str | os.PathLike[str]) -> FileFormatError | None:
         )
     if head.startswith(MAGIC_GGUF):
         return FileFormatError(
-            f"{where}: GGUF adapter: not readable yet",
-            "read its source adapter (safetensors) instead; loratools writes GGUF with `convert --to gguf`",
+            f"{where}: a GGUF file, not safetensors",
+            "loratools reads GGUF adapters as adapters (`loratools validate` says what is wrong with one); "
+            "a base checkpoint must be safetensors",
         )
     pickle_hint = (
         "name it .bin or .pt to read it as a torch pickle (tensors only, no code is run), or re-save it as safetensors"

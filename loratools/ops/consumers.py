@@ -1,20 +1,46 @@
-"""Will it load there? What each consumer refuses, or silently gets wrong, and the command that fixes it."""
+"""Will it load there? What each consumer refuses, or silently gets wrong, and the command that fixes it.
+
+What each rule is based on:
+
+* llama.cpp: ``src/llama-adapter.cpp`` (``llama_adapter_lora_init_impl``) loads a GGUF file whose tensors name the
+  model's (``LoRA tensor ... does not exist in base model``) and applies ``alpha / rank`` to each; the names are
+  those of ``convert_lora_to_gguf.py``, which takes every module through its architecture's converter class and
+  gguf's tensor name map (here :mod:`loratools.formats.gguf.surgery`). Ollama runs llama.cpp; its Modelfile
+  ``ADAPTER`` also imports safetensors adapters, for Llama, Mistral and Gemma bases only (``docs/modelfile.md``).
+* vLLM: ``vllm/lora/utils.py`` (``get_supported_lora_modules``: "all linear layers support LoRA", plus the model
+  class's ``embedding_modules``) and ``lora_model.py`` (``from_local_checkpoint`` refuses a module whose name is
+  not among them); embedding and lm_head LoRA are taken only where the model class registers them (not Qwen2/Qwen3:
+  vllm-project/vllm#32599, #33234), so they are a warning, not an error.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
+from ..formats.gguf import surgery as sg
 from ..model import Adapter
 
 CONSUMERS = ("vllm", "tgi", "llama.cpp", "ollama", "diffusers", "comfyui")
 #: vLLM's default --max-lora-rank
 VLLM_DEFAULT_MAX_RANK = 16
 
+#: module path components of a multimodal model's encoders and projectors (not its language model)
+TOWERS = frozenset({"vision_tower", "vision_model", "visual", "vision_encoder", "image_encoder", "multi_modal_projector",
+                    "mm_projector", "audio_tower", "audio_encoder", "audio_model", "vision_embed_tokens"})  # fmt: skip
+
 Add = Callable[[str, str, str], None]  # severity, message, hint
+#: a consumer's rule: the adapter, where findings go, the base's transformers architecture (None: no --base)
+Rule = Callable[[Adapter, Add, "str | None"], None]
 
 
-def _common_llm(a: Adapter, add: Add, who: str) -> None:
-    if a.format != "peft":
+def few(names: Sequence[str], n: int = 4) -> str:
+    """Module names shown in a finding: the first ``n``, and how many more."""
+    more = f" (and {len(names) - n} more)" if len(names) > n else ""
+    return ", ".join(names[:n]) + more
+
+
+def _common_llm(a: Adapter, add: Add, who: str, reads: str = "peft") -> None:
+    if a.format != reads and reads == "peft":  # (llama.cpp's own format message is its rule's)
         add(
             "error",
             f"{who} reads PEFT adapter folders, this is a {a.format} file",
@@ -31,33 +57,73 @@ def _common_llm(a: Adapter, add: Add, who: str) -> None:
         add("error", f"{who} serves plain LoRA only (found LoHa/LoKr)", "loratools convert SRC --to peft -o OUT")
 
 
-def _vllm(a: Adapter, add: Add) -> None:
+def _vllm(a: Adapter, add: Add, arch: str | None = None) -> None:
     _common_llm(a, add, "vLLM")
+    conv = [n for n, m in a.modules.items() if m.layer == "conv"]
+    if conv:
+        add("error", f"vLLM takes LoRA on linear layers and embeddings, not on {len(conv)} conv layer(s): {few(conv)}",
+            "leave these modules out (or merge the adapter)")  # fmt: skip
+    towers = [n for n in a.modules if TOWERS.intersection(n.split("."))]
+    if towers:
+        add("warning", f"vLLM takes LoRA on the language model only and ignores {len(towers)} module(s) of the "
+            f"vision/audio encoder or projector: {few(towers)}",
+            "merge the adapter into the base to keep them (loratools merge BASE SRC -o OUT), or leave them out "
+            "(loratools convert SRC --to peft --exclude PATTERN -o OUT)")  # fmt: skip
+    emb = [n for n, m in a.modules.items() if m.layer == "embedding" or n.rsplit(".", 1)[-1] == "lm_head"]
+    if emb:
+        add("warning", f"vLLM takes LoRA on {few(emb, 3)} only for model classes that register them as "
+            "embedding modules (not Qwen2/Qwen3)", "merge these modules into the base if vLLM refuses the adapter")  # fmt: skip
     top = max((m.rank or 0 for m in a.modules.values()), default=0)
     if top > VLLM_DEFAULT_MAX_RANK:
         add("warning", f"rank {top} is above vLLM's default --max-lora-rank {VLLM_DEFAULT_MAX_RANK}",
             f"start vLLM with --max-lora-rank {top}, or: loratools resize SRC --rank {VLLM_DEFAULT_MAX_RANK} -o OUT")  # fmt: skip
 
 
-def _tgi(a: Adapter, add: Add) -> None:
+def _tgi(a: Adapter, add: Add, arch: str | None = None) -> None:
     _common_llm(a, add, "TGI")
     if any(m.layer == "embedding" for m in a.modules.values()):
         add("error", "TGI reads only lora_A / lora_B of linear layers (found embedding LoRA)", "merge it instead")
 
 
-def _llama_cpp(a: Adapter, add: Add, who: str = "llama.cpp") -> None:
-    _common_llm(a, add, who)
+def _llama_cpp(a: Adapter, add: Add, arch: str | None = None, who: str = "llama.cpp") -> None:
+    rules = sg.SURGERY.get(arch) if arch is not None else None
+    if arch is not None and rules is None:
+        add("error", f"the base is a {arch}: loratools knows llama.cpp's converter rules for {sg.supported()} "
+            "only, so no GGUF adapter can be written for it here", "merge the adapter into the base instead, "
+            "and convert the merged model with llama.cpp")  # fmt: skip
+    if a.format == "gguf":  # read back through the converter's own tables: names, layout and scale are llama.cpp's
+        written = a.metadata.get("general.architecture")
+        if rules is not None and written != sg.gguf_arch(rules):
+            add("error", f"the adapter is for a {written} model and the base is a {arch} "
+                f"({sg.gguf_arch(rules)}): llama.cpp refuses it", "give the base the adapter was made for")  # fmt: skip
+        if a.extras:
+            add("warning", f"{who} skips the norm tensors a merge tool put in this file: {', '.join(sorted(a.extras)[:3])}",
+                "merge the adapter into the base to keep them")  # fmt: skip
+        return
+    _common_llm(a, add, who, reads="gguf")
+    fix = "loratools convert SRC --to gguf --base BASE -o OUT"
+    if who == "llama.cpp":
+        add("error", f"llama.cpp loads GGUF adapters, this is a {a.format} adapter", fix)
+    else:
+        add("warning", f"{who} imports safetensors adapters for Llama, Mistral and Gemma bases only; a GGUF "
+            "adapter works for every architecture its llama.cpp knows", fix)  # fmt: skip
+    if arch is None or rules is not None:
+        unknown = [n for n in a.modules if (sg.tensor_of(rules, n) if rules else sg.anywhere(n)) is None]
+        where = f"a {arch}" if rules else "the architectures loratools converts for llama.cpp (docs/convert.md)"
+        if unknown:
+            add("error", f"{len(unknown)} module(s) have no GGUF tensor in {where}: {few(unknown)}",
+                "leave them out, or merge the adapter instead")  # fmt: skip
     mods = list(a.modules.values())
     if any(m.rslora for m in mods):
         add("error", f"{who} applies alpha / r: rsLoRA modules (alpha / sqrt(r)) come out too weak",
-            "loratools convert SRC --to gguf --base BASE -o OUT (bakes the scale)")  # fmt: skip
+            f"{fix} (bakes the scale)")  # fmt: skip
     alphas = {m.alpha for m in mods}
     if len(alphas) > 1:
         add("error", f"{who} stores one alpha for the file: per-module alphas would be mis-scaled",
-            "loratools convert SRC --to gguf --base BASE -o OUT (bakes the differences)")  # fmt: skip
+            f"{fix} (bakes the differences)")  # fmt: skip
 
 
-def _diffusers(a: Adapter, add: Add) -> None:
+def _diffusers(a: Adapter, add: Add, arch: str | None = None) -> None:
     if a.format == "peft":
         add("error", "diffusers pipelines load diffusers or kohya files, this is a PEFT folder",
             "loratools convert SRC --to diffusers -o OUT")  # fmt: skip
@@ -68,7 +134,7 @@ def _diffusers(a: Adapter, add: Add) -> None:
         add("error", "diffusers files cannot carry full tensors", "merge them into the base instead")
 
 
-def _comfyui(a: Adapter, add: Add) -> None:
+def _comfyui(a: Adapter, add: Add, arch: str | None = None) -> None:
     if a.format == "peft":
         add("error", "ComfyUI loads single .safetensors LoRA files, this is a PEFT folder",
             "loratools convert SRC --to kohya -o OUT")  # fmt: skip
@@ -82,11 +148,11 @@ def _comfyui(a: Adapter, add: Add) -> None:
         add("warning", "dora_scale per input column: ComfyUI infers the axis from the shape; check the result", "")
 
 
-RULES: dict[str, Callable[[Adapter, Add], None]] = {
+RULES: dict[str, Rule] = {
     "vllm": _vllm,
     "tgi": _tgi,
     "llama.cpp": _llama_cpp,
-    "ollama": lambda a, add: _llama_cpp(a, add, "Ollama (llama.cpp)"),
+    "ollama": lambda a, add, arch: _llama_cpp(a, add, arch, "Ollama (llama.cpp)"),
     "diffusers": _diffusers,
     "comfyui": _comfyui,
 }

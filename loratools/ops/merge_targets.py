@@ -40,6 +40,7 @@ def resolve_targets(adapters: list[Adapter], weights: list[float], base: Checkpo
     Refused here, before any output exists: weights, alphas or adapter tensors that are not finite (the merged
     weights would be NaN), and a DoRA module sharing its weight with another adapter's module (see
     :func:`_refuse_shared_dora`)."""
+    refuse_quantized_base(base)
     bad = [w for w in weights if not math.isfinite(w)]
     if bad:
         raise LoratoolsError(f"weight {bad[0]} is not a finite number", "give finite weights, e.g. --weights 1,0.5")
@@ -108,6 +109,88 @@ def resolve_targets(adapters: list[Adapter], weights: list[float], base: Checkpo
             raise ShapeError(f"{name}: stored as {info.dtype}; only float weights can take a delta")
         _refuse_shared_dora(name, t)
     return targets
+
+
+#: tensor name endings that only a quantized checkpoint holds, and the method they tell
+QUANT_TENSORS = (
+    ((".absmax", ".quant_map", ".nested_absmax", ".quant_state.bitsandbytes__nf4", ".quant_state.bitsandbytes__fp4",
+      ".SCB"), "bitsandbytes"),
+    ((".g_idx",), "GPTQ"),
+    ((".qweight", ".qzeros"), "AWQ or GPTQ"),
+    ((".weight_scale_inv", ".weight_scale"), "FP8"),
+    ((".weight_packed",), "compressed-tensors"),
+)  # fmt: skip
+MAX_CARD_BYTES = 1 << 20
+
+
+def refuse_quantized_base(base: Checkpoint) -> None:
+    """A quantized base (a bitsandbytes 4-bit folder, which is what QLoRA and unsloth adapters name as their base;
+    GPTQ, AWQ, FP8, ...) stores its weights packed: a delta cannot be added to them. Refused before anything else,
+    with the method (``quantization_config`` in config.json, or the tensors' telltale names and dtypes) and the
+    unquantized base when the model card (``base_model``) or the config (``_name_or_path``) names one."""
+    from ..io.checkpoint import read_config
+
+    try:
+        config = read_config(base.root) or {}
+    except LoratoolsError:
+        config = {}  # a config that is not one says nothing: the tensors still do
+    method = _quant_config(config.get("quantization_config")) or _quant_tensors(base)
+    if method is None:
+        return
+    origin = _card_base(base) or config.get("_name_or_path")
+    named = f" ({origin})" if isinstance(origin, str) and origin else ""
+    raise IncompatibleAdaptersError(
+        f"{base.root.name}: the base is quantized ({method}): its weights are stored packed and a LoRA delta cannot "
+        "be added to them",
+        f"merge into the unquantized base{named}, then quantize the merged model if you need to",
+    )
+
+
+def _quant_config(qc: object) -> str | None:
+    if not isinstance(qc, dict):
+        return None
+    method = qc.get("quant_method")
+    if not isinstance(method, str):
+        return "quantization_config" if qc else None
+    if method == "bitsandbytes":
+        if qc.get("load_in_4bit"):
+            return f"bitsandbytes 4-bit {qc.get('bnb_4bit_quant_type') or ''}".strip()
+        return "bitsandbytes 8-bit" if qc.get("load_in_8bit") else "bitsandbytes"
+    bits = qc.get("bits") or qc.get("w_bit")
+    name = {"gptq": "GPTQ", "awq": "AWQ", "fp8": "FP8"}.get(method, method)
+    return f"{name} {bits}-bit" if isinstance(bits, int) and not isinstance(bits, bool) else name[:40]
+
+
+def _quant_tensors(base: Checkpoint) -> str | None:
+    for name, t in base.tensors.items():
+        for ends, method in QUANT_TENSORS:
+            if name.endswith(ends):
+                return method
+        if t.info.dtype.startswith("F8"):
+            return "FP8"
+    return None
+
+
+def _card_base(base: Checkpoint) -> str | None:
+    """``base_model`` from the model card's front matter (README.md beside the weights), when it names one."""
+    import yaml
+
+    from ..io.jsonfile import read_bytes
+
+    card = (base.root if base.root.is_dir() else base.root.parent) / "README.md"
+    if not card.is_file():
+        return None
+    try:
+        text = read_bytes(card, limit=MAX_CARD_BYTES, what="model card").decode("utf-8", errors="replace")
+        if not text.startswith("---"):
+            return None
+        front = yaml.safe_load(text[3:].split("\n---", 1)[0])
+    except (LoratoolsError, yaml.YAMLError, RecursionError):
+        return None
+    value = front.get("base_model") if isinstance(front, dict) else None
+    if isinstance(value, list) and value:
+        value = value[0]
+    return value[:200] if isinstance(value, str) else None
 
 
 def _refuse_shared_dora(name: str, t: Target) -> None:

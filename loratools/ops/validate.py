@@ -156,8 +156,24 @@ def validate(
         except LoratoolsError as e:
             add("error", "unreadable", e.message + (f" ({e.hint})" if e.hint else ""))
     if for_ is not None:
-        RULES[for_](adapter, lambda sev, msg, hint: add(sev, "consumer", msg + (f" (fix: {hint})" if hint else "")))  # type: ignore[arg-type]
+
+        def found(sev: str, msg: str, hint: str) -> None:
+            add(sev, "consumer", msg + (f" (fix: {hint})" if hint else ""))  # type: ignore[arg-type]
+
+        RULES[for_](adapter, found, _architecture(base) if base is not None else None)
     return rep
+
+
+def _architecture(base: str | os.PathLike[str]) -> str | None:
+    """The base's transformers architecture from its config.json (None without one, or when it names none)."""
+    from ..formats.gguf.writer import architecture
+    from ..io.checkpoint import read_config
+
+    try:
+        cfg = read_config(base)
+        return architecture(cfg) if cfg is not None else None
+    except LoratoolsError:  # a config that is not one: _check_base and the base's own reader say so
+        return None
 
 
 def _text(e: LoratoolsError) -> str:
