@@ -139,7 +139,8 @@ def tensors_for(adapter: Adapter) -> tuple[dict[str, TensorRef], dict[str, str]]
     meta = carried_metadata(adapter, NAME)
     if component_configs(meta) != {c: {k[len(c) + 1 :]: v for k, v in flat.items() if k.startswith(c + ".")}
                                    for c in comps}:  # fmt: skip
-        meta[META_KEY] = json.dumps(flat, sort_keys=True)
+        # the top level sorted; a pattern's own order is PEFT's precedence (first key that matches wins): kept
+        meta[META_KEY] = json.dumps(dict(sorted(flat.items())))
     meta.setdefault("format", "pt")
     return tensors, meta
 

@@ -58,7 +58,8 @@ def _planned(hit: tuple[Plan, Family] | None, det: Detection, what: str) -> tupl
             f"{n} module(s) are not modules of {fam.title} that loratools can name in {what}: "
             + ", ".join(plan.unresolved[:5])
             + (" ..." if n > 5 else ""),
-            "a name that cannot be mapped is never guessed: keep the source format, or remove these modules",
+            "a name that cannot be mapped is never guessed. A UNet's block numbers come from its config: pass --base "
+            "with the base model (a diffusers folder); otherwise keep the source format, or remove these modules",
         )
     return plan, fam
 

@@ -74,11 +74,10 @@ def split_module(m: Module, targets: Sequence[str], split: Split) -> list[Module
     _check(m, "split")
     up, down = m.factors["up"].load(), m.factors["down"].load()
     out, r = up.shape[0], up.shape[1]
-    sizes = split.sizes(len(targets), out, down.shape[1])
+    sizes = split.sizes(len(targets), out)
     if sizes is None:
         raise ShapeError(
-            f"{m.name}: its {out} output rows (input {down.shape[1]}) do not split into "
-            f"{', '.join(t.rsplit('.', 1)[-1] for t in targets)}"
+            f"{m.name}: its {out} output rows do not split into {', '.join(t.rsplit('.', 1)[-1] for t in targets)}"
         )
     k = len(targets)
     starts = [sum(sizes[:i]) for i in range(k)]
@@ -115,9 +114,10 @@ def fuse_modules(
     for _, m in present:
         _check(m, "fused")
     inp = present[0][1].factors["down"].shape[1]
-    sizes = split.full_sizes(len(parts), {i: m.factors["up"].shape[0] for i, m in present}, inp)
+    found = split.full_sizes(len(parts), {i: m.factors["up"].shape[0] for i, m in present})
+    sizes = found or [0] * len(parts)
     for i, m in present:
-        if m.factors["down"].shape[1] != inp or m.factors["up"].shape[0] != sizes[i]:
+        if found is None or m.factors["down"].shape[1] != inp or m.factors["up"].shape[0] != sizes[i]:
             raise ShapeError(
                 f"{m.name}: {list(m.weight_shape())} does not fit beside the other parts of {name} ({sizes[i]} x {inp})"
             )

@@ -57,28 +57,36 @@ def _pattern(template: str, flat: bool) -> re.Pattern[str]:
 @dataclass(frozen=True)
 class Split:
     """How the output rows of a fused module divide among its parts, in order: ``equal`` (q, k, v of one size)
-    or ``qkv+rest`` (Flux's ``linear1``: q, k and v of the input's size each, then the MLP's rows, ``rest_ratio``
-    times the input's size)."""
+    or ``qkv+rest`` (Flux's ``linear1``: q, k and v of one size, then the MLP's rows, ``rest_ratio`` times that
+    size: 3 x 3072 + 12288 in Flux.1, as diffusers' converters split it)."""
 
     kind: str
     rest_ratio: int = 0
 
-    def sizes(self, parts: int, out: int, inp: int) -> list[int] | None:
-        """The rows of each part of a fused ``out x inp`` weight; None when its shape does not split so."""
-        if self.kind == "equal":
-            return [out // parts] * parts if out % parts == 0 and out else None
-        rest = out - (parts - 1) * inp
-        return [inp] * (parts - 1) + [rest] if rest > 0 else None
+    def _unit(self, parts: int, out: int) -> int | None:
+        n = parts if self.kind == "equal" else parts - 1 + self.rest_ratio
+        return out // n if out and out % n == 0 else None
 
-    def offset(self, index: int, out: int, inp: int) -> int:
-        """The first row of part ``index`` (whose own weight is ``out x inp``) in the fused weight."""
-        return index * (out if self.kind == "equal" else inp)
+    def sizes(self, parts: int, out: int) -> list[int] | None:
+        """The rows of each part of a fused weight with ``out`` rows; None when they do not split so."""
+        unit = self._unit(parts, out)
+        if unit is None:
+            return None
+        return [unit] * parts if self.kind == "equal" else [unit] * (parts - 1) + [unit * self.rest_ratio]
 
-    def full_sizes(self, parts: int, present: Mapping[int, int], inp: int) -> list[int]:
-        """Every part's rows, from those of the parts at hand (index -> rows) and the input size."""
-        if self.kind == "equal":
-            return [next(iter(present.values()))] * parts
-        return [inp] * (parts - 1) + [present.get(parts - 1, self.rest_ratio * inp)]
+    def offset(self, index: int, parts: int, out: int) -> int:
+        """The first row of part ``index`` (whose own weight has ``out`` rows) in the fused weight."""
+        if self.kind == "equal" or index < parts - 1:
+            return index * out
+        return (parts - 1) * out // self.rest_ratio
+
+    def full_sizes(self, parts: int, present: Mapping[int, int]) -> list[int] | None:
+        """Every part's rows, from those of the parts at hand (index -> rows); None when they disagree."""
+        units = {rows if self.kind == "equal" or i < parts - 1 else rows / self.rest_ratio
+                 for i, rows in present.items()}  # fmt: skip
+        if len(units) != 1 or int(next(iter(units))) != next(iter(units)):
+            return None
+        return self.sizes(parts, int(next(iter(units))) * (parts if self.kind == "equal" else parts - 1 + self.rest_ratio))
 
 
 EQUAL = Split("equal")

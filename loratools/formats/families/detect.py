@@ -142,6 +142,7 @@ def from_keys(names: Iterable[str], shapes: Mapping[str, tuple[int, ...]]) -> tu
             for rx, table in ((_CROSS, _CROSS_DIM), (_DIT, _DIT_DIM)):
                 fid = table.get(shape[1]) if rx.search(flat) else None
                 if fid:
+                    marked = True
                     left &= {fid}
                     what = f"width {shape[1]}"
                     if what not in why:

@@ -166,7 +166,6 @@ def single_file_location(
     key = (p.roots[0] if root is None else root) + (f"{name}.{mapped}" if mapped else name)
     rows = None
     if link.split is not None and len(link.diffusers) > 1:
-        out, inp = weight_shape[0], weight_shape[1] if len(weight_shape) > 1 else weight_shape[0]
-        start = link.split.offset(index, out, inp)
-        rows = (start, start + out)
+        start = link.split.offset(index, len(link.diffusers), weight_shape[0])
+        rows = (start, start + weight_shape[0])
     return SingleFileLocation(key, rows, link.swaps(weight_shape), link.transpose)
