@@ -8,9 +8,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-import torch
-
 import peers_kit as kit
+import torch
 
 SDXL_UNET: dict[str, Any] = dict(
     sample_size=8, in_channels=4, out_channels=4, block_out_channels=(8, 16), layers_per_block=1,

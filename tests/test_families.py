@@ -219,7 +219,10 @@ def test_detection_by_widths_and_disagreement() -> None:
     # SD 1.x, 2.x and SDXL UNets tell apart by the cross-attention width, Flux / SD3 by the hidden size
     name = "unet.down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k"
     assert {w: detect([name], {name: (640, w)}).family for w in (768, 1024, 2048)} == {  # type: ignore[union-attr]
-        768: "sd1", 1024: "sd2", 2048: "sdxl"}
+        768: "sd1",
+        1024: "sd2",
+        2048: "sdxl",
+    }
     dit = "transformer.transformer_blocks.0.attn.to_q"
     assert detect([dit], {dit: (3072, 3072)}).family == "flux1"  # type: ignore[union-attr]
     assert detect([dit], {dit: (1536, 1536)}).family == "sd3"  # type: ignore[union-attr]

@@ -152,8 +152,12 @@ def test_flux_kohya_fuses_qkv_and_linear1_and_converts_back(mf: Any, flux: Simpl
     assert t["lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight"].shape == (6, 16)
     assert t["lora_unet_double_blocks_0_txt_attn_qkv.lora_up.weight"].shape == (48, 6)
     assert t["lora_unet_single_blocks_1_linear1.lora_up.weight"].shape == (16 * 3 + 64, 8)
-    assert {"lora_unet_final_layer_adaLN_modulation_1.alpha", "lora_unet_img_in.alpha",
-            "lora_unet_guidance_in_out_layer.alpha", "lora_unet_double_blocks_0_txt_mod_lin.alpha"} <= set(t)
+    assert {
+        "lora_unet_final_layer_adaLN_modulation_1.alpha",
+        "lora_unet_img_in.alpha",
+        "lora_unet_guidance_in_out_layer.alpha",
+        "lora_unet_double_blocks_0_txt_mod_lin.alpha",
+    } <= set(t)
     assert any("fused" in n for n in rep["notes"])
     convert_json(str(kohya), "--to", "diffusers", "-o", str(back))
     same_deltas(transformer_load(mf, back, fk.flux_model, F), flux.deltas)
@@ -235,7 +239,10 @@ def test_flux_kohya_of_flux1_dev_widths_reads_as_diffusers_reads_it(tmp_path: Pa
     back = tensors(tmp_path / "k.safetensors")
     for k, v in sd.items():  # the fused modules come back as they were; alphas as floats
         assert torch.equal(back[k].to(v.dtype), v) if not k.endswith(".alpha") else float(back[k]) == float(v), k
-    assert set(back) - set(sd) == {"lora_unet_final_layer_adaLN_modulation_1.alpha", "lora_unet_final_layer_linear.alpha"}
+    assert set(back) - set(sd) == {
+        "lora_unet_final_layer_adaLN_modulation_1.alpha",
+        "lora_unet_final_layer_linear.alpha",
+    }
 
 
 def xlabs_file(path: Path, h: int, r: int = 2) -> dict[str, torch.Tensor]:

@@ -86,7 +86,9 @@ class Split:
                  for i, rows in present.items()}  # fmt: skip
         if len(units) != 1 or int(next(iter(units))) != next(iter(units)):
             return None
-        return self.sizes(parts, int(next(iter(units))) * (parts if self.kind == "equal" else parts - 1 + self.rest_ratio))
+        return self.sizes(
+            parts, int(next(iter(units))) * (parts if self.kind == "equal" else parts - 1 + self.rest_ratio)
+        )
 
 
 EQUAL = Split("equal")
