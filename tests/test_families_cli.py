@@ -113,3 +113,24 @@ def test_sdxl_kohya_converts_with_sdxl_s_own_numbering(tmp_path: Path) -> None:
     assert run_cli("convert", str(tmp_path / "d.safetensors"), "--to", "kohya", "-o", str(back))[0] == 0
     a, b = safetensors.torch.load_file(str(src)), safetensors.torch.load_file(str(back))
     assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_text_encoder_only_lora_needs_to_know_its_model(tmp_path: Path) -> None:
+    """A diffusers LoRA of a CLIP text encoder alone fits SD 1.x (kohya: ``lora_te_``) and SDXL / Flux / SD3
+    (``lora_te1_``) alike: refused rather than guessed, and written as the metadata says once it says."""
+    from loratools.errors import LoratoolsError
+    from loratools.ops.convert import convert
+
+    a = load_adapter(FIXTURES / "diffusers_sd")
+    a.modules = {n: m for n, m in a.modules.items() if n.startswith("text_encoder.")}
+    a.config = {"text_encoder": a.config["text_encoder"]}
+    save_adapter(a, tmp_path / "te.safetensors")
+    with pytest.raises(LoratoolsError, match="CLIP text encoder") as e:
+        convert(tmp_path / "te.safetensors", "kohya", tmp_path / "k.safetensors")
+    assert "--base" in (e.value.hint or "") and not (tmp_path / "k.safetensors").exists()
+    for arch, prefix in (("stable-diffusion-xl-v1-base/lora", "lora_te1_"), ("stable-diffusion-v1/lora", "lora_te_")):
+        a.metadata["modelspec.architecture"] = arch
+        src, out = tmp_path / f"{prefix}.safetensors", tmp_path / f"{prefix}k.safetensors"
+        save_adapter(a, src)
+        convert(src, "kohya", out)
+        assert {n.split("text_model")[0] for n in load_adapter(out).modules} == {prefix}

@@ -200,6 +200,10 @@ def split_kohya(name: str) -> tuple[str, str]:
     raise ShapeError(f"{name}: not a kohya module name (lora_unet_..., lora_te_..., lycoris_...)")
 
 
+#: where a transformers 5 CLIP text model's paths start (``encoder.layers.0.self_attn...``, ``embeddings...``)
+CLIP_LAYERS = ("encoder.layers.", "embeddings.", "final_layer_norm")
+
+
 def to_kohya(name: str, components: bool = True) -> str:
     """A dotted name (``unet.down_blocks.0...`` or, for a whole model, ``model.layers.0...``) in kohya form. A CLIP
     text encoder's path keeps transformers 4's ``text_model.`` level, which kohya consumers expect
@@ -210,10 +214,6 @@ def to_kohya(name: str, components: bool = True) -> str:
             rest = "text_model." + rest
         return COMPONENT_KOHYA[comp] + rest.replace(".", "_")
     return COMPONENT_KOHYA[""] + name.replace(".", "_")
-
-
-#: where a transformers 5 CLIP text model's paths start (``encoder.layers.0.self_attn...``, ``embeddings...``)
-CLIP_LAYERS = ("encoder.layers.", "embeddings.", "final_layer_norm")
 
 
 def from_kohya(names: list[str], base_names: list[str] | None = None) -> tuple[dict[str, str], list[str]]:

@@ -28,6 +28,7 @@ _MARKS: list[tuple[re.Pattern[str], frozenset[str], str]] = [
         (r"joint_blocks_|(^|_)(x|context)_block_|pos_embed_proj|^text_encoder_3_", ("sd3",), "SD3 joint blocks"),
         (r"(^|_)transformer_blocks_\d+_(attn_add_|attn_to_add_out|ff_context|norm1_context)",
          ("flux1", "sd3"), "joint transformer blocks"),
+        (r"^(lora_te\d?_text_model_|text_encoder(_\d)?_(text_model_)?encoder_layers_)", IMAGE, "a CLIP text encoder"),
         (r"^lora_te_", ("sd1", "sd2"), "lora_te_"),
         (r"^(lora_te2_|text_encoder_2_text_model)", ("sdxl", "sd3"), "a second CLIP text encoder"),
         (r"^(lora_te3_|text_encoder_\d_encoder_block)", ("flux1", "sd3"), "a T5 text encoder"),
@@ -187,4 +188,6 @@ def detect(
         notes.append(f"the {src} says {TITLES[fid]}, the module names do not fit it")
     family = keys[0] if len(keys) == 1 else None
     title = TITLES[family] if family else " or ".join(TITLES[k] for k in keys)
+    if len(keys) == len(IMAGE):
+        title = "an image model's CLIP text encoder (SD 1.x/2.x, SDXL, Flux.1, SD3)"
     return Detection(family, tuple(keys), title, "keys", ", ".join(why), "; ".join(notes))

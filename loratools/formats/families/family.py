@@ -92,11 +92,6 @@ class Plan:
     steps: list[Step] = field(default_factory=list)
     unresolved: list[str] = field(default_factory=list)
 
-    def renames(self) -> dict[str, str]:
-        """Source -> target for the one-to-one steps."""
-        return {s.sources[0]: s.targets[0] for s in self.steps if len(s.sources) == 1 and len(s.targets) == 1
-                and s.sources[0] is not None}  # fmt: skip
-
 
 def from_kohya(family: Family, names: Iterable[str], shapes: Shapes) -> Plan:
     """kohya module names -> diffusers paths (component first; text encoders with ``text_model.``)."""
