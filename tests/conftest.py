@@ -54,3 +54,25 @@ def run_cli(*args: str) -> tuple[int, str, str]:
     if r.exception and not isinstance(r.exception, SystemExit):
         raise r.exception
     return r.exit_code, r.stdout, r.stderr
+
+
+def write_big_checkpoints(root: Path) -> tuple[Path, Path]:
+    """A base of about 120 MB (two Llama-like layers and a filler), so that a merge is still at work when a signal
+    comes, and a fine-tuned twin for extract (a rank-2 change on every projection): (base, tuned)."""
+    import torch
+
+    from loratools.io.safetensors import write_safetensors
+
+    g = torch.Generator().manual_seed(0)
+    tensors = {}
+    for layer in range(2):
+        for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            rows = 16 if name in ("k_proj", "v_proj") else 32
+            tensors[f"model.layers.{layer}.self_attn.{name}.weight"] = torch.randn(rows, 32, generator=g)
+    tensors["model.filler.weight"] = torch.randn(30_000_000, generator=g)
+    write_safetensors(root / "base.safetensors", tensors)
+    for k, t in list(tensors.items()):
+        if t.dim() == 2:
+            tensors[k] = t + torch.randn(t.shape[0], 2, generator=g) @ torch.randn(2, t.shape[1], generator=g)
+    write_safetensors(root / "tuned.safetensors", tensors)
+    return root / "base.safetensors", root / "tuned.safetensors"

@@ -21,7 +21,7 @@ from typing import Any
 import hostile
 import pytest
 import torch
-from conftest import FIXTURES
+from conftest import FIXTURES, write_big_checkpoints
 
 from loratools.cli import Interrupted
 from loratools.io import atomic
@@ -138,21 +138,8 @@ def test_a_second_signal_does_not_cut_the_clean_up_short(
 @pytest.fixture(scope="module")
 def big(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """A base of about 120 MB, so that a merge is still at work when the signal comes, and a tuned twin."""
-    from loratools.io.safetensors import write_safetensors
-
     root = tmp_path_factory.mktemp("big")
-    g = torch.Generator().manual_seed(0)
-    tensors = {}
-    for layer in range(2):
-        for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
-            rows = 16 if name in ("k_proj", "v_proj") else 32
-            tensors[f"model.layers.{layer}.self_attn.{name}.weight"] = torch.randn(rows, 32, generator=g)
-    tensors["model.filler.weight"] = torch.randn(30_000_000, generator=g)
-    write_safetensors(root / "base.safetensors", tensors)
-    for k, t in list(tensors.items()):
-        if t.dim() == 2:
-            tensors[k] = t + torch.randn(t.shape[0], 2, generator=g) @ torch.randn(2, t.shape[1], generator=g)
-    write_safetensors(root / "tuned.safetensors", tensors)
+    write_big_checkpoints(root)
     shutil.copytree(FIXTURES / "peft_llama", root / "peft")
     shutil.copy(FIXTURES / "kohya_sd/lora.safetensors", root / "kohya.safetensors")
     shutil.copy(FIXTURES / "lycoris_loha.safetensors", root / "loha.safetensors")

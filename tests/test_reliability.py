@@ -9,8 +9,7 @@ from pathlib import Path
 from types import ModuleType
 
 import pytest
-import torch
-from conftest import FIXTURES
+from conftest import FIXTURES, write_big_checkpoints
 
 from loratools.errors import OutputError
 from loratools.io import safetensors as st_io
@@ -27,25 +26,9 @@ def digest(path: Path) -> str:
 
 
 @pytest.fixture(scope="module")
-def big_base(mf: ModuleType, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A base large enough (about 120 MB) that a merge takes long enough to be interrupted."""
-    from loratools.io.safetensors import write_safetensors
-
-    root = tmp_path_factory.mktemp("big")
-    g = torch.Generator().manual_seed(0)
-    tensors = {}
-    for layer in range(2):
-        for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
-            out = 16 if name in ("k_proj", "v_proj") else 32
-            tensors[f"model.layers.{layer}.self_attn.{name}.weight"] = torch.randn(out, 32, generator=g)
-    tensors["model.filler.weight"] = torch.randn(30_000_000, generator=g)
-    write_safetensors(root / "base.safetensors", tensors)
-    # a fine-tuned twin for extract: a rank-2 change on every projection
-    for name, t in list(tensors.items()):
-        if t.dim() == 2:
-            tensors[name] = t + torch.randn(t.shape[0], 2, generator=g) @ torch.randn(2, t.shape[1], generator=g)
-    write_safetensors(root / "tuned.safetensors", tensors)
-    return root / "base.safetensors"
+def big_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A base large enough (about 120 MB) that a full disk hits the middle of the merge."""
+    return write_big_checkpoints(tmp_path_factory.mktemp("big"))[0]
 
 
 class _FullDisk:

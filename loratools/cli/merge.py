@@ -8,13 +8,14 @@ from .output import (
     dtype_option,
     fetch_if_remote,
     json_option,
+    note,
     out_console,
     print_json,
     progress_bar,
     revision_option,
     warn,
 )
-from .params import PATH, WEIGHTS, Device, check_weights
+from .params import PATH, WEIGHTS, Device, check_weights, filter_options, left_out_line, only
 
 
 @click.command("merge")
@@ -36,6 +37,7 @@ from .params import PATH, WEIGHTS, Device, check_weights
     help="Also write the numerical report (.json or .html); written with the output, or not at all.",
 )  # fmt: skip
 @click.option("--all", "show_all", is_flag=True, help="Print every merged tensor, not only the 20 least retained.")
+@filter_options
 @json_option
 @click.option("--force", is_flag=True, help="Overwrite the output if it exists.")
 def merge_cmd(
@@ -48,6 +50,10 @@ def merge_cmd(
     dtype: str | None,
     report_path: str | None,
     show_all: bool,
+    include: tuple[str, ...],
+    exclude: tuple[str, ...],
+    unet_only: bool,
+    text_encoders_only: bool,
     as_json: bool,
     force: bool,
 ) -> None:
@@ -59,24 +65,32 @@ def merge_cmd(
     becomes W + sum_i weight_i * delta_i in float32, cast once to its dtype (DoRA: re-scaled to its magnitude;
     modules_to_save tensors replace the base's). The report shows how much of each delta survived that cast.
 
+    --include/--exclude/--unet-only/--text-encoders-only merge part of each adapter (each must keep a module).
+
     \b
     Example:
       loratools merge ./Llama-3.2-1B fixtures/peft_llama -o merged --report merged.html
       loratools merge base.safetensors a.safetensors b.safetensors --weights 1,0.5 -o out.safetensors
+      loratools merge ./sd15 style.safetensors --unet-only -o sd15-unet-merged
     """
     from ..ops.merge import merge
 
     check_weights(weights, len(adapters), "adapter")
+    part = only(unet_only, text_encoders_only)
     origins: dict[str, str] = {}
     base = fetch_if_remote(base, revision, "checkpoint")
     adapters = tuple(fetch_if_remote(a, None, origins=origins) for a in adapters)
     with progress_bar("merging") as progress:
         report = merge(
             base, list(adapters), out, weights, device=device, dtype=dtype,
-            force=force, progress=progress, report_path=report_path, origins=origins,
+            force=force, progress=progress, report_path=report_path, origins=origins, include=include,
+            exclude=exclude, only=part,
         )  # fmt: skip
     for w in report.warnings:
         warn(w)
+    line = left_out_line(report.left_out)
+    if line:
+        note(line)
     if as_json:
         print_json(report.to_dict())
     else:

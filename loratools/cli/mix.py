@@ -6,6 +6,7 @@ from .output import (
     dtype_option,
     fetch_if_remote,
     json_option,
+    note,
     out_console,
     print_json,
     progress_bar,
@@ -13,7 +14,7 @@ from .output import (
     to_option,
     warn,
 )
-from .params import PATH, WEIGHTS, check_weights, device_option, refuse
+from .params import PATH, WEIGHTS, check_weights, device_option, filter_options, left_out_line, only, refuse
 
 
 @click.command("mix")
@@ -36,6 +37,7 @@ from .params import PATH, WEIGHTS, check_weights, device_option, refuse
 @dtype_option
 @device_option
 @click.option("--strict", is_flag=True, help="Refuse inputs made for different base models.")
+@filter_options
 @click.option("--force", is_flag=True, help="Overwrite the output if it exists.")
 @json_option
 def mix_cmd(
@@ -49,6 +51,10 @@ def mix_cmd(
     dtype: str | None,
     device: str,
     strict: bool,
+    include: tuple[str, ...],
+    exclude: tuple[str, ...],
+    unet_only: bool,
+    text_encoders_only: bool,
     force: bool,
     as_json: bool,
 ) -> None:
@@ -59,10 +65,15 @@ def mix_cmd(
     refused (their magnitudes are not additive). Every module's SVD is computed from its stacked factors
     (two thin QRs and an R x R SVD), never from the dense delta.
 
+    --include/--exclude/--unet-only/--text-encoders-only mix part of each input (each must keep a module). A
+    kohya result keeps only the header keys that name the base model (when all inputs agree); its ss_network_*
+    keys and sshs_* hashes describe the mix.
+
     \b
     Example:
       loratools mix fixtures/peft_llama fixtures/peft_llama_patterns --weights 0.7,0.3 -o mixed
       loratools mix style.safetensors character.safetensors --rank 16 -o both.safetensors
+      loratools mix style.safetensors character.safetensors --unet-only -o unet-mix.safetensors
     """
     from ..ops.mix import mix
 
@@ -71,22 +82,27 @@ def mix_cmd(
         refuse("--method svd needs --rank K (or --method cat, which is exact)")
     if method in ("cat", "linear") and rank is not None:
         refuse(f"--rank applies to --method svd, not {method}: leave out --rank, or use --method svd")
+    part = only(unet_only, text_encoders_only)
     origins: dict[str, str] = {}
     paths = [fetch_if_remote(s, revision, origins=origins) for s in sources]
     with progress_bar("mixing modules") as progress:
         report = mix(
             paths, out, weights, method, rank,  # type: ignore[arg-type]
             to=to, dtype=dtype, device=device, strict=strict, force=force, progress=progress, origins=origins,
+            include=include, exclude=exclude, only=part,
         )  # fmt: skip
     for w in report.warnings:
         warn(w)
+    line = left_out_line(report.left_out)
+    if line:
+        note(line)
     if as_json:
         print_json(report.to_dict())
         return
-    note = " (not the weighted sum of the deltas)" if report.method == "linear" else ""
+    caveat = " (not the weighted sum of the deltas)" if report.method == "linear" else ""
     ranks = sorted({m.rank for m in report.modules})
     rank_text = str(ranks[0]) if len(ranks) == 1 else f"{ranks[0]}-{ranks[-1]}"
-    line = f"wrote {report.output} ({report.format}): {len(report.modules)} modules, {report.method}{note}, rank {rank_text}"
+    line = f"wrote {report.output} ({report.format}): {len(report.modules)} modules, {report.method}{caveat}, rank {rank_text}"
     energies = [m.energy for m in report.modules if m.energy is not None]
     if energies:
         line += f", energy kept min {min(energies):.4f}"

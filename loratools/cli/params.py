@@ -143,3 +143,48 @@ def one_of(a: str, a_value: Any, b: str, b_value: Any) -> None:
 def refuse(message: str) -> None:
     """A usage error in click's style (exit 2)."""
     raise click.UsageError(message, ctx=click.get_current_context(silent=True))
+
+
+def filter_options(f: F) -> F:
+    """``--include`` / ``--exclude`` / ``--unet-only`` / ``--text-encoders-only``: which modules a command works on
+    (:mod:`loratools.ops.select`). The command gets ``include``, ``exclude`` (tuples), ``unet_only`` and
+    ``text_encoders_only``, and passes ``only(unet_only, text_encoders_only)`` on."""
+    names = (
+        "module names as the adapter names them, as `loratools inspect` lists them (kohya lora_unet_..., "
+        "diffusers unet.down_blocks..., PEFT model.layers.0...)"
+    )
+    f = click.option(
+        "--text-encoders-only", is_flag=True, help="Only the text encoders (diffusers text_encoder*, kohya lora_te*_)."
+    )(f)
+    f = click.option(
+        "--unet-only", is_flag=True,
+        help="Only the denoiser, the UNet or transformer (diffusers unet / transformer, kohya lora_unet_ / "
+        "lora_transformer_). An adapter without pipeline components (an LLM's) is refused.",
+    )(f)  # fmt: skip
+    f = click.option(
+        "--exclude", multiple=True, type=REGEX, metavar="REGEX",
+        help="Leave out modules whose name matches (repeatable).",
+    )(f)  # fmt: skip
+    return click.option(
+        "--include", multiple=True, type=REGEX, metavar="REGEX",
+        help=f"Only modules whose name matches one of these (Python re, searched; repeatable). Names: {names}.",
+    )(f)  # fmt: skip
+
+
+def only(unet_only: bool, text_encoders_only: bool) -> str | None:
+    """The ``only`` argument of the library from the two shorthands (both at once is a usage error)."""
+    if unet_only and text_encoders_only:
+        refuse("give at most one of --unet-only and --text-encoders-only")
+    return "unet" if unet_only else "text_encoders" if text_encoders_only else None
+
+
+def left_out_line(left_out: list[Any]) -> str | None:
+    """One line for what a filter left out (``LeftOut`` items), or None when it left nothing out."""
+    counts = [len(x.modules) for x in left_out]
+    total = sum(counts)
+    if not total:
+        return None
+    if len(counts) == 1:
+        return f"left out {total} module(s) by the module filter (--json lists them)"
+    each = ", ".join(f"{n} of input {i}" for i, n in enumerate(counts, 1))
+    return f"left out {total} module(s) by the module filter ({each}; --json lists them)"

@@ -180,7 +180,11 @@ def json_safe(value: Any) -> Any:
 
 def carried_metadata(adapter: Adapter, fmt: str) -> dict[str, str]:
     """Header metadata a writer keeps: all of it in the source's own format; across formats only loratools'
-    own provenance record (kohya ``ss_*`` keys mean nothing in a PEFT file, and vice versa)."""
+    own provenance record (kohya ``ss_*`` keys mean nothing in a PEFT file, and vice versa). Digests of the data
+    (``sshs_*``, ``modelspec.hash_sha256``) are never carried: they described the old bytes (the kohya writer
+    computes its own)."""
+    from .kohya_meta import HASH_KEYS
+
     if adapter.format == fmt:
-        return dict(adapter.metadata)
+        return {k: v for k, v in adapter.metadata.items() if k not in HASH_KEYS}
     return {k: v for k, v in adapter.metadata.items() if k == PROVENANCE_KEY}

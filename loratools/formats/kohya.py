@@ -19,8 +19,9 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import IncompatibleAdaptersError
-from ..io.safetensors import shown, write_safetensors
-from ..model import Adapter, TensorRef, torch_dtype
+from ..io.safetensors import shown
+from ..model import Adapter, TensorRef
+from . import kohya_meta
 from .common import KeyTable, Rule, build_module, carried_metadata, check_leftovers, group_keys, open_raw, scalar
 from .families import MLP_RATIO, xlabs_name
 from .names import to_kohya
@@ -135,8 +136,6 @@ def kohya_name(name: str) -> str:
 
 
 def tensors_for(adapter: Adapter) -> dict[str, TensorRef]:
-    import torch
-
     out: dict[str, TensorRef] = {}
     for name, m in adapter.modules.items():
         if m.layer == "embedding" or m.fan_in_fan_out:
@@ -147,14 +146,9 @@ def tensors_for(adapter: Adapter) -> dict[str, TensorRef]:
                 shape = m.weight_shape()
                 ref = _reshaped(ref, (shape[0], *([1] * (len(shape) - 1))))
             out[k + TABLE.suffix_for(m.kind, role)] = ref
-        if m.alpha is not None and m.rank is not None:
-            # consumers apply alpha / rank: bake rsLoRA's alpha / sqrt(rank) into alpha
-            a = m.alpha * m.rank / m.rank**0.5 if m.rslora else m.alpha
-            # stored in the factors' dtype, as kohya does, unless that would round it
-            alpha = torch.tensor(a, dtype=torch_dtype(next(iter(m.factors.values())).dtype))
-            if not alpha.is_floating_point() or float(alpha) != a:
-                alpha = torch.tensor(a, dtype=torch.float32)
-            out[k + ".alpha"] = TensorRef.of(alpha)
+        alpha = kohya_meta.stored_alpha(m)
+        if alpha is not None:
+            out[k + ".alpha"] = alpha
     if adapter.extras:
         raise IncompatibleAdaptersError(
             f"kohya files cannot hold full tensors ({', '.join(sorted(adapter.extras)[:3])}): "
@@ -168,13 +162,11 @@ def _reshaped(ref: TensorRef, shape: tuple[int, ...]) -> TensorRef:
     return TensorRef(shape, ref.dtype, lambda: ref.load().reshape(shape))
 
 
-#: header hashes that A1111 trusts; they describe the old tensors, so a writer drops them
-STALE_HASHES = ("sshs_model_hash", "sshs_legacy_hash")
-
-
 def write(adapter: Adapter, out: str | os.PathLike[str], *, force: bool = False) -> Path:
-    metadata = carried_metadata(adapter, NAME)
-    for key in STALE_HASHES:
-        metadata.pop(key, None)
-    write_safetensors(out, tensors_for(adapter), metadata, force=force)
+    """The file, with its header metadata made true of what is written (:mod:`.kohya_meta`): the network keys
+    derived from the modules, the data hashes computed from the bytes."""
+    tensors = tensors_for(adapter)
+    metadata = kohya_meta.network_metadata(adapter.modules.values(), carried_metadata(adapter, NAME))
+    spec_hash = adapter.format == NAME and "modelspec.hash_sha256" in adapter.metadata
+    kohya_meta.write(out, tensors, metadata, spec_hash=spec_hash, force=force)
     return Path(out)

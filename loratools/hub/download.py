@@ -6,6 +6,7 @@ and reads the cache (``hf_hub_download`` stores blobs, snapshots and ``refs/``; 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -164,8 +165,11 @@ def fetch(
     return fetch_as(arg, revision, kind, on_bytes, None)
 
 
-def fetch_as(arg: str, revision: str | None, kind: FetchKind, on_bytes: OnBytes | None, local: str | None) -> Path:
-    """:func:`fetch`; ``local``: the SOURCE as given, when it could have been a local path (errors say so first)."""
+def begin(
+    arg: str, revision: str | None, kind: FetchKind, local: str | None
+) -> tuple[RepoRef, HubEnv, str, Path | None]:
+    """What every request starts from: the repo, the environment and the revision; offline
+    (``HF_HUB_OFFLINE=1``), the cached snapshot as the answer (or a HubError saying it is not there)."""
     ref = parse_repo_ref(arg)
     if ref is None:
         raise LoratoolsError(f"{arg!r} is not a Hub repo id", "write owner/name, or owner/name/path/in/repo")
@@ -173,29 +177,46 @@ def fetch_as(arg: str, revision: str | None, kind: FetchKind, on_bytes: OnBytes 
     rev = revision or DEFAULT_REVISION
     check_revision(rev)
     if env.offline:
-        return from_cache(
-            ref, rev, kind, env, "HF_HUB_OFFLINE is set", "run it once online (unset HF_HUB_OFFLINE)", local
-        )
-    seconds = deadline()
+        why, hint = "HF_HUB_OFFLINE is set", "run it once online (unset HF_HUB_OFFLINE)"
+        return ref, env, rev, from_cache(ref, rev, kind, env, why, hint, local)
+    return ref, env, rev, None
+
+
+@dataclass
+class Request:
+    """One request's state: what it downloads is told to the error messages (``current``)."""
+
+    ref: RepoRef
+    env: HubEnv
+    rev: str
+    seconds: float
+    on_bytes: OnBytes | None
+    sha: str = ""
     current: str | None = None
+
+    def get(self, rel: str) -> Path:
+        self.current = rel
+        return download(self.env, self.ref, rel, self.sha, self.sha, self.seconds, self.on_bytes)
+
+
+def request(
+    arg: str, revision: str | None, kind: FetchKind, on_bytes: OnBytes | None, local: str | None,
+    work: Callable[[Request, Plan], Path],
+) -> Path:  # fmt: skip
+    """A Hub request: the listing, loratools' plan of the files it needs, then ``work`` (download them, or read
+    their headers); a Hub out of reach answers from the cache; every other failure is one HubError."""
+    ref, env, rev, cached = begin(arg, revision, kind, local)
+    if cached is not None:
+        return cached
+    req = Request(ref, env, rev, deadline(), on_bytes)
     try:
-        sha, files = listing(ref.repo_id, rev, env)
-
-        def get(rel: str) -> Path:
-            nonlocal current
-            current = rel
-            return download(env, ref, rel, sha, sha, seconds, on_bytes)
-
-        wanted: Plan = plan(files, ref, kind, lambda rel: load_json(get(rel), f"{ref.repo_id}/{rel}"))
-        paths = [get(rel) for rel in wanted.files]
-        snapshot = paths[0].parents[len(PurePosixPath(wanted.files[0]).parts) - 1]
-        if rev != sha:
-            current = wanted.files[0]
-            _keep_ref(env, ref, wanted.files[0], snapshot, rev, sha, seconds)
+        req.sha, files = listing(ref.repo_id, rev, env)
+        wanted: Plan = plan(files, ref, kind, lambda rel: load_json(req.get(rel), f"{ref.repo_id}/{rel}"))
+        return work(req, wanted)
     except LoratoolsError:
         raise
     except Exception as e:
-        err = hub_error(e, env, ref.repo_id, revision=rev, path=current or ref.path, arg=local)
+        err = hub_error(e, env, ref.repo_id, revision=rev, path=req.current or ref.path, arg=local)
         if err is None:
             raise
         failure = unwrap(e)
@@ -204,4 +225,17 @@ def fetch_as(arg: str, revision: str | None, kind: FetchKind, on_bytes: OnBytes 
             why = err.message if broken else f"the Hub at {env.endpoint} cannot be reached"
             return from_cache(ref, rev, kind, env, why, err.hint or "", local)
         raise err from e
-    return snapshot / wanted.target if wanted.target else snapshot
+
+
+def fetch_as(arg: str, revision: str | None, kind: FetchKind, on_bytes: OnBytes | None, local: str | None) -> Path:
+    """:func:`fetch`; ``local``: the SOURCE as given, when it could have been a local path (errors say so first)."""
+
+    def work(req: Request, wanted: Plan) -> Path:
+        paths = [req.get(rel) for rel in wanted.files]
+        snapshot = paths[0].parents[len(PurePosixPath(wanted.files[0]).parts) - 1]
+        if req.rev != req.sha:
+            req.current = wanted.files[0]
+            _keep_ref(req.env, req.ref, wanted.files[0], snapshot, req.rev, req.sha, req.seconds)
+        return snapshot / wanted.target if wanted.target else snapshot
+
+    return request(arg, revision, kind, on_bytes, local, work)

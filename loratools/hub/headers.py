@@ -25,12 +25,10 @@ from typing import Any
 from ..errors import HubError, LoratoolsError
 from ..io.checkpoint import INDEX_SUFFIX
 from ..io.safetensors import MAX_HEADER, read_header
-from .download import OnBytes, download, from_cache
-from .env import HubEnv, deadline, environment, headers, timeout
-from .errors import http_errors, hub_error, transport_errors, unwrap
-from .filelist import listing, load_json
-from .ids import DEFAULT_REVISION, RepoRef, check_revision, parse_repo_ref
-from .plan import FetchKind, plan
+from .download import OnBytes, Request, request
+from .env import HubEnv, headers, timeout
+from .ids import RepoRef
+from .plan import FetchKind, Plan
 from .watch import MAX_FILE, Watch, watching
 
 #: what the first range request asks for: most headers fit (huggingface_hub's choice, for the same reason)
@@ -149,44 +147,15 @@ def fetch_headers_as(
     local: str | None,
 ) -> Path:  # fmt: skip
     """:func:`fetch_headers`; ``local``: the SOURCE as given, when it could have been a local path."""
-    ref = parse_repo_ref(arg)
-    if ref is None:
-        raise LoratoolsError(f"{arg!r} is not a Hub repo id", "write owner/name, or owner/name/path/in/repo")
-    env = environment()
-    rev = revision or DEFAULT_REVISION
-    check_revision(rev)
-    if env.offline:
-        return from_cache(
-            ref, rev, kind, env, "HF_HUB_OFFLINE is set", "run it once online (unset HF_HUB_OFFLINE)", local
-        )
-    root = Path(into) / ref.repo_id.split("/")[1]  # named as the repo: messages name a base by its folder
-    seconds = deadline()
-    current: str | None = None
-    try:
-        sha, files = listing(ref.repo_id, rev, env)
 
-        def get(rel: str) -> Path:
-            nonlocal current
-            current = rel
-            return download(env, ref, rel, sha, sha, seconds, on_bytes)
-
-        wanted = plan(files, ref, kind, lambda rel: load_json(get(rel), f"{ref.repo_id}/{rel}"))
+    def work(req: Request, wanted: Plan) -> Path:
+        root = Path(into) / req.ref.repo_id.split("/")[1]  # named as the repo: messages name a base by its folder
         for rel in wanted.files:
-            current = rel
-            _view(env, ref, rel, sha, seconds, root / rel, kind, get)
-    except LoratoolsError:
-        raise
-    except Exception as e:
-        err = hub_error(e, env, ref.repo_id, revision=rev, path=current or ref.path, arg=local)
-        if err is None:
-            raise
-        failure = unwrap(e)
-        if isinstance(failure, transport_errors()):
-            broken = isinstance(failure, http_errors("ProtocolError"))
-            why = err.message if broken else f"the Hub at {env.endpoint} cannot be reached"
-            return from_cache(ref, rev, kind, env, why, err.hint or "", local)
-        raise err from e
-    return root / wanted.target if wanted.target else root
+            req.current = rel
+            _view(req.env, req.ref, rel, req.sha, req.seconds, root / rel, kind, req.get)
+        return root / wanted.target if wanted.target else root
+
+    return request(arg, revision, kind, on_bytes, local, work)
 
 
 def _view(env: HubEnv, ref: RepoRef, rel: str, sha: str, seconds: float, dst: Path, kind: FetchKind, get: Any) -> None:

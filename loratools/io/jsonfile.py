@@ -148,11 +148,9 @@ def _surrogate(s: str) -> bool:
     return False
 
 
-def read_bytes(path: str | os.PathLike[str], *, limit: int | None = None, what: str = "file") -> bytes:
-    """The bytes of a regular file of at most ``limit`` bytes (default :data:`MAX_BYTES`; checked before reading;
-    a special file is refused rather than opened, since a FIFO would block forever)."""
-    limit = MAX_BYTES if limit is None else limit
-    p = Path(path)
+def regular_size(p: Path, what: str) -> int:
+    """The size of a regular file; a folder, a special file (a FIFO would block the read) or an unreadable path
+    is refused before anything is opened."""
     try:
         st = p.stat()
     except FileNotFoundError:
@@ -163,9 +161,18 @@ def read_bytes(path: str | os.PathLike[str], *, limit: int | None = None, what: 
         raise FileFormatError(f"{p}: is a folder, expected a {what}")
     if not stat.S_ISREG(st.st_mode):
         raise FileFormatError(f"{p}: not a regular file, expected a {what}")
-    if st.st_size > limit:
+    return st.st_size
+
+
+def read_bytes(path: str | os.PathLike[str], *, limit: int | None = None, what: str = "file") -> bytes:
+    """The bytes of a regular file of at most ``limit`` bytes (default :data:`MAX_BYTES`; checked before reading;
+    a special file is refused rather than opened, since a FIFO would block forever)."""
+    limit = MAX_BYTES if limit is None else limit
+    p = Path(path)
+    size = regular_size(p, what)
+    if size > limit:
         raise FileFormatError(
-            f"{p}: {st.st_size} bytes, beyond the {limit} byte limit for a {what}", "is it the file you meant?"
+            f"{p}: {size} bytes, beyond the {limit} byte limit for a {what}", "is it the file you meant?"
         )
     try:
         with open(p, "rb") as fh:

@@ -10,13 +10,12 @@ from __future__ import annotations
 import json
 import math
 import os
-import stat
 import struct
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from io import BufferedReader
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from ..errors import FileFormatError, HeaderError
 from ..model import DTYPE_SIZES, TensorRef, dtype_name, torch_dtype
@@ -83,7 +82,7 @@ def read_header(path: str | os.PathLike[str], *, lenient: bool = False) -> Heade
     refused with :class:`FileFormatError` saying what it is."""
     p = Path(path)
     where = p.name
-    size = _regular_size(p, "safetensors file")
+    size = jsonfile.regular_size(p, "safetensors file")
     try:
         with open(p, "rb") as fh:
             head = fh.read(8)
@@ -139,22 +138,6 @@ def read_header(path: str | os.PathLike[str], *, lenient: bool = False) -> Heade
                 raise HeaderError(f"{where}: {msg}", "the reference safetensors reader refuses this file too")
             problems.append(msg)
     return Header(p, tensors, dict(meta_raw), n, size, problems)
-
-
-def _regular_size(p: Path, what: str) -> int:
-    """The size of a regular file; a folder, a special file (a FIFO would block the read) or an unreadable path
-    is refused before anything is opened."""
-    try:
-        st = p.stat()
-    except FileNotFoundError:
-        raise FileFormatError(f"{p}: no such file") from None
-    except OSError as e:
-        raise FileFormatError(f"{p}: cannot read ({e.strerror or e})") from None
-    if stat.S_ISDIR(st.st_mode):
-        raise FileFormatError(f"{p}: is a folder, expected a {what}")
-    if not stat.S_ISREG(st.st_mode):
-        raise FileFormatError(f"{p}: not a regular file, expected a {what}")
-    return st.st_size
 
 
 def _coverage(tensors: dict[str, TensorInfo], data_start: int, data_len: int) -> list[str]:
@@ -354,12 +337,16 @@ def iter_chunks(path: str | os.PathLike[str], info: TensorInfo, chunk: int = 1 <
 
 
 def encode_header(
-    tensors: Iterable[tuple[str, str, Sequence[int]]], metadata: Mapping[str, str] | None = None
+    tensors: Iterable[tuple[str, str, Sequence[int]]],
+    metadata: Mapping[str, str] | None = None,
+    *,
+    ensure_ascii: bool = True,
 ) -> tuple[bytes, int]:
     """The bytes before a safetensors file's data: the 8-byte length and the JSON header, padded with spaces to a
     multiple of 8 so that the data is aligned; ``tensors`` (name, dtype, shape) lie one after the other in the
     order given, and ``metadata``, when not empty, is the header's ``__metadata__``. Returns them and the size
-    of the data section."""
+    of the data section. ``ensure_ascii=False`` writes text as UTF-8, as the reference writer does (its serde_json
+    escapes only quotes, backslashes and control characters)."""
     entries: dict[str, Any] = {}
     if metadata:
         entries["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
@@ -368,9 +355,34 @@ def encode_header(
         nbytes = math.prod(shape) * DTYPE_SIZES[dtype]
         entries[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
         offset += nbytes
-    raw = json.dumps(entries, separators=(",", ":")).encode("utf-8")
+    raw = json.dumps(entries, separators=(",", ":"), ensure_ascii=ensure_ascii).encode("utf-8")
     raw += b" " * (-len(raw) % 8)
     return struct.pack("<Q", len(raw)) + raw, offset
+
+
+#: the reference writer's layout of the data section (``safetensors.torch.save``, the Rust ``prepare``): tensors
+#: by dtype, largest alignment first in this order, then by name; hashes that peers compute on its output (kohya's
+#: ``sshs_*``) hold for a file written in the same order
+REFERENCE_DTYPE_ORDER = (
+    "U64", "I64", "F64", "C64", "F32", "U32", "I32", "BF16", "F16", "U16", "I16", "F8_E4M3", "F8_E5M2", "I8", "U8",
+    "BOOL",
+)  # fmt: skip
+
+
+def reference_order(specs: Iterable[tuple[str, str, Sequence[int]]]) -> list[tuple[str, str, Sequence[int]]]:
+    """(name, dtype, shape) specs in the reference writer's order (see :data:`REFERENCE_DTYPE_ORDER`)."""
+    rank = {d: i for i, d in enumerate(REFERENCE_DTYPE_ORDER)}
+    return sorted(specs, key=lambda s: (rank.get(s[1], len(rank)), s[0]))
+
+
+class Seal(Protocol):
+    """Header metadata computed from the data section as it is written (digests of it): the metadata given to
+    :func:`write_safetensors` holds placeholders as long as the final values; the writer feeds every data byte to
+    :meth:`update`, in order, then writes :meth:`values` over the placeholders."""
+
+    def update(self, chunk: bytes | memoryview) -> None: ...
+
+    def values(self) -> Mapping[str, str]: ...
 
 
 def write_safetensors(
@@ -379,17 +391,32 @@ def write_safetensors(
     metadata: Mapping[str, str] | None = None,
     *,
     force: bool = False,
+    order: Literal["name", "reference"] = "name",
+    seal: Seal | None = None,
 ) -> None:
     """Write a safetensors file atomically: header first (all offsets known from shapes), then each tensor in
-    turn, loading :class:`TensorRef` data only when its turn comes. Tensor order is sorted by name."""
-    names = sorted(tensors)
-    specs = []
-    for name in names:
+    turn, loading :class:`TensorRef` data only when its turn comes. Tensor order is sorted by name, or with
+    ``order="reference"`` the reference writer's (:func:`reference_order`). ``seal``: metadata values computed
+    from the data as it is written (:class:`Seal`), put in place of their placeholders in the header before the
+    file is committed (one pass over the data; the header is rewritten in place, at the same length)."""
+    specs: list[tuple[str, str, Sequence[int]]] = []
+    for name in sorted(tensors):
         t = tensors[name]
         specs.append((name, t.dtype if isinstance(t, TensorRef) else dtype_name(t.dtype), tuple(t.shape)))
+    if order == "reference":
+        specs = reference_order(specs)
     head, _ = encode_header(specs, metadata)
     with atomic_write(path, force=force) as tmp, open(tmp, "wb") as fh:
         fh.write(head)
-        for name in names:
+        for name, _dtype, _shape in specs:
             t = tensors[name]
-            fh.write(tensor_bytes(t.load() if isinstance(t, TensorRef) else t))
+            data = tensor_bytes(t.load() if isinstance(t, TensorRef) else t)
+            fh.write(data)
+            if seal is not None:
+                seal.update(data)
+        if seal is not None:
+            sealed, _ = encode_header(specs, {**(metadata or {}), **seal.values()})
+            if len(sealed) != len(head):  # a bug in the seal: its values must be as long as their placeholders
+                raise RuntimeError(f"sealed header is {len(sealed)} bytes, its placeholder {len(head)}")
+            fh.seek(0)
+            fh.write(sealed)

@@ -13,7 +13,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,11 +23,12 @@ from ..formats import FORMATS, load_adapter, save_adapter
 from ..formats.families import Step
 from ..io.checkpoint import load_config
 from ..model import Adapter, Module, TensorRef, torch_dtype
-from . import args, provenance
+from . import args, provenance, select
 from .convert_names import Configs, base_shape, detect_adapter, module_paths, plan_names
 from .fused import fuse_modules, split_module, swap_halves
 from .linalg import lowrank_svd, rank_for_energy
 from .lowrank import DTYPES, check_dense_all, factors, lora_module
+from .select import LeftOut
 
 TARGETS = (*FORMATS, "gguf")
 ALPHA_MODES = ("keep", "bake")
@@ -53,6 +54,7 @@ class ConvertReport:
     overflow: int = 0  # values beyond the target dtype's range (now inf)
     underflow: int = 0  # non-zero values that became zero
     notes: list[str] = field(default_factory=list)
+    left_out: list[LeftOut] = field(default_factory=list)  # what --include / --exclude / --*-only left out
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -107,6 +109,30 @@ def _renamed(m: Module) -> Module:
     )  # fmt: skip
 
 
+def _lycoris(m: Module) -> bool:
+    """A module that only a LyCORIS-aware file holds as it is: LoHa, LoKr, full diff, Tucker LoCon."""
+    return m.kind != "lora" or "mid" in m.factors
+
+
+def _keeps_lycoris(adapter: Adapter, to: str, rank: int | None, energy: float | None, fuses: bool) -> bool:
+    """Whether LyCORIS modules stay as they are: only in a kohya file, and only without ``rank`` / ``energy``,
+    which turn them into LoRA in every target (an option given is never ignored). A rank or energy for an
+    adapter without such modules, whose names fuse no q/k/v group (``fuses``) either, is refused: it would change
+    nothing (``resize`` re-compresses LoRA)."""
+    if rank is None and energy is None:
+        return to == "kohya"
+    if not fuses and not any(_lycoris(m) for m in adapter.modules.values()):
+        option = "rank" if rank is not None else "energy"
+        raise UsageError(
+            f"--{option} applies to LoHa, LoKr, Tucker LoCon and full-diff modules turned into LoRA and to q/k/v "
+            "groups fused into one module, and this adapter has only plain LoRA modules that fuse nothing: it "
+            "would change nothing",
+            f"to re-compress LoRA modules, use `loratools resize --{option} ...`",
+            param=option,
+        )
+    return False
+
+
 def _as_lora(
     m: Module, rank: int | None, energy: float | None, device: str, work: Any, shape: tuple[int, ...] | None = None
 ) -> tuple[Module, float]:
@@ -127,19 +153,29 @@ def _as_lora(
     return out, float(cum[k - 1]) if n else 1.0
 
 
-def _bake(m: Module) -> Module:
-    """Fold the scale into the up factor: alpha = rank, scale 1, the same delta."""
-    if m.kind != "lora" or m.rank is None or m.scale == 1.0 and not m.rslora and m.alpha is not None:
-        return m
-    scale = m.scale
-    up = m.factors["up"]
-    new_up = TensorRef(up.shape, up.dtype, lambda: (up.load().float() * scale).to(torch_dtype(up.dtype)))
+#: the factor each kind's scale is folded into by ``alpha_mode="bake"`` (the delta is linear in it)
+BAKE_INTO = {"lora": ("up",), "loha": ("w1a",), "lokr": ("w1", "w1a")}
+
+
+def _bake(m: Module) -> tuple[Module, bool]:
+    """Fold the scale into one factor: alpha = rank, scale 1, the same delta (LoRA and Tucker LoCon: the up
+    factor; LoHa: ``w1a``; LoKr: ``w1`` or ``w1a``), and whether there was a scale other than 1 to fold. Modules
+    without a rank (full-matrix LoKr, full diffs) have scale 1 already."""
+    if m.rank is None or m.kind not in BAKE_INTO:
+        return m, False
     factors_ = dict(m.factors)
-    factors_["up"] = new_up
+    folded = m.scale != 1.0 or m.rslora
+    if folded:
+        role = next(r for r in BAKE_INTO[m.kind] if r in m.factors)
+        scale = m.scale
+        ref = m.factors[role]
+        factors_[role] = TensorRef(
+            ref.shape, ref.dtype, lambda: (ref.load().double() * scale).to(torch_dtype(ref.dtype))
+        )
     return Module(
         m.name, m.kind, factors_, alpha=float(m.rank), rslora=False, layer=m.layer,
         fan_in_fan_out=m.fan_in_fan_out, magnitude=m.magnitude, dora_axis=m.dora_axis, bias=m.bias,
-    )  # fmt: skip
+    ), folded  # fmt: skip
 
 
 class _Caster:
@@ -223,6 +259,8 @@ def convert_adapter(
         config=dict(adapter.config) if adapter.format == to else {},
         base_model=base_model or adapter.base_model,
     )
+    if base_model and "base_model_name_or_path" in out.config:  # a PEFT config of its own: the option replaces it
+        _replace(out.config, "base_model_name_or_path", base_model, rep)
     if adapter.format == "diffusers" and to != "diffusers":
         missing_alpha = not adapter.config
         if missing_alpha:
@@ -230,15 +268,14 @@ def convert_adapter(
     caster = _Caster(DTYPES[dtype], rep) if dtype else None
     # modules whose rows move (split, fused, swapped) must be plain LoRA first, whatever the target holds
     moved = {s for st in steps if len(st.sources) > 1 or len(st.targets) > 1 or st.swap for s in st.sources if s}
-    lycoris_ok = to == "kohya"
+    lycoris_ok = _keeps_lycoris(adapter, to, rank, energy, any(len(st.sources) > 1 for st in steps))
     layers = _layer_shapes(adapter, base_shapes, base_names, base_configs)
-    lycoris = [m for n, m in adapter.modules.items() if (m.kind != "lora" or "mid" in m.factors)
-               and (not lycoris_ok or n in moved)]  # fmt: skip
+    lycoris = [m for n, m in adapter.modules.items() if _lycoris(m) and (not lycoris_ok or n in moved)]
     check_dense_all(lycoris)  # the dense deltas about to be formed, bounded before any work (headers only)
     ready: dict[str, tuple[Module, float, str, str]] = {}
     for src, m in adapter.modules.items():
         new, kept, note = m, 1.0, ""
-        if (m.kind != "lora" or "mid" in m.factors) and (not lycoris_ok or src in moved):
+        if _lycoris(m) and (not lycoris_ok or src in moved):
             if m.magnitude is not None:
                 raise IncompatibleAdaptersError(
                     f"{src}: a {m.type} module cannot become plain LoRA with its DoRA magnitude"
@@ -246,14 +283,18 @@ def convert_adapter(
             new, kept = _as_lora(m, rank, energy, "cpu", torch.float64, layers.get(src))
             note = f"{m.kind} -> lora rank {new.rank}"
         ready[src] = (new, kept, note, m.kind)
+    baked = 0
     for step in steps:
         for new, src, kind, kept, note in _moved(step, ready, rank, energy):
             if alpha_mode == "bake":
-                new = _bake(new)
+                new, folded = _bake(new)
+                baked += folded
             if caster is not None:
                 new = caster.module(new)
             out.modules[new.name] = new
             rep.modules.append(ConvertedModule(src, new.name, kind, new.rank, kept, note))
+    if alpha_mode == "bake" and not baked:
+        rep.notes.append("--alpha-mode bake: every module already has scale 1 (alpha = rank): nothing to fold in")
     split = sum(1 for st in steps if len(st.targets) > 1)
     fused = sum(1 for st in steps if len(st.sources) > 1)
     if split:
@@ -284,11 +325,15 @@ def convert(
     base_config: str | os.PathLike[str] | None = None,
     force: bool = False,
     origins: Mapping[str, str] | None = None,
+    include: Sequence[str] = (),
+    exclude: Sequence[str] = (),
+    only: str | None = None,
 ) -> ConvertReport:
     """Read, convert, and write atomically. ``base``: the base model (a local folder or file) whose names resolve
     kohya's and whose config.json a GGUF export reads; ``base_config``: that config.json alone, when there is no
     ``base`` (the CLI fetches it from the Hub, as llama.cpp's converter does). ``origins``: the name the provenance
-    record gives a source fetched from the Hub (see ``provenance.record``)."""
+    record gives a source fetched from the Hub (see ``provenance.record``). ``include`` / ``exclude`` / ``only``
+    (``"unet"`` or ``"text_encoders"``): which modules to convert (:mod:`.select`), chosen before any work."""
     from ..formats import input_files
     from ..io.atomic import check_output
 
@@ -299,12 +344,14 @@ def convert(
     origins = provenance.check_origins(origins)
     args.flag(force, "force")
     check_args(to, rank, energy, alpha_mode, dtype, base_model)
+    flt = select.module_filter(include, exclude, only)
     check_output(out, force=force, inputs=input_files(source))
     if to == "gguf":
         from ..formats import gguf
 
         gguf.require()  # before any work: the optional package is there
     adapter = load_adapter(source)
+    left_out = select.apply(flt, adapter, str(source))
     base_names = None
     base_shapes = None
     hparams = None
@@ -318,19 +365,24 @@ def convert(
         configs = base_configs(base)
     if to == "gguf":
         hparams = _hparams(Path(base)) if base is not None else load_config(base_config) if base_config else None
-    rep = ConvertReport(str(source), None, adapter.format, to)
+    rep = ConvertReport(str(source), None, adapter.format, to, left_out=[left_out] if flt else [])
     if to == "gguf":
         _drop_unchanged_base_layers(adapter, base, rep)
+    if base is not None and not _uses_base(adapter, to, rank, energy):
+        rep.notes.append(
+            "--base was not needed: it resolves kohya names for another format, gives flattened LyCORIS modules "
+            "their kernel, and gives gguf its config; this conversion needs none of these"
+        )
     converted, rep = convert_adapter(
         adapter, to, rank=rank, energy=energy, alpha_mode=alpha_mode, dtype=dtype, base_names=base_names,
         base_model=base_model, report=rep, base_shapes=base_shapes, base_configs=configs,
     )  # fmt: skip
     converted.metadata[provenance.KEY] = provenance.record(
         "convert", [(str(source), adapter.format)], origins=origins, to=to, rank=rank, energy=energy, dtype=dtype,
-        alpha_mode=alpha_mode,
+        alpha_mode=alpha_mode, base_model=base_model, **select.recorded(flt),
     )  # fmt: skip
     if to == "kohya":
-        _kohya_metadata(converted, adapter)
+        _kohya_metadata(converted, adapter, base_model, rep)
     if to == "gguf":
         from ..formats import gguf
 
@@ -340,6 +392,14 @@ def convert(
         written = save_adapter(converted, out, to, force=force)
     rep.output = str(written)
     return rep
+
+
+def _uses_base(adapter: Adapter, to: str, rank: int | None, energy: float | None) -> bool:
+    """Whether ``--base`` has a job in this conversion (see the note in :func:`convert`)."""
+    if to == "gguf" or (adapter.format == "kohya" and to != "kohya"):
+        return True
+    to_lora = to != "kohya" or rank is not None or energy is not None
+    return to_lora and any(_lycoris(m) and m.flattened for m in adapter.modules.values())
 
 
 def _drop_unchanged_base_layers(adapter: Adapter, base: str | os.PathLike[str] | None, rep: ConvertReport) -> None:
@@ -363,19 +423,23 @@ def _drop_unchanged_base_layers(adapter: Adapter, base: str | os.PathLike[str] |
             rep.notes.append(f"{key} is an unchanged copy of the base's {plain}: not written (llama.cpp skips it)")
 
 
-def _kohya_metadata(out: Adapter, source: Adapter) -> None:
-    """kohya's training keys where they can be known: network dim and alpha, the base model."""
-    if source.format == "kohya":
-        return
-    ranks = {m.rank for m in out.modules.values()}
-    alphas = {m.alpha for m in out.modules.values()}
-    out.metadata.setdefault("ss_network_module", "networks.lora")
-    out.metadata.setdefault("ss_network_dim", str(ranks.pop()) if len(ranks) == 1 else "Dynamic")
-    out.metadata.setdefault(
-        "ss_network_alpha", f"{alphas.pop():g}" if len(alphas) == 1 and None not in alphas else "Dynamic"
-    )
-    if out.base_model:
-        out.metadata.setdefault("ss_sd_model_name", out.base_model)
+def _kohya_metadata(out: Adapter, source: Adapter, base_model: str | None, rep: ConvertReport) -> None:
+    """kohya's header where convert knows more than the tensors: the base model (``ss_sd_model_name``), from
+    ``--base-model`` (which replaces what the source said, with a note) or a PEFT config's
+    ``base_model_name_or_path``. The network keys (``ss_network_*``) and data hashes are made true by the kohya
+    writer itself (:mod:`loratools.formats.kohya_meta`) on every write; the training keys of a kohya source stay
+    (the same training, converted)."""
+    name = base_model or (out.base_model if source.format != "kohya" else None)
+    if name:
+        _replace(out.metadata, "ss_sd_model_name", name, rep)
+
+
+def _replace(table: dict[str, Any], key: str, value: str, rep: ConvertReport) -> None:
+    """``--base-model`` written where the target keeps the base model, saying what it replaced."""
+    old = table.get(key)
+    if old and old != value:
+        rep.notes.append(f"--base-model: {key} was {old!r}, now {value!r}")
+    table[key] = value
 
 
 def reads_base_weights(source: str | os.PathLike[str], to: str) -> bool:

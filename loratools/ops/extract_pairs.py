@@ -3,18 +3,17 @@ tensor kept whole (PEFT ``modules_to_save``), or left out with the reason."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..errors import ShapeError, UsageError
-from ..formats import patterns
+from ..errors import ShapeError
 from ..io.checkpoint import Checkpoint
 from ..model import Layer, Module, target_kind
-from . import args
 from .extract_factor import factor
 from .extract_report import ExtractReport, SkippedTensor
 from .lowrank import DTYPES
+from .select import selector as selector  # extract's --include / --exclude: the one matcher (ops.select)
 
 if TYPE_CHECKING:
     import torch
@@ -29,20 +28,6 @@ EMBEDDING_NAMES = frozenset(
 #: ... and of output heads (``nn.Linear``, vocab x hidden)
 HEAD_NAMES = frozenset({"lm_head", "embed_out"})
 EMBEDDING_CHOICES = ("lora", "save", "skip")
-
-
-def selector(include: Iterable[str], exclude: Iterable[str]) -> Callable[[str], bool]:
-    """``--include`` / ``--exclude`` as a test of a tensor name."""
-    # user patterns: Python re syntax, matched at bounded cost (a pathological one is refused, never hangs)
-    inc = patterns.pattern_set(args.strings(include, "include"), "--include", "search", UsageError)
-    exc = patterns.pattern_set(args.strings(exclude, "exclude"), "--exclude", "search", UsageError)
-
-    def keep(name: str) -> bool:
-        if inc.patterns and not inc.any(name):
-            return False
-        return not exc.any(name)
-
-    return keep
 
 
 def check_pairs(a: Checkpoint, b: Checkpoint, keep: Callable[[str], bool]) -> list[str]:

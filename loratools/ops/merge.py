@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from ..errors import LoratoolsError, OutputError
@@ -23,7 +23,7 @@ from ..io.interrupts import checkpoint, critical
 from ..io.progress import Progress
 from ..io.safetensors import Header
 from ..io.stream import threads
-from . import provenance
+from . import provenance, select
 from .lowrank import DTYPES, pick_device
 from .merge_engine import write_file
 from .merge_html import render
@@ -83,10 +83,15 @@ def merge(
     progress: Progress | None = None,
     report_path: str | os.PathLike[str] | None = None,
     origins: Mapping[str, str] | None = None,
+    include: Sequence[str] = (),
+    exclude: Sequence[str] = (),
+    only: str | None = None,
 ) -> MergeReport:
     """Merge ``adapters`` into ``base``, writing ``out`` atomically in the base's layout, and the numerical
     report to ``report_path`` (``.json`` or ``.html``) if given: both appear, or neither does. ``origins``: the
-    names the provenance record gives adapters fetched from the Hub (see ``provenance.record``).
+    names the provenance record gives adapters fetched from the Hub (see ``provenance.record``). ``include`` /
+    ``exclude`` / ``only`` (``"unet"`` or ``"text_encoders"``): which modules of each adapter are merged
+    (:mod:`.select`), chosen before any tensor is read; every adapter must keep at least one.
 
     ``progress`` is told the total bytes and tensors; its tick is advanced by (bytes, tensors).
     """
@@ -101,6 +106,7 @@ def merge(
         raise LoratoolsError(f"unknown dtype {dtype!r}", "use fp32, fp16 or bf16")
     out_dtype = DTYPES[dtype] if dtype else None
     origins = provenance.check_origins(origins)
+    flt = select.module_filter(include, exclude, only)
     inputs = [p for src in [base, *adapters] for p in input_files(src)]
     check_output(out, force=force, inputs=inputs)
     if report_path is not None:
@@ -115,8 +121,10 @@ def merge(
     dev = pick_device(device, allow_auto=True)
     ckpt = read_checkpoint(base)
     loaded = [load_adapter(a) for a in adapters]
+    left_out = [select.apply(flt, ad, str(a)) for ad, a in zip(loaded, adapters, strict=True)]
     targets = resolve_targets(loaded, weights, ckpt)
     report = MergeReport(str(base), None, [str(a) for a in adapters], weights, dev, dtype)
+    report.left_out = left_out if flt else []
     tick = progress(ckpt.total_bytes, "bytes", len(ckpt.tensors)) if progress else None
     record = provenance.record(
         "merge",
@@ -124,6 +132,7 @@ def merge(
         origins=origins,
         weights=weights,
         dtype=dtype,
+        **select.recorded(flt),
     )
     # from here on threads hand work to each other: a Ctrl-C waits for the next checkpoint (between chunks)
     with torch.no_grad(), critical(), stage(force=force, inputs=inputs) as outputs, threads(dev, "merge") as pool:

@@ -9,6 +9,8 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from .select import LeftOut
+
 
 @dataclass
 class TensorReport:
@@ -37,6 +39,7 @@ class MergeReport:
     copied: int = 0  # tensors copied unchanged
     files_copied: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    left_out: list[LeftOut] = field(default_factory=list)  # what --include / --exclude / --*-only left out
 
     @property
     def summary(self) -> dict[str, Any]:

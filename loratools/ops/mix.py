@@ -15,16 +15,17 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
 from ..errors import IncompatibleAdaptersError, LoratoolsError, ShapeError, UsageError
 from ..formats import FORMATS, load_adapter, save_adapter
 from ..formats.kohya import kohya_name
+from ..formats.kohya_meta import BASE_MODEL_KEYS
 from ..io.progress import Progress
 from ..model import Adapter, Module, rows
-from . import args, provenance
+from . import args, provenance, select
 from .linalg import lowrank_svd
 from .lowrank import (
     DTYPES,
@@ -37,6 +38,7 @@ from .lowrank import (
     stored_dtype,
     work_device,
 )
+from .select import LeftOut
 
 Method = Literal["cat", "svd", "linear"]
 METHODS = ("cat", "svd", "linear")
@@ -59,6 +61,7 @@ class MixReport:
     rank: int | None
     modules: list[MixedModule] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    left_out: list[LeftOut] = field(default_factory=list)  # what --include / --exclude / --*-only left out
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -148,7 +151,9 @@ def mix_adapters(
             order.setdefault(match_key(name, cross), []).append((w, m))
     check_dense_all(m for a in adapters for m in a.modules.values())  # before any work: headers only
     out = Adapter(format=first.format, config=dict(first.config), base_model=first.base_model)
-    for key in ("ss_base_model_version", "modelspec.architecture", "ss_sd_model_name"):
+    # a mix was trained by none of its inputs: of their header metadata only what names the base model (and how the
+    # adapter is used with it) stays true, when all inputs agree on it; the kohya writer derives the network keys
+    for key in BASE_MODEL_KEYS:
         values = {a.metadata.get(key) for a in adapters}
         if len(values) == 1 and None not in values:
             out.metadata[key] = values.pop()  # type: ignore[assignment]
@@ -229,9 +234,14 @@ def mix(
     force: bool = False,
     progress: Progress | None = None,
     origins: Mapping[str, str] | None = None,
+    include: Sequence[str] = (),
+    exclude: Sequence[str] = (),
+    only: str | None = None,
 ) -> MixReport:
     """Read, mix, and write atomically. The default method is ``cat`` without ``rank``, ``svd`` with it.
-    ``origins``: the names the provenance record gives sources fetched from the Hub (see ``provenance.record``)."""
+    ``origins``: the names the provenance record gives sources fetched from the Hub (see ``provenance.record``).
+    ``include`` / ``exclude`` / ``only`` (``"unet"`` or ``"text_encoders"``): which modules of each input take
+    part (:mod:`.select`), chosen before any work; every input must keep at least one."""
     from ..formats import input_files
     from ..io.atomic import check_output
 
@@ -241,12 +251,15 @@ def mix(
     args.choice(to, "format", FORMATS)
     args.flag(force, "force")
     weights, method = check_args(len(sources), weights, method, rank, dtype, device, strict, progress)
+    flt = select.module_filter(include, exclude, only)
     pick_device(device)  # a missing GPU is told before anything is read
     check_output(out, force=force, inputs=[p for s in sources for p in input_files(s)])
     adapters = [load_adapter(s) for s in sources]
+    left_out = [select.apply(flt, a, str(s)) for a, s in zip(adapters, sources, strict=True)]
     mixed, report = mix_adapters(
         adapters, weights, method, rank, dtype=dtype, device=device, strict=strict, progress=progress
     )
+    report.left_out = left_out if flt else []
     mixed.metadata[provenance.KEY] = provenance.record(
         "mix",
         [(str(s), a.format) for s, a in zip(sources, adapters, strict=True)],
@@ -255,6 +268,7 @@ def mix(
         weights=weights,
         rank=rank,
         dtype=dtype,
+        **select.recorded(flt),
     )
     fmt = to or mixed.format
     written = save_adapter(mixed, out, fmt, force=force)
