@@ -11,6 +11,8 @@ from typing import Any
 import peers_kit as kit
 import torch
 
+from loratools.formats.families import single_file_location
+
 SDXL_UNET: dict[str, Any] = dict(
     sample_size=8, in_channels=4, out_channels=4, block_out_channels=(8, 16), layers_per_block=1,
     down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
@@ -111,3 +113,67 @@ def unpeft(model: Any) -> None:
     """Take the PEFT adapter off (the model is then a clean base to save or load into)."""
     if getattr(model, "peft_config", None):
         model.delete_adapters("default")
+
+
+def to_single_file(fam: Any, component: str, state: dict[str, torch.Tensor], root: str | None = None,
+                   extra: dict[str, str] | None = None) -> dict[str, torch.Tensor]:  # fmt: skip
+    """``state`` (a diffusers component's tensors) under the single-file names :func:`single_file_location` gives,
+    fused rows put together. ``extra``: tensors no module table covers (a buffer), by hand."""
+    pieces: dict[str, list[tuple[int, torch.Tensor]]] = {}
+    out: dict[str, torch.Tensor] = {}
+    for key, t in state.items():
+        if extra and key in extra:
+            out[extra[key]] = t
+            continue
+        module = key.rsplit(".", 1)[0]
+        weight = state.get(module + ".weight", t)
+        loc = single_file_location(fam, f"{component}.{key}", tuple(weight.shape), root)
+        assert loc is not None, key
+        value = t.T if loc.transposed else t
+        if loc.swap_halves:
+            value = torch.cat(value.chunk(2)[::-1])
+        if loc.rows is None:
+            assert loc.key not in out, f"{key}: two tensors at {loc.key}"
+            out[loc.key] = value
+        else:
+            assert loc.rows[1] - loc.rows[0] == value.shape[0], key
+            pieces.setdefault(loc.key, []).append((loc.rows[0], value))
+    for k, parts in pieces.items():
+        parts.sort(key=lambda p: p[0])
+        row = 0
+        for start, v in parts:
+            assert start == row, f"{k}: rows {row}..{start} unfilled"
+            row += v.shape[0]
+        out[k] = torch.cat([v for _, v in parts])
+    return out
+
+
+def single_file(fam: Any, **models: Any) -> dict[str, torch.Tensor]:
+    """The models (by component) as one single-file checkpoint of family ``fam``, copies of their weights."""
+    out: dict[str, torch.Tensor] = {}
+    for component, model in models.items():
+        state = {k: v.detach().clone() for k, v in model.state_dict().items() if "position_ids" not in k}
+        out |= to_single_file(fam, component, state)
+    return out
+
+
+def diffusers_fused(mixin: Any, mf: Any, lora: Path, **models: Any) -> dict[str, dict[str, torch.Tensor]]:
+    """diffusers' own ``load_lora_weights`` + ``fuse_lora`` (+ ``unload_lora_weights``, which keeps the fused
+    weights) on ``models`` (by component, clean), through a pipeline of those components alone; their weights
+    after it, by component."""
+
+    class Pipe(mixin):  # type: ignore[misc,valid-type]
+        hf_device_map = None
+
+        def __init__(self) -> None:
+            self.components = models
+            for name in mixin._lora_loadable_modules:  # the pipeline's other components: absent
+                setattr(self, name, models.get(name))
+
+    pipe = Pipe()
+    with mf._quiet():
+        pipe.load_lora_weights(str(lora.parent), weight_name=lora.name, adapter_name="default")
+        pipe.fuse_lora(components=list(models))
+        pipe.unload_lora_weights()
+    return {c: {k: v.detach().clone() for k, v in m.state_dict().items() if "position_ids" not in k}
+            for c, m in models.items()}  # fmt: skip

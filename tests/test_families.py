@@ -16,8 +16,9 @@ from typing import Any
 import families_kit as fk
 import pytest
 import torch
+from families_kit import to_single_file
 
-from loratools.formats.families import detect, family, single_file_location
+from loratools.formats.families import detect, family
 from loratools.formats.families.core import fill, flatten
 
 SD15_UNET: dict[str, Any] = dict(
@@ -32,39 +33,6 @@ SDXL_BASE_UNET: dict[str, Any] = dict(
     use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=256,
     projection_class_embeddings_input_dim=2816,
 )  # fmt: skip
-
-
-def to_single_file(fam: Any, component: str, state: dict[str, torch.Tensor], root: str | None = None,
-                   extra: dict[str, str] | None = None) -> dict[str, torch.Tensor]:  # fmt: skip
-    """``state`` (a diffusers component's tensors) under the single-file names :func:`single_file_location` gives,
-    fused rows put together. ``extra``: tensors no module table covers (a buffer), by hand."""
-    pieces: dict[str, list[tuple[int, torch.Tensor]]] = {}
-    out: dict[str, torch.Tensor] = {}
-    for key, t in state.items():
-        if extra and key in extra:
-            out[extra[key]] = t
-            continue
-        module = key.rsplit(".", 1)[0]
-        weight = state.get(module + ".weight", t)
-        loc = single_file_location(fam, f"{component}.{key}", tuple(weight.shape), root)
-        assert loc is not None, key
-        value = t.T if loc.transposed else t
-        if loc.swap_halves:
-            value = torch.cat(value.chunk(2)[::-1])
-        if loc.rows is None:
-            assert loc.key not in out, f"{key}: two tensors at {loc.key}"
-            out[loc.key] = value
-        else:
-            assert loc.rows[1] - loc.rows[0] == value.shape[0], key
-            pieces.setdefault(loc.key, []).append((loc.rows[0], value))
-    for k, parts in pieces.items():
-        parts.sort(key=lambda p: p[0])
-        row = 0
-        for start, v in parts:
-            assert start == row, f"{k}: rows {row}..{start} unfilled"
-            row += v.shape[0]
-        out[k] = torch.cat([v for _, v in parts])
-    return out
 
 
 def same_tensors(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor], values: bool = True) -> None:

@@ -24,7 +24,7 @@ from ..formats.families import Step
 from ..io.checkpoint import load_config
 from ..model import Adapter, Module, TensorRef, torch_dtype
 from . import args, provenance, select
-from .convert_names import Configs, base_shape, detect_adapter, module_paths, plan_names
+from .convert_names import Configs, base_configs, base_shape, detect_adapter, module_paths, plan_names
 from .fused import fuse_modules, split_module, swap_halves
 from .linalg import lowrank_svd, rank_for_energy
 from .lowrank import DTYPES, check_dense_all, factors, lora_module
@@ -452,33 +452,6 @@ def reads_base_weights(source: str | os.PathLike[str], to: str) -> bool:
 
     gguf.require()  # the optional package first, as convert itself checks it before reading anything
     return any(e.role == "base_layer" for e in load_adapter(source).extras.values())
-
-
-#: diffusers model classes whose config numbers a component's blocks
-CONFIG_COMPONENTS = {"UNet2DConditionModel": "unet", "FluxTransformer2DModel": "transformer",
-                     "SD3Transformer2DModel": "transformer"}  # fmt: skip
-
-
-def base_configs(base: str | os.PathLike[str]) -> dict[str, dict[str, Any]]:
-    """The configs of a diffusers base by component: a pipeline folder's ``model_index.json`` and its ``unet/`` and
-    ``transformer/`` configs, or a component folder's (or a file's folder's) own ``config.json``."""
-    from ..io.checkpoint import read_config
-
-    p = Path(base)
-    folder = p if p.is_dir() else p.parent
-    out: dict[str, dict[str, Any]] = {}
-    pipeline = read_config(folder, "model_index.json")
-    if pipeline is not None:
-        out["model_index"] = pipeline
-    for component in ("unet", "transformer"):
-        if (folder / component).is_dir():
-            cfg = read_config(folder / component)
-            if cfg is not None:
-                out[component] = cfg
-    own = read_config(folder)
-    if own is not None and str(own.get("_class_name")) in CONFIG_COMPONENTS:
-        out.setdefault(CONFIG_COMPONENTS[str(own["_class_name"])], own)
-    return out
 
 
 def _hparams(base: Path) -> dict[str, Any] | None:

@@ -9,7 +9,9 @@ flattened names resolved against ``--base`` or the identifier table of :mod:`lor
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 from ..errors import IncompatibleAdaptersError, ShapeError
@@ -26,6 +28,7 @@ from ..formats.families import (
     single_file_location,
 )
 from ..formats.names import component_of, from_kohya, split_kohya, to_kohya
+from ..io.checkpoint import read_config
 from ..model import Adapter
 from ..model.components import COMPONENTS
 
@@ -64,7 +67,7 @@ def _planned(hit: tuple[Plan, Family] | None, det: Detection, what: str) -> tupl
     return plan, fam
 
 
-def _dotted(adapter: Adapter) -> dict[str, str]:
+def dotted_paths(adapter: Adapter) -> dict[str, str]:
     """Source name -> diffusers path with its component (a PEFT adapter of a UNet or transformer gets one)."""
     names = list(adapter.modules)
     if adapter.format != "peft" or not names:
@@ -84,7 +87,7 @@ def plan_names(
     if to == "kohya":
         if adapter.format == "kohya":
             return [Step((n,), (n,)) for n in names]
-        dotted = _dotted(adapter)
+        dotted = dotted_paths(adapter)
         if is_image(det) and det is not None:
             back = {d: s for s, d in dotted.items()}
             plan, _ = _planned(plan_to_kohya(det, list(back), {dotted[n]: s for n, s in shapes.items()}, unet), det,
@@ -152,7 +155,7 @@ def module_paths(adapter: Adapter, base_names: list[str] | None, configs: Config
     """Source name -> diffusers path (or the base's own path, for names of no known family), where one is known:
     what a base's shapes are looked up by."""
     if adapter.format != "kohya":
-        return _dotted(adapter)
+        return dotted_paths(adapter)
     det = detect_adapter(adapter, configs)
     if is_image(det):
         shapes = {n: m.weight_shape() for n, m in adapter.modules.items()}
@@ -176,3 +179,28 @@ def base_shape(path: str, base_shapes: Mapping[str, tuple[int, ...]], det: Detec
             return tuple(base_shapes[loc.key])
     ends = [n for n in base_shapes if n.endswith("." + path + ".weight")]
     return tuple(base_shapes[ends[0]]) if len(ends) == 1 else None
+
+
+#: diffusers model classes whose config numbers a component's blocks
+CONFIG_COMPONENTS = {"UNet2DConditionModel": "unet", "FluxTransformer2DModel": "transformer",
+                     "SD3Transformer2DModel": "transformer"}  # fmt: skip
+
+
+def base_configs(base: str | os.PathLike[str]) -> dict[str, dict[str, Any]]:
+    """The configs of a diffusers base by component: a pipeline folder's ``model_index.json`` and its ``unet/`` and
+    ``transformer/`` configs, or a component folder's (or a file's folder's) own ``config.json``."""
+    p = Path(base)
+    folder = p if p.is_dir() else p.parent
+    out: dict[str, dict[str, Any]] = {}
+    pipeline = read_config(folder, "model_index.json")
+    if pipeline is not None:
+        out["model_index"] = pipeline
+    for component in ("unet", "transformer"):
+        if (folder / component).is_dir():
+            cfg = read_config(folder / component)
+            if cfg is not None:
+                out[component] = cfg
+    own = read_config(folder)
+    if own is not None and str(own.get("_class_name")) in CONFIG_COMPONENTS:
+        out.setdefault(CONFIG_COMPONENTS[str(own["_class_name"])], own)
+    return out

@@ -8,6 +8,7 @@ more table (a module here with its links and a builder); the planning, the looku
 * :func:`detect` - which family an adapter is for, from its names, shapes, metadata and a base's config;
 * :func:`plan_from_kohya` / :func:`plan_to_kohya` - the name plan for a set of modules under a detection;
 * :func:`single_file_location` - where a diffusers tensor lives in the family's single-file checkpoint;
+* :func:`single_files` - which family's single-file checkpoint a base is, and where its components sit;
 * :func:`block_kind` - the component and block kind of a module name (inspect's grouping).
 """
 
@@ -18,6 +19,7 @@ from functools import lru_cache
 from typing import Any
 
 from ...errors import ShapeError
+from .checkpoint import SingleFile, single_files
 from .core import EQUAL, Link, Space, Split
 from .detect import IMAGE, TITLES, Detection, detect
 from .family import Family, Part, Plan, SingleFileLocation, Step, from_kohya, single_file_location, to_kohya
@@ -28,8 +30,8 @@ from .unet import UNetLayout
 
 __all__ = [
     "BUILDERS", "EQUAL", "IMAGE", "MLP_RATIO", "TITLES", "Detection", "Family", "Link", "Part", "Plan",
-    "SingleFileLocation", "Space", "Split", "Step", "UNetLayout", "block_kind", "detect", "family",
-    "plan_from_kohya", "plan_to_kohya", "single_file_location", "xlabs_name",
+    "SingleFile", "SingleFileLocation", "Space", "Split", "Step", "UNetLayout", "block_kind", "detect", "family",
+    "from_kohya", "plan_from_kohya", "plan_to_kohya", "single_file_location", "single_files", "xlabs_name",
 ]  # fmt: skip
 
 BUILDERS: dict[str, Callable[..., Family]] = {"sd1": sd1, "sd2": sd2, "sdxl": sdxl, "flux1": flux1, "sd3": sd3}
@@ -42,13 +44,12 @@ def _built(fid: str, layout: UNetLayout | None) -> Family:
     return BUILDERS[fid](layout) if fid in UNET_FAMILIES else BUILDERS[fid]()
 
 
-def family(fid: str, unet_config: Mapping[str, Any] | None = None) -> Family:
+def family(fid: str, unet_config: Mapping[str, Any] | None = None, layout: UNetLayout | None = None) -> Family:
     """The tables of family ``fid`` (one of :data:`BUILDERS`); a UNet family numbers its single-file blocks by
-    ``unet_config`` (a diffusers UNet config.json) when given, else by the family's own config."""
+    ``layout`` or ``unet_config`` (a diffusers UNet config.json) when given, else by the family's own config."""
     if fid not in BUILDERS:
         raise ShapeError(f"no name tables for {fid!r}", "known: " + ", ".join(BUILDERS))
-    layout = None
-    if unet_config is not None and fid in UNET_FAMILIES:
+    if layout is None and unet_config is not None and fid in UNET_FAMILIES:
         try:
             layout = UNetLayout.from_config(unet_config)
         except (KeyError, TypeError, ValueError) as e:

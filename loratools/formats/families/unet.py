@@ -10,7 +10,7 @@ attention), never from the adapter's names: :class:`UNetLayout`. The rules are t
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -69,6 +69,45 @@ class UNetLayout:
         if len(layers) != len(down) or len(up) != len(down) or not all(isinstance(t, str) for t in down + up):
             raise ValueError("down_block_types, up_block_types and layers_per_block do not agree")
         return cls(layers, tuple("CrossAttn" in t for t in down), tuple("CrossAttn" in t for t in up))
+
+    @classmethod
+    def from_sgm(cls, modules: Iterable[str]) -> UNetLayout | None:
+        """From the SGM module paths of a single-file UNet (``input_blocks.4.1.proj_in``, root removed): a
+        downsampler (``input_blocks.N.0.op``) ends a level, ``input_blocks.N.1`` is a resnet's attention, and an
+        up block's ``output_blocks.N.1`` is attention unless it is the upsampler (``.1.conv``). None when the
+        blocks do not form such a UNet (no guess)."""
+        blocks: dict[tuple[str, int], set[str]] = {}
+        for name in modules:
+            seg = name.split(".")
+            if len(seg) >= 3 and seg[0] in ("input_blocks", "output_blocks") and seg[1].isdigit():
+                blocks.setdefault((seg[0], int(seg[1])), set()).add(".".join(seg[2:4]))
+        ins = sorted(n for kind, n in blocks if kind == "input_blocks" and n > 0)
+        if not ins or ins != list(range(1, len(ins) + 1)):
+            return None
+        layers: list[int] = []
+        attention: list[set[bool]] = [set()]
+        count = 0
+        for n in ins:
+            parts = blocks[("input_blocks", n)]
+            if "0.op" in parts:
+                layers.append(count)
+                attention.append(set())
+                count = 0
+                continue
+            count += 1
+            attention[-1].add(any(p.startswith("1.") for p in parts))
+        layers.append(count)
+        if any(len(a) != 1 for a in attention) or not all(layers):
+            return None
+        outs = sorted(n for kind, n in blocks if kind == "output_blocks")
+        if outs != list(range(sum(c + 1 for c in layers))):
+            return None
+        up, n = [], 0
+        for count in reversed(layers):
+            parts = blocks[("output_blocks", n)]
+            up.append(any(p.startswith("1.") and p != "1.conv" for p in parts))
+            n += count + 1
+        return cls(tuple(layers), tuple(a.pop() for a in attention), tuple(up))
 
 
 #: SD 1.x and 2.x (``CrossAttnDownBlock2D`` x3 + ``DownBlock2D``, two resnets per level)
