@@ -24,7 +24,15 @@ from ..formats.families import Step
 from ..io.checkpoint import load_config
 from ..model import Adapter, Module, TensorRef, torch_dtype
 from . import args, provenance, select
-from .convert_names import Configs, base_configs, base_shape, detect_adapter, module_paths, plan_names
+from .convert_names import (
+    Configs,
+    base_configs,
+    base_shape,
+    detect_adapter,
+    module_paths,
+    outside_sd_scripts,
+    plan_names,
+)
 from .fused import fuse_modules, split_module, swap_halves
 from .linalg import lowrank_svd, rank_for_energy
 from .lowrank import DTYPES, check_dense_all, factors, lora_module
@@ -302,6 +310,11 @@ def convert_adapter(
     if fused:
         rep.notes.append(f"{fused} group(s) of modules fused into one module each (q, k, v ...; exact at the summed "
                          "rank unless --rank / --energy re-compress)")  # fmt: skip
+    outside = outside_sd_scripts(adapter, steps, base_configs) if to == "kohya" and adapter.format != "kohya" else []
+    if outside:
+        rep.notes.append(f"{len(outside)} module(s) lie outside the blocks sd-scripts' networks/lora.py builds LoRA "
+                         f"for, so sd-scripts skips them (ComfyUI and A1111 read them): {', '.join(outside[:4])}"
+                         + (" ..." if len(outside) > 4 else ""))  # fmt: skip
     if out.extras and to in ("kohya", "gguf", "diffusers"):
         raise IncompatibleAdaptersError(
             f"{to} cannot hold full tensors ({', '.join(sorted(out.extras)[:3])}): modules_to_save / saved "

@@ -204,3 +204,32 @@ def base_configs(base: str | os.PathLike[str]) -> dict[str, dict[str, Any]]:
     if own is not None and str(own.get("_class_name")) in CONFIG_COMPONENTS:
         out.setdefault(CONFIG_COMPONENTS[str(own["_class_name"])], own)
     return out
+
+
+#: where sd-scripts' networks/lora.py builds LoRA modules of a UNet family: under its ``Transformer2DModel``,
+#: ``ResnetBlock2D``, ``Downsample2D`` and ``Upsample2D`` blocks (diffusers' down / mid / up blocks), and under a
+#: CLIP text model's ``CLIPAttention`` and ``CLIPMLP``
+SD_SCRIPTS_BLOCKS = {"unet": ("down_blocks.", "mid_block.", "up_blocks.")}
+SD_SCRIPTS_TEXT = (".self_attn.", ".mlp.")
+
+
+def outside_sd_scripts(adapter: Adapter, steps: list[Step], configs: Configs | None = None) -> list[str]:
+    """The kohya names of an SD 1.x / 2.x / SDXL adapter's modules that sd-scripts builds no LoRA module for (its
+    loader drops them; ComfyUI and A1111 read them): the UNet's conv_in, time and added embeddings, conv_out, a text
+    encoder's embeddings and projection."""
+    det = detect_adapter(adapter, configs)
+    if det is None or det.family not in ("sd1", "sd2", "sdxl"):
+        return []
+    paths = dotted_paths(adapter)
+    out = []
+    for st in steps:
+        for s in st.sources:
+            if s is None:
+                continue
+            comp, _, rel = paths.get(s, s).partition(".")
+            blocks = SD_SCRIPTS_BLOCKS.get(comp)
+            inside = rel.startswith(blocks) if blocks else any(t in rel for t in SD_SCRIPTS_TEXT)
+            if not inside:
+                out.append(st.targets[0])
+                break
+    return out
