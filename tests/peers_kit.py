@@ -110,7 +110,9 @@ def kohya_spelling(name: str) -> tuple[str, str]:
     spells it; independent of loratools' own name tables."""
     for prefix, component in _COMPONENTS.items():
         if name.startswith(prefix):
-            return component, name.removeprefix(prefix).replace(".", "_")
+            flat = name.removeprefix(prefix).replace(".", "_")
+            # a transformers 5 CLIP path has no text_model level; kohya names put it back (sd-scripts reads them so)
+            return component, flat.removeprefix("text_model_") if component == "text_encoder" else flat
     return "", name.replace(".", "_")
 
 

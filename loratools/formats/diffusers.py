@@ -4,7 +4,8 @@ Current form: PEFT keys under a component prefix, ``unet.<module>.lora_A.weight`
 ``text_encoder_2.``, ``transformer.``; the LoRA config of each component is JSON in the header under
 ``lora_adapter_metadata`` (keys prefixed by component: ``unet.lora_alpha``). Without it, alpha = rank.
 Older form: ``unet.<module>.lora.down.weight`` / ``.lora.up.weight``, text encoders
-``...lora_linear_layer.down.weight``, and attention processors ``...processor.to_q_lora.down.weight``.
+``...lora_linear_layer.down.weight``, and attention processors ``...processor.to_q_lora.down.weight`` (UNet) and
+``...self_attn.to_q_lora.down.weight`` (text encoders: ``q_proj``; diffusers' ``DIFFUSERS_OLD_TO_PEFT``).
 """
 
 from __future__ import annotations
@@ -46,6 +47,9 @@ TABLE = KeyTable(
 
 #: attention-processor names of the oldest layout -> module path
 PROCESSOR_RE = re.compile(r"\.processor\.(to_q|to_k|to_v|to_out)_lora$")
+#: the same layout in a text encoder's attention (``self_attn.to_q_lora``): transformers' CLIP names
+TEXT_PROCESSOR_RE = re.compile(r"\.self_attn\.(to_q|to_k|to_v|to_out)_lora$")
+TEXT_PROCESSOR = {"to_q": "q_proj", "to_k": "k_proj", "to_v": "v_proj", "to_out": "out_proj"}
 
 
 def looks_like(keys: list[str]) -> bool:
@@ -74,6 +78,9 @@ def _module_name(name: str) -> str:
     if m:
         target = m.group(1)
         return name[: m.start()] + "." + ("to_out.0" if target == "to_out" else target)
+    m = TEXT_PROCESSOR_RE.search(name)
+    if m:
+        return name[: m.start()] + ".self_attn." + TEXT_PROCESSOR[m.group(1)]
     return name
 
 
@@ -132,7 +139,8 @@ def tensors_for(adapter: Adapter) -> tuple[dict[str, TensorRef], dict[str, str]]
     meta = carried_metadata(adapter, NAME)
     if component_configs(meta) != {c: {k[len(c) + 1 :]: v for k, v in flat.items() if k.startswith(c + ".")}
                                    for c in comps}:  # fmt: skip
-        meta[META_KEY] = json.dumps(flat, sort_keys=True)
+        # the top level sorted; a pattern's own order is PEFT's precedence (first key that matches wins): kept
+        meta[META_KEY] = json.dumps(dict(sorted(flat.items())))
     meta.setdefault("format", "pt")
     return tensors, meta
 

@@ -3,8 +3,12 @@
 Keys: ``lora_unet_<path with underscores>.lora_down.weight`` / ``.lora_up.weight`` / ``.alpha`` (0-d; absent
 means alpha = rank), text encoders ``lora_te_``, ``lora_te1_``, ``lora_te2_``, ``lora_te3_``; LyCORIS factor
 suffixes ``hada_*`` (LoHa), ``lokr_*`` (LoKr), ``lora_mid`` (Tucker LoCon), ``diff`` (full), ``dora_scale``.
-Generic LyCORIS networks use the ``lycoris_`` prefix. The flattened names are kept as they are: only the
-base model's module list can put the dots back.
+Generic LyCORIS networks use the ``lycoris_`` prefix. The flattened names are kept as they are: the family's
+name tables (:mod:`.families`) or the base model's module list put the dots back.
+
+XLabs' Flux LoRAs (``double_blocks.0.processor.qkv_lora1.down.weight``) are read as the kohya modules they add to
+(``lora_unet_double_blocks_0_img_attn_qkv``); a single block's ``qkv_lora`` covers only linear1's q, k, v rows,
+so its up factor gets zero rows for the MLP's (an exact, larger spelling of the same delta).
 """
 
 from __future__ import annotations
@@ -12,12 +16,14 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
+from typing import Any
 
 from ..errors import IncompatibleAdaptersError
 from ..io.safetensors import shown
 from ..model import Adapter, TensorRef
 from . import kohya_meta
 from .common import KeyTable, Rule, build_module, carried_metadata, check_leftovers, group_keys, open_raw, scalar
+from .families import MLP_RATIO, xlabs_name
 from .names import to_kohya
 
 NAME = "kohya"
@@ -50,8 +56,44 @@ TABLE = KeyTable(
 )
 
 
+#: an XLabs Flux LoRA key
+XLABS_KEY = re.compile(r"^(?P<module>.+\.processor\.(qkv|proj)_lora[12]?)\.(?P<role>down|up)\.weight$")
+
+
 def looks_like(keys: list[str]) -> bool:
+    if keys and all(XLABS_KEY.match(k) for k in keys):
+        return True
     return any(PREFIX_RE.match(k) for k in keys) and any(TABLE.split(k) for k in keys)
+
+
+def _padded(ref: TensorRef, rows: int) -> TensorRef:
+    """``ref`` (out x r) with ``rows`` zero rows below it."""
+
+    def load() -> Any:
+        import torch
+
+        t = ref.load()
+        return torch.cat([t, t.new_zeros((rows, *t.shape[1:]))])
+
+    return TensorRef((ref.shape[0] + rows, *ref.shape[1:]), ref.dtype, load)
+
+
+def from_xlabs(tensors: dict[str, TensorRef]) -> dict[str, TensorRef] | None:
+    """An XLabs Flux LoRA's tensors under kohya keys; None unless every key is XLabs'."""
+    if not tensors or not all(XLABS_KEY.match(k) for k in tensors):
+        return None
+    out: dict[str, TensorRef] = {}
+    for key, ref in tensors.items():
+        m = XLABS_KEY.match(key)
+        assert m is not None
+        hit = xlabs_name(m["module"])
+        if hit is None:
+            return None
+        name, qkv_only = hit
+        if qkv_only and m["role"] == "up" and len(ref.shape) == 2 and ref.shape[0] % 3 == 0:
+            ref = _padded(ref, MLP_RATIO * ref.shape[0] // 3)  # linear1 = q, k, v (hidden each) + 4 x hidden
+        out[f"{name}.lora_{m['role']}.weight"] = ref
+    return out
 
 
 def dora_axis(shape: tuple[int, ...]) -> str:
@@ -63,7 +105,7 @@ def read(path: str | os.PathLike[str], *, problems: list[str] | None = None) -> 
     raw = open_raw(path, lenient=problems is not None)
     if problems is not None:
         problems.extend(raw.problems)
-    groups, leftovers, conflicts = group_keys(raw.tensors, TABLE)
+    groups, leftovers, conflicts = group_keys(from_xlabs(raw.tensors) or raw.tensors, TABLE)
     check_leftovers(leftovers, conflicts, NAME, problems)
     meta = dict(raw.metadata)
     adapter = Adapter(format=NAME, metadata=meta, base_model=base_model_of(meta), source=str(path))

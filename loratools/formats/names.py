@@ -200,10 +200,18 @@ def split_kohya(name: str) -> tuple[str, str]:
     raise ShapeError(f"{name}: not a kohya module name (lora_unet_..., lora_te_..., lycoris_...)")
 
 
+#: where a transformers 5 CLIP text model's paths start (``encoder.layers.0.self_attn...``, ``embeddings...``)
+CLIP_LAYERS = ("encoder.layers.", "embeddings.", "final_layer_norm")
+
+
 def to_kohya(name: str, components: bool = True) -> str:
-    """A dotted name (``unet.down_blocks.0...`` or, for a whole model, ``model.layers.0...``) in kohya form."""
+    """A dotted name (``unet.down_blocks.0...`` or, for a whole model, ``model.layers.0...``) in kohya form. A CLIP
+    text encoder's path keeps transformers 4's ``text_model.`` level, which kohya consumers expect
+    (``lora_te_text_model_encoder_layers_0_...``) and transformers 5 dropped."""
     comp, dot, rest = name.partition(".")
     if components and dot and comp in COMPONENT_KOHYA and comp:
+        if comp.startswith("text_encoder") and rest.startswith(CLIP_LAYERS):
+            rest = "text_model." + rest
         return COMPONENT_KOHYA[comp] + rest.replace(".", "_")
     return COMPONENT_KOHYA[""] + name.replace(".", "_")
 

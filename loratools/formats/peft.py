@@ -274,6 +274,19 @@ def _common(values: list[Any]) -> Any:
     return Counter(values).most_common(1)[0][0]
 
 
+def _exceptions(values: dict[str, Any], default: Any) -> dict[str, Any]:
+    """The modules whose value is not ``default``, keyed by full path, in an order PEFT reads right: it gives a
+    module the value of the first key that matches the end of its path (``get_pattern_key``), so a path that ends
+    with another key (Flux's ``single_transformer_blocks.0.proj_out`` and ``proj_out``) is listed too, with its own
+    value, and longer paths come first."""
+    keys = {n for n, v in values.items() if v != default}
+    for n in values:
+        parts = n.split(".")
+        if n not in keys and any(".".join(parts[i:]) in keys for i in range(1, len(parts))):
+            keys.add(n)
+    return {n: values[n] for n in sorted(keys, key=lambda k: (-k.count("."), k))}
+
+
 def make_config(adapter: Adapter) -> dict[str, Any]:
     """A config under which PEFT gives every module exactly the rank, alpha and scale it has here.
 
@@ -324,8 +337,8 @@ def make_config(adapter: Adapter) -> dict[str, Any]:
             "use_rslora": rslora,
             "use_dora": any(m.magnitude is not None for m in mods),
             "fan_in_fan_out": any(m.fan_in_fan_out for m in mods),
-            "rank_pattern": {n: v for n, v in ranks.items() if v != r},
-            "alpha_pattern": {n: (int(v) if v.is_integer() else v) for n, v in alphas.items() if v != a},
+            "rank_pattern": _exceptions(ranks, r),
+            "alpha_pattern": {n: (int(v) if v.is_integer() else v) for n, v in _exceptions(alphas, a).items()},
         }
     )
     # PEFT matches a list entry against the end of a module path: `to_out.0`, not `0` (which would match any `.0`)
@@ -369,6 +382,7 @@ def write(adapter: Adapter, out: str | os.PathLike[str], *, force: bool = False)
     metadata = {"format": "pt", **carried_metadata(adapter, NAME)}
     target = Path(out)
     with atomic_dir(target, force=force) as tmp:
-        (tmp / CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        # top level sorted; a pattern's order is PEFT's precedence (the first key that matches wins): kept
+        (tmp / CONFIG).write_text(json.dumps(dict(sorted(config.items())), indent=2) + "\n", encoding="utf-8")
         write_safetensors(tmp / WEIGHTS[0], tensors, metadata)
     return target

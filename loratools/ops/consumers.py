@@ -17,8 +17,10 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
+from ..formats.families import BUILDERS, family, plan_from_kohya
 from ..formats.gguf import surgery as sg
 from ..model import Adapter
+from .convert_names import detect_adapter, is_image
 
 CONSUMERS = ("vllm", "tgi", "llama.cpp", "ollama", "diffusers", "comfyui")
 #: vLLM's default --max-lora-rank
@@ -123,10 +125,53 @@ def _llama_cpp(a: Adapter, add: Add, arch: str | None = None, who: str = "llama.
             f"{fix} (bakes the differences)")  # fmt: skip
 
 
+def _listed(names: list[str]) -> str:
+    return ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+
+
+def _diffusers_names(a: Adapter, add: Add) -> None:
+    """Module names no diffusers loader maps onto a model are loaded nowhere (a LoRA that does nothing): what the
+    family's tables do not know is an error. diffusers' kohya converters (``lora_conversion_utils``) read SD 1.x /
+    SDXL and Flux files; SD3 kohya files it does not read at all."""
+    fix = "loratools convert SRC --to diffusers -o OUT (maps every name it knows, refuses the others)"
+    det = detect_adapter(a)
+    if not is_image(det) or det is None:
+        if a.format in ("kohya", "diffusers"):
+            add("error", f"these module names are no diffusion model's that diffusers loads ({_listed(list(a.modules))})",
+                "diffusers pipelines take LoRAs of SD 1.x/2.x, SDXL, Flux.1, SD3 and newer families")  # fmt: skip
+        return
+    fids = [f for f in ((det.family,) if det.family else det.candidates) if f in BUILDERS]
+    if a.format == "diffusers":
+        unknown = [n for n in a.modules if not any(family(f).diffusers_entry(n) for f in fids)]
+        if unknown:
+            add("error", f"{len(unknown)} module(s) name no module of {det.title} that diffusers knows: "
+                f"{_listed(unknown)}", "rewrite the file from its source: " + fix)  # fmt: skip
+        return
+    if a.format != "kohya":
+        return
+    hit = plan_from_kohya(det, list(a.modules), {n: m.weight_shape() for n, m in a.modules.items()})
+    unknown = hit[0].unresolved if hit else list(a.modules)
+    if unknown:
+        add("error", f"{len(unknown)} kohya module(s) map to no module of {det.title}: {_listed(unknown)}", fix)
+    elif det.family == "sd3":
+        add("error", "diffusers has no converter for kohya SD3 files (lora_unet_joint_blocks_...)", fix)
+    elif det.family == "flux1":
+        te3 = [n for n in a.modules if n.startswith("lora_te3_")]
+        if te3:
+            add("error", f"diffusers' kohya Flux converter does not load T5 modules ({_listed(te3)})", fix)
+        top = [n for n in a.modules if n.startswith(("lora_unet_img_in", "lora_unet_txt_in", "lora_unet_time_in",
+                                                     "lora_unet_vector_in", "lora_unet_guidance_in"))]  # fmt: skip
+        if top:
+            add("warning", f"diffusers' kohya Flux converter names the embedders without their `transformer.` "
+                f"prefix, and its loader then leaves them out ({_listed(top)})", fix)  # fmt: skip
+
+
 def _diffusers(a: Adapter, add: Add, arch: str | None = None) -> None:
     if a.format == "peft":
         add("error", "diffusers pipelines load diffusers or kohya files, this is a PEFT folder",
             "loratools convert SRC --to diffusers -o OUT")  # fmt: skip
+    else:
+        _diffusers_names(a, add)
     if any(m.kind in ("loha", "lokr", "full") for m in a.modules.values()):
         add("error", "diffusers' LoRA loader reads LoRA only (found LyCORIS LoHa/LoKr/full modules)",
             "loratools convert SRC --to diffusers -o OUT (exact through the dense delta)")  # fmt: skip

@@ -18,21 +18,28 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..errors import IncompatibleAdaptersError, ShapeError, UsageError
+from ..errors import IncompatibleAdaptersError, UsageError
 from ..formats import FORMATS, load_adapter, save_adapter
-from ..formats.names import component_of, from_kohya, split_kohya, to_kohya
+from ..formats.families import Step
 from ..io.checkpoint import load_config
 from ..model import Adapter, Module, TensorRef, torch_dtype
-from ..model.components import COMPONENTS
 from . import args, provenance, select
+from .convert_names import (
+    Configs,
+    base_configs,
+    base_shape,
+    detect_adapter,
+    module_paths,
+    outside_sd_scripts,
+    plan_names,
+)
+from .fused import fuse_modules, split_module, swap_halves
 from .linalg import lowrank_svd, rank_for_energy
 from .lowrank import DTYPES, check_dense_all, factors, lora_module
 from .select import LeftOut
 
 TARGETS = (*FORMATS, "gguf")
-SAI_PREFIXES = ("model.diffusion_model.", "cond_stage_model.", "conditioner.embedders.")
 ALPHA_MODES = ("keep", "bake")
-DIFFUSERS_COMPONENTS = frozenset(COMPONENTS)
 
 
 @dataclass
@@ -61,74 +68,53 @@ class ConvertReport:
         return asdict(self)
 
 
-def _rename(adapter: Adapter, to: str, base_names: list[str] | None) -> dict[str, str]:
-    """Source module name -> name in the target format's scheme."""
-    names = list(adapter.modules)
-    if to == "kohya":
-        return {n: n if adapter.format == "kohya" else to_kohya(n) for n in names}
-    if adapter.format == "kohya":
-        found, missing = from_kohya(names, base_names)
-        if missing:
-            raise ShapeError(
-                f"{len(missing)} kohya name(s) cannot be turned back into module paths: {', '.join(missing[:5])}",
-                "pass --base with the base model (folder or .safetensors) to resolve them against its real names",
-            )
-        sai = [d for d in found.values() if d.startswith(SAI_PREFIXES)]
-        if sai and to in ("diffusers", "peft", "gguf"):
-            raise IncompatibleAdaptersError(
-                f"{len(sai)} module(s) resolve to single-file (SAI) checkpoint paths such as {sai[0]}: the "
-                "diffusers names need the SAI-to-diffusers block map, which loratools does not have yet",
-                "resolve against the diffusers version of the base (its folder), or keep the kohya format",
-            )
-        names_map = {}
-        for kohya, dotted in found.items():
-            comp, _ = split_kohya(kohya)
-            if comp and dotted.split(".")[0] not in DIFFUSERS_COMPONENTS:
-                dotted = f"{comp}.{dotted}"  # resolved against one component's folder: put the component back
-            names_map[kohya] = dotted
-    else:
-        names_map = {n: n for n in names}
-    comps = {n.split(".")[0] for n in names_map.values()}
-    if to in ("peft", "gguf") and comps <= DIFFUSERS_COMPONENTS:
-        if len(comps) > 1:
-            raise IncompatibleAdaptersError(
-                f"a PEFT adapter holds one model; this one has {', '.join(sorted(comps))}",
-                "convert to diffusers or kohya, which keep components",
-            )
-        return {k: v.partition(".")[2] for k, v in names_map.items()}
-    if to == "diffusers" and not comps <= DIFFUSERS_COMPONENTS:
-        component = component_of(list(names_map.values()))
-        if component is None:
-            raise IncompatibleAdaptersError(
-                "cannot tell which diffusers component (unet, transformer, text_encoder) these modules belong to",
-                "diffusers files are for diffusion pipelines; convert LLM adapters to peft, kohya or gguf",
-            )
-        return {k: f"{component}.{v}" for k, v in names_map.items()}
-    return names_map
-
-
-def _layer_shapes(adapter: Adapter, base_shapes: Mapping[str, tuple[int, ...]] | None) -> dict[str, tuple[int, ...]]:
+def _layer_shapes(
+    adapter: Adapter, base_shapes: Mapping[str, tuple[int, ...]] | None, base_names: list[str] | None,
+    configs: Configs | None,
+) -> dict[str, tuple[int, ...]]:  # fmt: skip
     """Each module's base weight shape, where the base is given: what a flattened LoHa/LoKr module needs to
     become LoRA with its conv kernel."""
     if not base_shapes:
         return {}
-    names = list(base_shapes)
-    if adapter.format == "kohya":
-        dotted, _ = from_kohya(list(adapter.modules), names)
-    else:
-        dotted = {n: n for n in adapter.modules}
+    paths = module_paths(adapter, base_names if base_names is not None else list(base_shapes), configs)
+    det = detect_adapter(adapter, configs)
     out: dict[str, tuple[int, ...]] = {}
-    for src, d in dotted.items():
-        comp, dot, rel = d.partition(".")
-        for cand in (d + ".weight", rel + ".weight" if dot and comp in DIFFUSERS_COMPONENTS else None):
-            if cand and cand in base_shapes:
-                out[src] = tuple(base_shapes[cand])
-                break
-        else:
-            ends = [n for n in names if n.endswith("." + d + ".weight")]
-            if len(ends) == 1:
-                out[src] = tuple(base_shapes[ends[0]])
+    for src, path in paths.items():
+        shape = base_shape(path, base_shapes, det)
+        if shape is not None:
+            out[src] = shape
     return out
+
+
+Ready = Mapping[str, tuple[Module, float, str, str]]  # source -> (module as LoRA if need be, energy, note, kind)
+
+
+def _moved(
+    step: Step, ready: Ready, rank: int | None, energy: float | None
+) -> list[tuple[Module, str, str, float, str]]:
+    """The modules one step of the name plan makes: (module, source, source kind, energy kept, note)."""
+    named = [s for s in step.sources if s is not None]
+    if len(step.sources) == 1:
+        new, kept, note, kind = ready[named[0]]
+        if len(step.targets) > 1:
+            assert step.split is not None
+            return [(p, named[0], kind, kept, note) for p in split_module(new, step.targets, step.split)]
+        new = swap_halves(new) if step.swap else _renamed(new)
+        new.name = step.targets[0]
+        return [(new, named[0], kind, kept, note)]
+    assert step.split is not None
+    parts = [ready[s][0] if s is not None else None for s in step.sources]
+    fused, kept = fuse_modules(parts, step.targets[0], step.split, rank, energy)
+    note = f"fused and re-compressed to lora rank {fused.rank}" if kept < 1.0 else ""
+    return [(fused, " + ".join(named), "lora", kept, note)]
+
+
+def _renamed(m: Module) -> Module:
+    """A copy of ``m`` to give another name (the source adapter keeps its own)."""
+    return Module(
+        m.name, m.kind, dict(m.factors), alpha=m.alpha, rslora=m.rslora, layer=m.layer,
+        fan_in_fan_out=m.fan_in_fan_out, magnitude=m.magnitude, dora_axis=m.dora_axis, bias=m.bias,
+    )  # fmt: skip
 
 
 def _lycoris(m: Module) -> bool:
@@ -136,17 +122,19 @@ def _lycoris(m: Module) -> bool:
     return m.kind != "lora" or "mid" in m.factors
 
 
-def _keeps_lycoris(adapter: Adapter, to: str, rank: int | None, energy: float | None) -> bool:
+def _keeps_lycoris(adapter: Adapter, to: str, rank: int | None, energy: float | None, fuses: bool) -> bool:
     """Whether LyCORIS modules stay as they are: only in a kohya file, and only without ``rank`` / ``energy``,
     which turn them into LoRA in every target (an option given is never ignored). A rank or energy for an
-    adapter without such modules is refused: it would change nothing (``resize`` re-compresses LoRA)."""
+    adapter without such modules, whose names fuse no q/k/v group (``fuses``) either, is refused: it would change
+    nothing (``resize`` re-compresses LoRA)."""
     if rank is None and energy is None:
         return to == "kohya"
-    if not any(_lycoris(m) for m in adapter.modules.values()):
+    if not fuses and not any(_lycoris(m) for m in adapter.modules.values()):
         option = "rank" if rank is not None else "energy"
         raise UsageError(
-            f"--{option} applies to LoHa, LoKr, Tucker LoCon and full-diff modules turned into LoRA, and this "
-            "adapter has only plain LoRA modules: it would change nothing",
+            f"--{option} applies to LoHa, LoKr, Tucker LoCon and full-diff modules turned into LoRA and to q/k/v "
+            "groups fused into one module, and this adapter has only plain LoRA modules that fuse nothing: it "
+            "would change nothing",
             f"to re-compress LoRA modules, use `loratools resize --{option} ...`",
             param=option,
         )
@@ -258,7 +246,10 @@ def convert_adapter(
     base_model: str | None = None,
     report: ConvertReport | None = None,
     base_shapes: Mapping[str, tuple[int, ...]] | None = None,
+    base_configs: Configs | None = None,
 ) -> tuple[Adapter, ConvertReport]:
+    """``adapter`` in format ``to``. ``base_configs``: the base's configs by component (``unet``, ``transformer``,
+    ``model_index``): which model family the names are for, and a UNet's block numbering."""
     import torch
 
     if not isinstance(adapter, Adapter):
@@ -267,7 +258,7 @@ def convert_adapter(
     if base_names is not None:
         args.strings(base_names, "base_names")
     rep = report or ConvertReport(str(adapter.source), None, adapter.format, to)
-    names = _rename(adapter, to, base_names)
+    steps = plan_names(adapter, to, base_names, base_configs)
     meta = {k: v for k, v in adapter.metadata.items() if to == "diffusers" or k != "lora_adapter_metadata"}
     out = Adapter(
         format=to,
@@ -283,32 +274,47 @@ def convert_adapter(
         if missing_alpha:
             rep.notes.append("the diffusers file stores no alpha (no lora_adapter_metadata): alpha = rank")
     caster = _Caster(DTYPES[dtype], rep) if dtype else None
-    lycoris_ok = _keeps_lycoris(adapter, to, rank, energy)
-    layers = _layer_shapes(adapter, base_shapes if base_shapes is not None else None)
-    if not lycoris_ok:  # the dense deltas about to be formed, bounded before any work (headers only)
-        check_dense_all(m for m in adapter.modules.values() if _lycoris(m))
-    baked = 0
+    # modules whose rows move (split, fused, swapped) must be plain LoRA first, whatever the target holds
+    moved = {s for st in steps if len(st.sources) > 1 or len(st.targets) > 1 or st.swap for s in st.sources if s}
+    lycoris_ok = _keeps_lycoris(adapter, to, rank, energy, any(len(st.sources) > 1 for st in steps))
+    layers = _layer_shapes(adapter, base_shapes, base_names, base_configs)
+    lycoris = [m for n, m in adapter.modules.items() if _lycoris(m) and (not lycoris_ok or n in moved)]
+    check_dense_all(lycoris)  # the dense deltas about to be formed, bounded before any work (headers only)
+    ready: dict[str, tuple[Module, float, str, str]] = {}
     for src, m in adapter.modules.items():
-        new = m
-        kept = 1.0
-        note = ""
-        if _lycoris(m) and not lycoris_ok:
+        new, kept, note = m, 1.0, ""
+        if _lycoris(m) and (not lycoris_ok or src in moved):
             if m.magnitude is not None:
                 raise IncompatibleAdaptersError(
                     f"{src}: a {m.type} module cannot become plain LoRA with its DoRA magnitude"
                 )
             new, kept = _as_lora(m, rank, energy, "cpu", torch.float64, layers.get(src))
             note = f"{m.kind} -> lora rank {new.rank}"
-        if alpha_mode == "bake":
-            new, folded = _bake(new)
-            baked += folded
-        if caster is not None:
-            new = caster.module(new)
-        new.name = names[src]
-        out.modules[names[src]] = new
-        rep.modules.append(ConvertedModule(src, names[src], m.kind, new.rank, kept, note))
+        ready[src] = (new, kept, note, m.kind)
+    baked = 0
+    for step in steps:
+        for new, src, kind, kept, note in _moved(step, ready, rank, energy):
+            if alpha_mode == "bake":
+                new, folded = _bake(new)
+                baked += folded
+            if caster is not None:
+                new = caster.module(new)
+            out.modules[new.name] = new
+            rep.modules.append(ConvertedModule(src, new.name, kind, new.rank, kept, note))
     if alpha_mode == "bake" and not baked:
         rep.notes.append("--alpha-mode bake: every module already has scale 1 (alpha = rank): nothing to fold in")
+    split = sum(1 for st in steps if len(st.targets) > 1)
+    fused = sum(1 for st in steps if len(st.sources) > 1)
+    if split:
+        rep.notes.append(f"{split} fused module(s) split into their parts by rows (exact; all-zero parts left out)")
+    if fused:
+        rep.notes.append(f"{fused} group(s) of modules fused into one module each (q, k, v ...; exact at the summed "
+                         "rank unless --rank / --energy re-compress)")  # fmt: skip
+    outside = outside_sd_scripts(adapter, steps, base_configs) if to == "kohya" and adapter.format != "kohya" else []
+    if outside:
+        rep.notes.append(f"{len(outside)} module(s) lie outside the blocks sd-scripts' networks/lora.py builds LoRA "
+                         f"for, so sd-scripts skips them (ComfyUI and A1111 read them): {', '.join(outside[:4])}"
+                         + (" ..." if len(outside) > 4 else ""))  # fmt: skip
     if out.extras and to in ("kohya", "gguf", "diffusers"):
         raise IncompatibleAdaptersError(
             f"{to} cannot hold full tensors ({', '.join(sorted(out.extras)[:3])}): modules_to_save / saved "
@@ -362,12 +368,14 @@ def convert(
     base_names = None
     base_shapes = None
     hparams = None
+    configs = None
     if base is not None:
         from ..io.checkpoint import read_checkpoint
 
         tensors = read_checkpoint(base).tensors
         base_names = list(tensors)
         base_shapes = {n: t.shape for n, t in tensors.items()}
+        configs = base_configs(base)
     if to == "gguf":
         hparams = _hparams(Path(base)) if base is not None else load_config(base_config) if base_config else None
     rep = ConvertReport(str(source), None, adapter.format, to, left_out=[left_out] if flt else [])
@@ -380,7 +388,7 @@ def convert(
         )
     converted, rep = convert_adapter(
         adapter, to, rank=rank, energy=energy, alpha_mode=alpha_mode, dtype=dtype, base_names=base_names,
-        base_model=base_model, report=rep, base_shapes=base_shapes,
+        base_model=base_model, report=rep, base_shapes=base_shapes, base_configs=configs,
     )  # fmt: skip
     converted.metadata[provenance.KEY] = provenance.record(
         "convert", [(str(source), adapter.format)], origins=origins, to=to, rank=rank, energy=energy, dtype=dtype,

@@ -1,4 +1,5 @@
-"""What an adapter holds: format, base model, sizes, dtypes, and a row per module."""
+"""What an adapter holds: format, base model (and the model family its names are for), sizes, dtypes, the targets
+grouped by block kind, and a row per module."""
 
 from __future__ import annotations
 
@@ -9,8 +10,10 @@ from typing import Any
 
 from ..errors import UsageError
 from ..formats import FORMATS, detect, load_adapter
+from ..formats.families import block_kind
 from ..model import Adapter, Module
 from . import args, provenance
+from .convert_names import detect_adapter, is_image
 
 
 @dataclass
@@ -63,6 +66,8 @@ class InspectReport:
     num_params: int
     size_on_disk: int
     dtypes: dict[str, int]
+    #: modules per target: per block kind and component for image models (``unet attention``, ``text_encoder
+    #: mlp``), per module leaf for others (``q_proj``)
     target_modules: dict[str, int]
     types: dict[str, int]
     modules: list[ModuleInfo]
@@ -70,6 +75,8 @@ class InspectReport:
     metadata: dict[str, str] = field(default_factory=dict)
     config: dict[str, Any] = field(default_factory=dict)
     made_by: dict[str, Any] | None = None  # loratools' provenance record, when loratools wrote the file
+    #: the model family the module names (and metadata) are for: id, name, candidates, from, evidence, note
+    family: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -104,6 +111,7 @@ def report(
     types: dict[str, int] = {}
     for mi in modules:
         types[mi.type] = types.get(mi.type, 0) + 1
+    found = detect_adapter(adapter)
     return InspectReport(
         source="" if source is None else str(source),
         format=adapter.format,
@@ -112,14 +120,27 @@ def report(
         num_params=adapter.num_params,
         size_on_disk=0 if source is None else size_on_disk(source),
         dtypes=adapter.dtypes(),
-        target_modules=adapter.target_kinds(),
+        target_modules=target_groups(adapter) if is_image(found) else adapter.target_kinds(),
         types=dict(sorted(types.items())),
         modules=modules,
         extras=[ExtraInfo(k, e.role, list(e.ref.shape), e.ref.dtype) for k, e in adapter.extras.items()],
         metadata=dict(adapter.metadata),
         config=dict(adapter.config),
         made_by=provenance.parse(adapter.metadata),
+        family=found.to_dict() if found is not None else None,
     )
+
+
+def target_groups(adapter: Adapter) -> dict[str, int]:
+    """Modules per component and block kind (``unet attention``, ``transformer modulation``, ``text_encoder mlp``)
+    from the family's tables; a module they do not know counts under its leaf."""
+    found = detect_adapter(adapter)
+    counts: dict[str, int] = {}
+    for name in adapter.modules:
+        hit = block_kind(found, name)
+        label = f"{hit[0]} {hit[1]}" if hit else f"other {name.replace('.', '_').rsplit('_', 1)[-1]}"
+        counts[label] = counts.get(label, 0) + 1
+    return dict(sorted(counts.items()))
 
 
 def inspect_adapter(adapter: Adapter, *, norms: bool = True, spectra: bool = False) -> InspectReport:

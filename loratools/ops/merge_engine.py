@@ -291,7 +291,7 @@ def write_file(
                 else:
                     stats = _merge_tensor(fh, mapped, info, dt, target, device, writer, tick, pool)
                     report.tensors.append(
-                        stats.report(prefix + info.name, info, dt, len(target.contributions),
+                        stats.report(prefix + info.name, info, dt, len(set(target.adapters)),
                                      target.replacement is not None)
                     )  # fmt: skip
                 if tick:

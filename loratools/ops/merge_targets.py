@@ -1,5 +1,6 @@
 """Which base tensor each adapter module changes: the targets of a merge, and what is refused before any output
-exists (a module that matches no base tensor or several, a shape that does not fit, a weight, alpha or tensor
+exists (a module that matches no base tensor or several, or that an image model's name tables cannot place
+(:mod:`.merge_places`), a shape that does not fit, a weight, alpha or tensor
 that is not finite, a DoRA module sharing its weight with another module)."""
 
 from __future__ import annotations
@@ -10,9 +11,10 @@ from dataclasses import dataclass, field
 
 from ..errors import IncompatibleAdaptersError, LoratoolsError, ShapeError
 from ..formats.names import kohya_index
-from ..io.checkpoint import Checkpoint
+from ..io.checkpoint import BaseTensor, Checkpoint
 from ..model import Adapter, Module, TensorRef
 from ..model.components import COMPONENTS
+from .merge_places import Placer
 
 
 @dataclass
@@ -51,6 +53,8 @@ def resolve_targets(adapters: list[Adapter], weights: list[float], base: Checkpo
     targets: dict[str, Target] = {}
     unresolved: list[str] = []
     ambiguous: list[str] = []
+    missing: list[str] = []  # what the image tables say is missing, module by module
+    placer: Placer | None = None
 
     def place(found: list[str], what: str) -> Target | None:
         if len(found) == 1:
@@ -68,15 +72,21 @@ def resolve_targets(adapters: list[Adapter], weights: list[float], base: Checkpo
                 found = [module + ".weight"] if module and module + ".weight" in names else []
             else:
                 found = _candidates(name + ".weight", names)
+            if not found:  # not under its own name: an image model's tables may place it (single files, SGM, BFL)
+                placer = placer or Placer(base)
+                placed = placer.place(a, name, m)
+                if placed is None:
+                    unresolved.append(name)
+                    continue
+                if isinstance(placed, str):
+                    missing.append(placed)
+                    continue
+                for p in placed:
+                    _add(targets, names, p.key, w, p.module, i)
+                continue
             t = place(found, name)
             if t is not None:
-                t.contributions.append((w, m))
-                t.adapters.append(i)
-                if m.bias is not None:  # PEFT merges lora_B.bias * scaling into the base layer's bias
-                    bias = found[0].removesuffix(".weight") + ".bias"
-                    if bias not in names:
-                        raise ShapeError(f"{name}: has a LoRA bias but the base layer {bias} has none")
-                    targets.setdefault(bias, Target()).biases.append((w, m))
+                _add(targets, names, found[0], w, m, i)
         for key, extra in a.extras.items():
             if extra.role == "trainable_tokens":
                 raise IncompatibleAdaptersError(
@@ -87,13 +97,17 @@ def resolve_targets(adapters: list[Adapter], weights: list[float], base: Checkpo
                 if t.replacement is not None:
                     raise IncompatibleAdaptersError(f"{key}: the same base tensor is replaced by two adapters")
                 t.replacement = extra.ref
-    if unresolved or ambiguous:
+    if unresolved or ambiguous or missing:
         parts = []
         if unresolved:
             parts.append(f"{len(unresolved)} module(s) match no base tensor: {', '.join(unresolved[:6])}")
+        if missing:
+            parts.append(f"{len(missing)} module(s) have no place in the base: {'; '.join(missing[:4])}"
+                         + (" ..." if len(missing) > 4 else ""))  # fmt: skip
         if ambiguous:
             parts.append(f"{len(ambiguous)} match several: {'; '.join(ambiguous[:4])}")
-        raise ShapeError("; ".join(parts), "is the adapter made for this base model?")
+        seen = placer.describe() if placer is not None else ""
+        raise ShapeError("; ".join(parts), (f"{seen}. " if seen else "") + "is the adapter made for this base model?")
     for name, t in targets.items():
         info = names[name].info
         if t.replacement is not None and tuple(t.replacement.shape) != info.shape:
@@ -191,6 +205,18 @@ def _card_base(base: Checkpoint) -> str | None:
     if isinstance(value, list) and value:
         value = value[0]
     return value[:200] if isinstance(value, str) else None
+
+
+def _add(targets: dict[str, Target], names: Mapping[str, BaseTensor], key: str, w: float, m: Module, i: int) -> None:
+    """Module ``m`` of adapter ``i`` (weight ``w``) changes base tensor ``key`` (and its bias, for a LoRA bias)."""
+    t = targets.setdefault(key, Target())
+    t.contributions.append((w, m))
+    t.adapters.append(i)
+    if m.bias is not None:  # PEFT merges lora_B.bias * scaling into the base layer's bias
+        bias = key.removesuffix(".weight") + ".bias"
+        if bias not in names:
+            raise ShapeError(f"{m.name}: has a LoRA bias but the base layer {bias} has none")
+        targets.setdefault(bias, Target()).biases.append((w, m))
 
 
 def _refuse_shared_dora(name: str, t: Target) -> None:

@@ -1,0 +1,125 @@
+"""kohya files loratools writes are read by sd-scripts without dropped keys.
+
+sd-scripts' networks/lora.py (kohya-ss/sd-scripts at 02298e3c) loads a LoRA file by building the network for the
+model and then ``load_state_dict(weights_sd, False)``: a key whose module the network did not build is dropped
+without a word. The names it builds, re-implemented here from its source apart from loratools' tables:
+
+* ``create_network_from_weights``: a module's dim is read from its ``lora_down`` key (``key.split(".")[0]``), and
+  with ``modules_dim`` given, ``LoRANetwork.__init__`` adds ``UNET_TARGET_REPLACE_MODULE_CONV2D_3X3`` to the UNet's
+  target classes;
+* ``LoRANetwork``: ``UNET_TARGET_REPLACE_MODULE = ["Transformer2DModel"]``, ``UNET_TARGET_REPLACE_MODULE_CONV2D_3X3 =
+  ["ResnetBlock2D", "Downsample2D", "Upsample2D"]``, ``TEXT_ENCODER_TARGET_REPLACE_MODULE = ["CLIPAttention",
+  "CLIPMLP"]``; prefixes ``lora_unet``, ``lora_te`` (one text encoder), ``lora_te1`` / ``lora_te2`` (SDXL's two);
+* ``create_modules``: for every module whose class is a target, every ``Linear`` or ``Conv2d`` below it (itself
+  included) is named ``(prefix + "." + name + "." + child_name).replace(".", "_")``.
+
+The models those names come from are sd-scripts' own: SD 1.x's UNet has diffusers' module paths and class names
+(library/original_unet.py), SDXL's is ``SdxlUNet2DConditionModel`` (library/sdxl_original_unet.py), whose module
+paths are those of the single-file checkpoint it loads (``load_models_from_sdxl_checkpoint`` strips
+``model.diffusion_model.``), its blocks ``ResnetBlock2D`` (``in_layers``, ``emb_layers``, ``out_layers``,
+``skip_connection``), ``Transformer2DModel`` (``proj_in``, ``transformer_blocks``), ``Downsample2D`` (``op``) and
+``Upsample2D`` (``conv``); the text encoders are transformers 4 CLIP models (``text_model.`` included).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import families_kit as fk
+import torch
+
+from loratools import load_adapter
+from loratools.ops.convert import convert
+
+UNET_TARGETS = ("Transformer2DModel", "ResnetBlock2D", "Downsample2D", "Upsample2D")
+TE_TARGETS = ("CLIPAttention", "CLIPMLP")
+
+
+def sd_scripts_names(root: torch.nn.Module, prefix: str, targets: tuple[str, ...]) -> set[str]:
+    """``create_modules``: the LoRA names sd-scripts builds for ``root``."""
+    out = set()
+    for name, module in root.named_modules():
+        if type(module).__name__ in targets:
+            for child_name, child in module.named_modules():
+                if type(child).__name__ in ("Linear", "Conv2d"):
+                    out.add((prefix + "." + name + "." + child_name).replace(".", "_"))
+    return out
+
+
+#: the block classes of sd-scripts' SdxlUNet2DConditionModel, by the first part of a block's own path
+SGM_BLOCK = {"in_layers": "ResnetBlock2D", "emb_layers": "ResnetBlock2D", "out_layers": "ResnetBlock2D",
+             "skip_connection": "ResnetBlock2D", "proj_in": "Transformer2DModel", "norm": "Transformer2DModel",
+             "transformer_blocks": "Transformer2DModel", "proj_out": "Transformer2DModel", "op": "Downsample2D",
+             "conv": "Upsample2D"}  # fmt: skip
+
+
+def sgm_names(state: dict[str, torch.Tensor]) -> set[str]:
+    """``create_modules`` over the module tree of ``SdxlUNet2DConditionModel`` as its state dict (SGM names, root
+    removed) shows it: blocks ``input_blocks.N.M`` / ``middle_block.M`` / ``output_blocks.N.M``, each of the class
+    its parts tell, and below them every weight of 2 (Linear) or 4 (Conv2d) dimensions."""
+    out = set()
+    for key, t in state.items():
+        if not key.endswith(".weight") or t.dim() not in (2, 4):
+            continue
+        parts = key.removesuffix(".weight").split(".")
+        depth = 2 if parts[0] == "middle_block" else 3
+        if parts[0] not in ("input_blocks", "middle_block", "output_blocks") or len(parts) <= depth:
+            continue
+        if SGM_BLOCK.get(parts[depth]) in UNET_TARGETS:
+            block, child = ".".join(parts[:depth]), ".".join(parts[depth:])
+            out.add(("lora_unet." + block + "." + child).replace(".", "_"))
+    return out
+
+
+def written(path: Path) -> set[str]:
+    return set(load_adapter(path).modules)
+
+
+def test_sd1_kohya_names_are_what_sd_scripts_builds(mf: Any, tmp_path: Path) -> None:
+    """A diffusers SD 1.x LoRA of transformers 5 names (no ``text_model.``) -> kohya: every module is one sd-scripts
+    builds for the same UNet and (transformers 4) text encoder."""
+    from conftest import FIXTURES
+
+    known = sd_scripts_names(mf.tiny_unet(), "lora_unet", UNET_TARGETS)
+    known |= sd_scripts_names(mf.LegacyCLIPTextModel(mf.tiny_clip()), "lora_te", TE_TARGETS)
+    convert(FIXTURES / "diffusers_sd", "kohya", tmp_path / "k.safetensors")
+    names = written(tmp_path / "k.safetensors")
+    assert names and names <= known, sorted(names - known)[:5]
+    assert any(n.startswith("lora_te_text_model_encoder_layers_0_") for n in names)
+
+
+def test_sdxl_kohya_names_are_what_sd_scripts_builds(mf: Any, tmp_path: Path) -> None:
+    """A diffusers SDXL LoRA of the UNet's blocks and both text encoders -> kohya: every module is one sd-scripts
+    builds for SdxlUNet2DConditionModel and its two CLIP encoders. Modules outside those blocks (conv_in,
+    time_embedding, add_embedding, conv_out) are none of sd-scripts' (ComfyUI and A1111 read them): the conversion
+    says so."""
+    from diffusers.loaders.lora_pipeline import StableDiffusionXLLoraLoaderMixin as XL
+
+    unet, te, te2 = fk.sdxl_models(mf)
+    base = fk.save_base(tmp_path / "base", "StableDiffusionXLPipeline", unet=unet, text_encoder=te, text_encoder_2=te2)
+    from loratools.formats.families import family
+
+    sgm = fk.to_single_file(family("sdxl", dict(unet.config)), "unet", dict(unet.state_dict()))
+    known = sgm_names({k.removeprefix("model.diffusion_model."): v for k, v in sgm.items()})
+    known |= sd_scripts_names(mf.LegacyCLIPTextModel(te), "lora_te1", TE_TARGETS)
+    known |= sd_scripts_names(mf.LegacyCLIPTextModel(te2.text_model), "lora_te2", TE_TARGETS)
+    meta = [fk.add_lora(mf, m, t, seed) for m, t, seed in
+            ((unet, fk.UNET_TARGETS, 91), (te, fk.TE_TARGETS, 92), (te2, fk.TE_TARGETS, 93))]  # fmt: skip
+    with mf._quiet():
+        XL.save_lora_weights(
+            str(tmp_path / "d"), unet_lora_layers=fk.lora_state(unet), text_encoder_lora_layers=fk.lora_state(te),
+            text_encoder_2_lora_layers=fk.lora_state(te2), unet_lora_adapter_metadata=meta[0],
+            text_encoder_lora_adapter_metadata=meta[1], text_encoder_2_lora_adapter_metadata=meta[2],
+        )  # fmt: skip
+    src = tmp_path / "d" / "pytorch_lora_weights.safetensors"
+    outside = r"unet\.(conv_in|conv_out|time_embedding|add_embedding)($|\.)"
+    convert(src, "kohya", tmp_path / "k.safetensors", base=base, exclude=[outside])
+    names = written(tmp_path / "k.safetensors")
+    assert names <= known, sorted(names - known)[:5]
+    assert {n[:9] for n in names} == {"lora_unet", "lora_te1_", "lora_te2_"}
+    rep = convert(src, "kohya", tmp_path / "all.safetensors", base=base)
+    extra = written(tmp_path / "all.safetensors") - known
+    assert extra == {"lora_unet_input_blocks_0_0", "lora_unet_out_2", "lora_unet_time_embed_0", "lora_unet_time_embed_2",
+                     "lora_unet_label_emb_0_0", "lora_unet_label_emb_0_2"}  # fmt: skip
+    assert any("sd-scripts" in n and "lora_unet_input_blocks_0_0" in n for n in rep.notes), rep.notes
