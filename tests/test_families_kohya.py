@@ -75,9 +75,9 @@ def sdxl_load(mf: Any, path: Path) -> dict[str, torch.Tensor]:
     from diffusers.loaders.lora_pipeline import StableDiffusionXLLoraLoaderMixin as XL
 
     unet, te, te2 = fk.sdxl_models(mf)
-    sd, alphas, meta = XL.lora_state_dict(str(path.parent), weight_name=path.name, unet_config=unet.config,
-                                          return_lora_metadata=True)  # fmt: skip
-    with mf._quiet():
+    with kit.loads_cleanly():
+        sd, alphas, meta = XL.lora_state_dict(str(path.parent), weight_name=path.name, unet_config=unet.config,
+                                              return_lora_metadata=True)  # fmt: skip
         XL.load_lora_into_unet(sd, alphas, unet, adapter_name="default", metadata=meta)
         XL.load_lora_into_text_encoder(sd, alphas, te, prefix="text_encoder", adapter_name="default", metadata=meta)
         XL.load_lora_into_text_encoder(sd, alphas, te2, prefix="text_encoder_2", adapter_name="default", metadata=meta)
@@ -136,8 +136,8 @@ def flux(mf: Any, tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
 
 def transformer_load(mf: Any, path: Path, build: Any, loader: Any) -> dict[str, torch.Tensor]:
     model = build(mf)
-    sd, meta = loader.lora_state_dict(str(path.parent), weight_name=path.name, return_lora_metadata=True)
-    with mf._quiet():
+    with kit.loads_cleanly():
+        sd, meta = loader.lora_state_dict(str(path.parent), weight_name=path.name, return_lora_metadata=True)
         model.load_lora_adapter(sd, prefix="transformer", adapter_name="default", metadata=meta)
     return fk.deltas(model, "transformer.")
 
@@ -173,9 +173,9 @@ def test_flux_kohya_fuses_qkv_and_linear1_and_converts_back(mf: Any, flux: Simpl
     # widths, and writes the embedders without their `transformer.` prefix: those are left out here)
     skip = ("linear1", "_in_", "img_in", "txt_in", "final_layer")
     part = {k: v for k, v in t.items() if not any(s in k.split(".")[0] for s in skip)}
-    sd = F.lora_state_dict(part)
     model = fk.flux_model(mf)
-    with mf._quiet():
+    with kit.loads_cleanly():
+        sd = F.lora_state_dict(part)
         model.load_lora_adapter(sd, prefix="transformer", adapter_name="default")
     ref = fk.deltas(model, "transformer.")
     assert ref and all(name in flux.deltas for name in ref)
@@ -369,3 +369,19 @@ def test_sd_kohya_names_are_those_sd_scripts_creates(mf: Any, tmp_path: Path) ->
     names = set(load_adapter(tmp_path / "k.safetensors").modules)
     assert names <= known, sorted(names - known)[:5]
     assert "lora_te_text_model_encoder_layers_0_self_attn_q_proj" in names
+
+
+def test_a_key_diffusers_leaves_unloaded_fails_the_load_check(mf: Any, flux: SimpleNamespace, tmp_path: Path) -> None:
+    """The check every peer load here runs under (:func:`peers_kit.loads_cleanly`) fails on what diffusers says of
+    a file with a module the model does not have (``transformer_blocks.5``: this Flux has one double block)."""
+    from diffusers.loaders.lora_pipeline import FluxLoraLoaderMixin as F
+
+    sd = tensors(flux.diffusers)
+    for ab in ("A", "B"):
+        sd[f"transformer.transformer_blocks.5.attn.to_q.lora_{ab}.weight"] = sd[
+            f"transformer.transformer_blocks.0.attn.to_q.lora_{ab}.weight"
+        ].clone()
+    path = tmp_path / "extra.safetensors"
+    safetensors.torch.save_file(sd, str(path))
+    with pytest.raises(AssertionError, match="unexpected keys"):
+        transformer_load(mf, path, fk.flux_model, F)
