@@ -171,7 +171,7 @@ def diffusers_fused(mixin: Any, mf: Any, lora: Path, **models: Any) -> dict[str,
                 setattr(self, name, models.get(name))
 
     pipe = Pipe()
-    with mf._quiet():
+    with kit.loads_cleanly():
         pipe.load_lora_weights(str(lora.parent), weight_name=lora.name, adapter_name="default")
         pipe.fuse_lora(components=list(models))
         pipe.unload_lora_weights()

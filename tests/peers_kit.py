@@ -7,7 +7,13 @@ libraries are imported inside the functions, so that importing this module costs
 
 from __future__ import annotations
 
+import contextlib
+import io
+import logging
 import os
+import re
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -56,6 +62,57 @@ def delta_of(layer: Any, adapter: str = "default") -> torch.Tensor:
 # ------------------------------------------------------------------------------------------------------------------
 
 
+#: what the peers say when a file's keys and the model's modules disagree: diffusers' ``_maybe_warn_for_unhandled_keys``
+#: ("led to unexpected keys found in the model", "led to missing keys in the model"), its kohya Flux converter's
+#: leftovers ("Unsupported keys for ai-toolkit"), its Flux loader's "Found unexpected modules ... These will be
+#: ignored" (DEBUG), PEFT's injection ("an inconsistency was discovered between the PEFT config and the provided
+#: state_dict", "were set but no module was matched", "did not match any targeted module"), transformers' loading
+#: report for a text encoder (``log_state_dict_report``: unexpected / missing keys) and "were not initialized"
+KEY_TROUBLE = re.compile(r"unexpected|missing|were not|not found|unsupported|inconsisten|no module was matched"
+                         r"|did not match|ignored", re.IGNORECASE)  # fmt: skip
+#: diffusers' loaders say this of each component a file has no keys for (a UNet-only LoRA, a pipeline without
+#: text encoders); its boilerplate ("... if you think it's unexpected") is no finding
+NO_KEYS_FOR = re.compile(r"^WARNING diffusers\.loaders\.lora_base: No LoRA keys associated to \w+ found with the "
+                         r"prefix='\w+'\. This is safe to ignore")  # fmt: skip
+
+
+class _Record(logging.Handler):
+    def __init__(self, into: list[str]) -> None:
+        super().__init__(logging.DEBUG)
+        self.into = into
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.into.append(f"{record.levelname} {record.name}: {record.getMessage()}")
+
+
+@contextlib.contextmanager
+def loads_cleanly() -> Iterator[list[str]]:
+    """Around a peer's load of a LoRA: fails when diffusers, PEFT or transformers say (a log line of any level, or
+    ``warnings.warn``) that keys were unexpected, missing, unsupported or left unmatched, i.e. that the load dropped
+    part of the file or left part of the model's adapter empty. Their loggers are opened to every level meanwhile
+    (make_fixtures sets ``DIFFUSERS_VERBOSITY=error``, and diffusers' Flux loader says "Found unexpected modules ...
+    These will be ignored" at DEBUG) and their own handlers kept quiet; the messages seen are yielded (a list filled
+    on exit)."""
+    seen: list[str] = []
+    handler = _Record(seen)
+    loggers = [logging.getLogger(n) for n in ("diffusers", "peft", "transformers")]
+    saved = [(lg.level, lg.handlers, lg.propagate) for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.DEBUG)
+        lg.handlers, lg.propagate = [handler], False
+    try:
+        with warnings.catch_warnings(record=True) as caught, contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("always")
+            yield seen
+    finally:
+        for lg, (level, handlers, propagate) in zip(loggers, saved, strict=True):
+            lg.setLevel(level)
+            lg.handlers, lg.propagate = handlers, propagate
+    seen += [f"{w.category.__name__}: {w.message}" for w in caught]
+    trouble = [m for m in seen if KEY_TROUBLE.search(m) and not NO_KEYS_FOR.match(m)]
+    assert not trouble, "\n".join(m[:600] for m in trouble)
+
+
 def diffusers_load(mf: ModuleType, path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any], Any, Any]:
     """Load a LoRA file (diffusers or kohya: diffusers converts kohya names and alphas) into the tiny UNet + CLIP the
     way ``StableDiffusionPipeline.load_lora_weights`` does: ``lora_state_dict`` then ``load_lora_into_unet`` and
@@ -66,12 +123,12 @@ def diffusers_load(mf: ModuleType, path: Path) -> tuple[dict[str, torch.Tensor],
     path = Path(path)
     unet, te = mf.tiny_unet(), mf.tiny_clip()
     original = snapshot(unet, "unet.") | snapshot(te, "text_encoder.")
-    if path.is_dir():
-        sd, alphas, meta = SD.lora_state_dict(str(path), return_lora_metadata=True)
-    else:
-        sd, alphas, meta = SD.lora_state_dict(str(path.parent), weight_name=path.name, return_lora_metadata=True)
-    SD.load_lora_into_unet(sd, alphas, unet, adapter_name="default", metadata=meta)
-    SD.load_lora_into_text_encoder(sd, alphas, te, adapter_name="default", metadata=meta)
+    where = {"pretrained_model_name_or_path_or_dict": str(path)} if path.is_dir() else {
+        "pretrained_model_name_or_path_or_dict": str(path.parent), "weight_name": path.name}  # fmt: skip
+    with loads_cleanly():
+        sd, alphas, meta = SD.lora_state_dict(**where, return_lora_metadata=True)
+        SD.load_lora_into_unet(sd, alphas, unet, adapter_name="default", metadata=meta)
+        SD.load_lora_into_text_encoder(sd, alphas, te, adapter_name="default", metadata=meta)
     layers = lora_layers(unet, "unet.") | lora_layers(te, "text_encoder.")
     return original, layers, unet, te
 

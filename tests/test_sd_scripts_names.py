@@ -123,3 +123,53 @@ def test_sdxl_kohya_names_are_what_sd_scripts_builds(mf: Any, tmp_path: Path) ->
     assert extra == {"lora_unet_input_blocks_0_0", "lora_unet_out_2", "lora_unet_time_embed_0", "lora_unet_time_embed_2",
                      "lora_unet_label_emb_0_0", "lora_unet_label_emb_0_2"}  # fmt: skip
     assert any("sd-scripts" in n and "lora_unet_input_blocks_0_0" in n for n in rep.notes), rep.notes
+
+
+#: sd-scripts' networks/lora_flux.py (kohya-ss/sd-scripts at 450630c6, ``LoRANetwork``): the Flux model's blocks
+#: ``FLUX_TARGET_REPLACE_MODULE_DOUBLE = ["DoubleStreamBlock"]`` and ``..._SINGLE = ["SingleStreamBlock"]``
+#: (library/flux_models.py: ``double_blocks.N`` and ``single_blocks.N`` of the BFL checkpoint it loads); from a file
+#: (``create_network_from_weights`` -> ``modules_dim``) ``self.in_dims = [0] * 5`` adds every Linear whose name
+#: holds one of ``FLUX_IN_FILTERS`` (``create_modules(True, None, unet, None, filter=...)``); text encoders
+#: ``lora_te1`` (CLIP: ``CLIPAttention``, ``CLIPSdpaAttention``, ``CLIPMLP``) and ``lora_te3`` (T5)
+FLUX_BLOCKS = {"double_blocks": "DoubleStreamBlock", "single_blocks": "SingleStreamBlock"}
+FLUX_IN_FILTERS = ("_img_in", "_time_in", "_vector_in", "_guidance_in", "_txt_in")
+
+
+def flux_names(state: dict[str, torch.Tensor]) -> set[str]:
+    """``create_modules`` over sd-scripts' Flux as its (BFL-named) state dict shows it: every Linear (a 2-D weight)
+    below a ``double_blocks.N`` / ``single_blocks.N`` block, and the in-layers the filters pick from the rest."""
+    out = set()
+    for key, t in state.items():
+        if not key.endswith(".weight") or t.dim() != 2:
+            continue
+        name = ("lora_unet." + key.removesuffix(".weight")).replace(".", "_")
+        parts = key.split(".")
+        if parts[0] in FLUX_BLOCKS and len(parts) > 3 or any(f in name for f in FLUX_IN_FILTERS):
+            out.add(name)
+    return out
+
+
+def test_flux_kohya_names_are_what_sd_scripts_builds(mf: Any, tmp_path: Path) -> None:
+    """A diffusers Flux.1 LoRA of every transformer module kind and CLIP -> kohya: every module is one sd-scripts'
+    lora_flux.py builds for the same (BFL-named) model, but the final layer's (``final_layer_linear``,
+    ``final_layer_adaLN_modulation_1``): sd-scripts builds no LoRA there, so it would drop them on load (diffusers
+    and ComfyUI read them)."""
+    from diffusers.loaders.lora_pipeline import FluxLoraLoaderMixin as F
+
+    from loratools.formats.families import family
+
+    model, te = fk.flux_model(mf), mf.tiny_clip()
+    bfl = fk.to_single_file(family("flux1"), "transformer", dict(model.state_dict()))
+    known = flux_names(bfl) | sd_scripts_names(mf.LegacyCLIPTextModel(te), "lora_te1", TE_TARGETS)
+    meta = [fk.add_lora(mf, model, fk.FLUX_TARGETS, 94), fk.add_lora(mf, te, fk.TE_TARGETS, 95)]
+    with mf._quiet():
+        F.save_lora_weights(str(tmp_path / "d"), transformer_lora_layers=fk.lora_state(model),
+                            text_encoder_lora_layers=fk.lora_state(te), transformer_lora_adapter_metadata=meta[0],
+                            text_encoder_lora_adapter_metadata=meta[1])  # fmt: skip
+    rep = convert(tmp_path / "d" / "pytorch_lora_weights.safetensors", "kohya", tmp_path / "k.safetensors")
+    names = written(tmp_path / "k.safetensors")
+    assert {"lora_unet_double_blocks_0_img_attn_qkv", "lora_unet_single_blocks_1_linear1", "lora_unet_img_in",
+            "lora_unet_time_in_in_layer", "lora_unet_guidance_in_out_layer", "lora_unet_vector_in_in_layer",
+            "lora_te1_text_model_encoder_layers_0_self_attn_q_proj"} <= names  # fmt: skip
+    assert names - known == {"lora_unet_final_layer_linear", "lora_unet_final_layer_adaLN_modulation_1"}
+    assert any("sd-scripts" in n and "lora_unet_final_layer_linear" in n for n in rep.notes), rep.notes

@@ -130,6 +130,12 @@ def tensors_for(adapter: Adapter) -> tuple[dict[str, TensorRef], dict[str, str]]
         if adapter.format == NAME:
             sub.config = dict(adapter.config.get(comp, {}))
         cfg = peft.make_config(sub)
+        if not sub.config:
+            # no config of its own (converted from kohya, XLabs, ...): name each module, as diffusers' get_peft_kwargs
+            # does for the files it converts; a list of kinds would target the blocks the file leaves out too. PEFT
+            # matches an entry against the end of a path: without transformers 4's `text_model.`, a text encoder's
+            # entry matches under transformers 4 and 5 alike
+            cfg["target_modules"] = sorted({n.removeprefix("text_model.") for n in sub.modules})
         for key, value in cfg.items():
             flat[f"{comp}.{key}"] = value
         for key, ref in peft.tensors_for(sub).items():

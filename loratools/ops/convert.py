@@ -312,7 +312,7 @@ def convert_adapter(
                          "rank unless --rank / --energy re-compress)")  # fmt: skip
     outside = outside_sd_scripts(adapter, steps, base_configs) if to == "kohya" and adapter.format != "kohya" else []
     if outside:
-        rep.notes.append(f"{len(outside)} module(s) lie outside the blocks sd-scripts' networks/lora.py builds LoRA "
+        rep.notes.append(f"{len(outside)} module(s) lie outside the blocks sd-scripts' networks/lora*.py build LoRA "
                          f"for, so sd-scripts skips them (ComfyUI and A1111 read them): {', '.join(outside[:4])}"
                          + (" ..." if len(outside) > 4 else ""))  # fmt: skip
     if out.extras and to in ("kohya", "gguf", "diffusers"):

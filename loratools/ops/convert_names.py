@@ -206,20 +206,28 @@ def base_configs(base: str | os.PathLike[str]) -> dict[str, dict[str, Any]]:
     return out
 
 
-#: where sd-scripts' networks/lora.py builds LoRA modules of a UNet family: under its ``Transformer2DModel``,
-#: ``ResnetBlock2D``, ``Downsample2D`` and ``Upsample2D`` blocks (diffusers' down / mid / up blocks), and under a
-#: CLIP text model's ``CLIPAttention`` and ``CLIPMLP``
-SD_SCRIPTS_BLOCKS = {"unet": ("down_blocks.", "mid_block.", "up_blocks.")}
+#: where sd-scripts builds LoRA modules, by family and component (diffusers paths): networks/lora.py under a UNet's
+#: ``Transformer2DModel``, ``ResnetBlock2D``, ``Downsample2D`` and ``Upsample2D`` blocks (diffusers' down / mid / up
+#: blocks); networks/lora_flux.py under Flux's ``DoubleStreamBlock`` / ``SingleStreamBlock`` and, from a file, its
+#: in-layers (img_in, txt_in, time_in, vector_in, guidance_in), not its final layer; both under a CLIP text model's
+#: ``CLIPAttention`` and ``CLIPMLP``
+SD_SCRIPTS_BLOCKS: dict[str, dict[str, tuple[str, ...]]] = {
+    "sd1": {"unet": ("down_blocks.", "mid_block.", "up_blocks.")},
+    "flux1": {"transformer": ("transformer_blocks.", "single_transformer_blocks.", "x_embedder", "context_embedder",
+                              "time_text_embed.")},
+}  # fmt: skip
+SD_SCRIPTS_BLOCKS["sd2"] = SD_SCRIPTS_BLOCKS["sdxl"] = SD_SCRIPTS_BLOCKS["sd1"]
 SD_SCRIPTS_TEXT = (".self_attn.", ".mlp.")
 
 
 def outside_sd_scripts(adapter: Adapter, steps: list[Step], configs: Configs | None = None) -> list[str]:
-    """The kohya names of an SD 1.x / 2.x / SDXL adapter's modules that sd-scripts builds no LoRA module for (its
-    loader drops them; ComfyUI and A1111 read them): the UNet's conv_in, time and added embeddings, conv_out, a text
-    encoder's embeddings and projection."""
+    """The kohya names of an SD 1.x / 2.x / SDXL / Flux.1 adapter's modules that sd-scripts builds no LoRA module
+    for (its loader drops them; ComfyUI and A1111 read them): the UNet's conv_in, time and added embeddings,
+    conv_out, Flux's final layer, a text encoder's embeddings and projection."""
     det = detect_adapter(adapter, configs)
-    if det is None or det.family not in ("sd1", "sd2", "sdxl"):
+    if det is None or det.family not in SD_SCRIPTS_BLOCKS:
         return []
+    blocks_of = SD_SCRIPTS_BLOCKS[det.family]
     paths = dotted_paths(adapter)
     out = []
     for st in steps:
@@ -227,7 +235,7 @@ def outside_sd_scripts(adapter: Adapter, steps: list[Step], configs: Configs | N
             if s is None:
                 continue
             comp, _, rel = paths.get(s, s).partition(".")
-            blocks = SD_SCRIPTS_BLOCKS.get(comp)
+            blocks = blocks_of.get(comp)
             inside = rel.startswith(blocks) if blocks else any(t in rel for t in SD_SCRIPTS_TEXT)
             if not inside:
                 out.append(st.targets[0])
