@@ -23,6 +23,7 @@ paths are those of the single-file checkpoint it loads (``load_models_from_sdxl_
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -173,3 +174,95 @@ def test_flux_kohya_names_are_what_sd_scripts_builds(mf: Any, tmp_path: Path) ->
             "lora_te1_text_model_encoder_layers_0_self_attn_q_proj"} <= names  # fmt: skip
     assert names - known == {"lora_unet_final_layer_linear", "lora_unet_final_layer_adaLN_modulation_1"}
     assert any("sd-scripts" in n and "lora_unet_final_layer_linear" in n for n in rep.notes), rep.notes
+
+
+#: sd-scripts' networks/lora_sd3.py (kohya-ss/sd-scripts at 48d368fa, unchanged since e54462a4): ``LoRANetwork``
+#: (l. 231-236) ``SD3_TARGET_REPLACE_MODULE = ["SingleDiTBlock"]``, ``TEXT_ENCODER_TARGET_REPLACE_MODULE =
+#: ["CLIPAttention", "CLIPSdpaAttention", "CLIPMLP", "T5Attention", "T5DenseGatedActDense"]``, prefixes ``lora_unet``,
+#: ``lora_te1`` (CLIP-L), ``lora_te2`` (CLIP-G), ``lora_te3`` (T5, l. 420: built when ``create_network_from_weights``
+#: saw a ``lora_te3`` key, l. 208); ``create_modules`` (l. 322-334) names every Linear or Conv2d below a target
+#: ``(prefix + "." + name + "." + child_name).replace(".", "_")``; from a file (``modules_dim`` given) ``self.emb_dims
+#: = [0] * 6`` (l. 283) makes l. 435-450 search the whole MMDiT for the Linears and Conv2ds whose name holds one of
+#: ``SD3_EMB_FILTERS``. The MMDiT is library/sd3_models.py's (same commit): ``joint_blocks`` (l. 841) of
+#: ``MMDiTBlock``, whose ``context_block`` and ``x_block`` are ``SingleDiTBlock`` (l. 691-692), its module paths
+#: those of the single-file checkpoint it loads
+SD3_BLOCK = re.compile(r"joint_blocks\.\d+\.(x_block|context_block)\.")
+SD3_EMB_FILTERS = ("context_embedder", "_t_embedder", "x_embedder", "y_embedder", "final_layer_adaLN_modulation",
+                   "final_layer_linear")  # fmt: skip
+SD3_TE_TARGETS = ("CLIPAttention", "CLIPSdpaAttention", "CLIPMLP", "T5Attention", "T5DenseGatedActDense")
+
+
+def sd3_names(state: dict[str, torch.Tensor]) -> set[str]:
+    """``create_modules`` over sd-scripts' MMDiT as its (single-file-named) state dict shows it: every Linear (a
+    2-D weight) below a ``SingleDiTBlock``, and every Linear or Conv2d (a 4-D weight) the embedding filters pick."""
+    out = set()
+    for key, t in state.items():
+        if not key.endswith(".weight") or t.dim() not in (2, 4):
+            continue
+        name = ("lora_unet." + key.removesuffix(".weight")).replace(".", "_")
+        if SD3_BLOCK.match(key) and t.dim() == 2 or any(f in name for f in SD3_EMB_FILTERS):
+            out.add(name)
+    return out
+
+
+def tiny_t5() -> Any:
+    """A tiny transformers ``T5EncoderModel`` of T5 v1.1's gated feed-forward (``T5DenseGatedActDense``), as SD3's
+    and Flux's T5-XXL."""
+    from transformers import T5Config, T5EncoderModel
+
+    torch.manual_seed(14)
+    cfg = T5Config(
+        vocab_size=32, d_model=16, d_kv=8, d_ff=32, num_layers=1, num_heads=2, feed_forward_proj="gated-gelu"
+    )
+    return T5EncoderModel(cfg).float().eval()
+
+
+def test_sd3_kohya_names_are_what_sd_scripts_builds(mf: Any, tmp_path: Path) -> None:
+    """A diffusers SD3 / SD3.5 LoRA of every MMDiT module kind (SD3.5 Medium's attn2, the last block's pre-only
+    context stream), both CLIP encoders and T5 -> kohya: every module is one sd-scripts' lora_sd3.py builds for the
+    same (single-file-named) MMDiT and text encoders (T5 included: it is no "outside" module), but CLIP-G's
+    ``text_projection``, which it would drop on load: the conversion says so."""
+    from diffusers.loaders.lora_pipeline import SD3LoraLoaderMixin as S
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    from loratools.formats.families import family
+
+    model, te, t5 = fk.sd3_model(mf), mf.tiny_clip(), tiny_t5()
+    with mf._quiet():
+        te2 = CLIPTextModelWithProjection(CLIPTextConfig(**mf.CLIP_CONFIG)).float().eval()
+    single = fk.to_single_file(family("sd3"), "transformer", dict(model.state_dict()),
+                               extra={"pos_embed.pos_embed": "pos_embed"})  # fmt: skip
+    known = sd3_names({k.removeprefix("model.diffusion_model."): v for k, v in single.items()})
+    known |= sd_scripts_names(mf.LegacyCLIPTextModel(te), "lora_te1", SD3_TE_TARGETS)
+    known |= sd_scripts_names(mf.LegacyCLIPTextModel(te2.text_model), "lora_te2", SD3_TE_TARGETS)
+    known |= sd_scripts_names(t5, "lora_te3", SD3_TE_TARGETS)
+    meta = [fk.add_lora(mf, model, fk.SD3_TARGETS, 96), fk.add_lora(mf, te, fk.TE_TARGETS, 97),
+            fk.add_lora(mf, te2, [*fk.TE_TARGETS, "text_projection"], 98), fk.add_lora(mf, t5, ["q", "k", "v", "o", "wi_0", "wi_1", "wo"], 99)]  # fmt: skip
+    with mf._quiet():
+        S.save_lora_weights(str(tmp_path / "d"), transformer_lora_layers=fk.lora_state(model),
+                            text_encoder_lora_layers=fk.lora_state(te), text_encoder_2_lora_layers=fk.lora_state(te2),
+                            transformer_lora_adapter_metadata=meta[0], text_encoder_lora_adapter_metadata=meta[1],
+                            text_encoder_2_lora_adapter_metadata=meta[2])  # fmt: skip
+    saved = tmp_path / "d" / "pytorch_lora_weights.safetensors"
+    with safe_open(str(saved), "pt") as f:
+        header = f.metadata()
+    # diffusers' SD3 loader has no T5 LoRA: its modules go in by hand, under the component diffusers would name
+    src = tmp_path / "all.safetensors"
+    save_file(
+        load_file(str(saved)) | {"text_encoder_3." + k: v for k, v in fk.lora_state(t5).items()}, str(src), header
+    )
+    rep = convert(src, "kohya", tmp_path / "k.safetensors")
+    names = written(tmp_path / "k.safetensors")
+    assert {"lora_unet_joint_blocks_0_x_block_attn_qkv", "lora_unet_joint_blocks_0_x_block_attn2_qkv",
+            "lora_unet_joint_blocks_1_context_block_attn_qkv", "lora_unet_joint_blocks_0_context_block_mlp_fc2",
+            "lora_unet_joint_blocks_1_x_block_adaLN_modulation_1", "lora_unet_x_embedder_proj",
+            "lora_unet_t_embedder_mlp_0", "lora_unet_y_embedder_mlp_2", "lora_unet_context_embedder",
+            "lora_unet_final_layer_linear", "lora_unet_final_layer_adaLN_modulation_1",
+            "lora_te1_text_model_encoder_layers_0_self_attn_q_proj", "lora_te2_text_model_encoder_layers_0_mlp_fc1",
+            "lora_te3_encoder_block_0_layer_0_SelfAttention_q",
+            "lora_te3_encoder_block_0_layer_1_DenseReluDense_wi_1"} <= names  # fmt: skip
+    assert names - known == {"lora_te2_text_projection"}
+    note = [n for n in rep.notes if "sd-scripts" in n]
+    assert len(note) == 1 and note[0].startswith("1 module(s)") and "lora_te2_text_projection" in note[0], rep.notes

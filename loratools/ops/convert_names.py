@@ -10,6 +10,7 @@ flattened names resolved against ``--base`` or the identifier table of :mod:`lor
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -209,20 +210,25 @@ def base_configs(base: str | os.PathLike[str]) -> dict[str, dict[str, Any]]:
 #: where sd-scripts builds LoRA modules, by family and component (diffusers paths): networks/lora.py under a UNet's
 #: ``Transformer2DModel``, ``ResnetBlock2D``, ``Downsample2D`` and ``Upsample2D`` blocks (diffusers' down / mid / up
 #: blocks); networks/lora_flux.py under Flux's ``DoubleStreamBlock`` / ``SingleStreamBlock`` and, from a file, its
-#: in-layers (img_in, txt_in, time_in, vector_in, guidance_in), not its final layer; both under a CLIP text model's
-#: ``CLIPAttention`` and ``CLIPMLP``
+#: in-layers (img_in, txt_in, time_in, vector_in, guidance_in), not its final layer; networks/lora_sd3.py under the
+#: MMDiT's ``SingleDiTBlock`` (each joint block's x_block and context_block) and, from a file (``emb_dims = [0] * 6``),
+#: its embedders and final layer: every Linear of SD3 that loratools names
 SD_SCRIPTS_BLOCKS: dict[str, dict[str, tuple[str, ...]]] = {
     "sd1": {"unet": ("down_blocks.", "mid_block.", "up_blocks.")},
     "flux1": {"transformer": ("transformer_blocks.", "single_transformer_blocks.", "x_embedder", "context_embedder",
                               "time_text_embed.")},
+    "sd3": {"transformer": ("transformer_blocks.", "pos_embed.proj", "context_embedder", "time_text_embed.",
+                            "proj_out", "norm_out.linear")},
 }  # fmt: skip
 SD_SCRIPTS_BLOCKS["sd2"] = SD_SCRIPTS_BLOCKS["sdxl"] = SD_SCRIPTS_BLOCKS["sd1"]
-SD_SCRIPTS_TEXT = (".self_attn.", ".mlp.")
+#: the text encoders' modules sd-scripts builds: every Linear under transformers' ``CLIPAttention`` / ``CLIPMLP``
+#: and (lora_flux.py, lora_sd3.py: ``lora_te3``) T5's ``T5Attention`` / ``T5DenseGatedActDense``
+SD_SCRIPTS_TEXT = re.compile(r"\.(self_attn|mlp)\.|\.SelfAttention\.[qkvo]$|\.DenseReluDense\.(wi_0|wi_1|wo)$")
 
 
 def outside_sd_scripts(adapter: Adapter, steps: list[Step], configs: Configs | None = None) -> list[str]:
-    """The kohya names of an SD 1.x / 2.x / SDXL / Flux.1 adapter's modules that sd-scripts builds no LoRA module
-    for (its loader drops them; ComfyUI and A1111 read them): the UNet's conv_in, time and added embeddings,
+    """The kohya names of an SD 1.x / 2.x / SDXL / Flux.1 / SD3 adapter's modules that sd-scripts builds no LoRA
+    module for (its loader drops them; ComfyUI and A1111 read them): the UNet's conv_in, time and added embeddings,
     conv_out, Flux's final layer, a text encoder's embeddings and projection."""
     det = detect_adapter(adapter, configs)
     if det is None or det.family not in SD_SCRIPTS_BLOCKS:
@@ -236,7 +242,7 @@ def outside_sd_scripts(adapter: Adapter, steps: list[Step], configs: Configs | N
                 continue
             comp, _, rel = paths.get(s, s).partition(".")
             blocks = blocks_of.get(comp)
-            inside = rel.startswith(blocks) if blocks else any(t in rel for t in SD_SCRIPTS_TEXT)
+            inside = rel.startswith(blocks) if blocks else SD_SCRIPTS_TEXT.search(rel) is not None
             if not inside:
                 out.append(st.targets[0])
                 break
