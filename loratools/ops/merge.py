@@ -28,7 +28,8 @@ from .lowrank import DTYPES, pick_device
 from .merge_engine import write_file
 from .merge_html import render
 from .merge_report import MergeReport, TensorReport
-from .merge_targets import resolve_targets
+from .merge_targets import contribution_norms, resolve_targets
+from .report_data import REPORT_SUFFIXES, adapter_facts
 
 __all__ = ["MergeReport", "TensorReport", "merge", "render_report"]
 
@@ -66,9 +67,6 @@ def _write_index(index: Index, tmp: Path, sizes: dict[Path, int]) -> None:
     doc = dict(index.doc)
     doc["metadata"] = {**(doc.get("metadata") or {}), "total_size": total}
     (tmp / index.rel).write_text(json.dumps(doc, indent=2) + "\n", encoding="utf-8")
-
-
-REPORT_SUFFIXES = (".json", ".html", ".htm")
 
 
 def merge(
@@ -125,6 +123,8 @@ def merge(
     targets = resolve_targets(loaded, weights, ckpt)
     report = MergeReport(str(base), None, [str(a) for a in adapters], weights, dev, dtype)
     report.left_out = left_out if flt else []
+    report.adapter_facts = [adapter_facts(ad, str(a), w) for ad, a, w in zip(loaded, adapters, weights, strict=True)]
+    shares = contribution_norms(targets, len(loaded))
     tick = progress(ckpt.total_bytes, "bytes", len(ckpt.tensors)) if progress else None
     record = provenance.record(
         "merge",
@@ -153,6 +153,8 @@ def merge(
             for index in ckpt.indexes:
                 _write_index(index, tmp, sizes)
         report.output = str(out)
+        for t in report.tensors:
+            t.contributions = shares.get(t.name, [])
         if report_path is not None:
             outputs.file(report_path).write_text(render_report(report, report_path), encoding="utf-8")
     return report
