@@ -128,8 +128,8 @@ def render(report: MergeReport) -> str:
     n = len(report.adapters)
     rows = [_row(t, n) for t in sorted(report.tensors, key=lambda t: t.retained)]
     subtitle = (
-        f"{report.output or '(not written)'} from base {report.base} and {n} adapter(s); stored as "
-        f"{report.dtype or 'the base dtypes'}, computed on {report.device}"
+        f"Output {report.output or '(not written)'}; base {report.base}; {n} adapter(s); stored as "
+        f"{report.dtype or 'the base dtypes'}; computed on {report.device}"
     )
     notes = "".join(note(w, "warn") for w in report.warnings)
     return page(
