@@ -7,10 +7,12 @@ byte; a shell gives it our pipes as those fds.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import queue
 import shutil
+import signal
 import subprocess
 import tempfile
 import threading
@@ -48,7 +50,7 @@ def find_chromium() -> str | None:
 
 def screenshot(exe: str, url: str, png: Path, width: int = 1280, height: int = 2000) -> None:
     """``chromium --screenshot`` of ``url`` into ``png``."""
-    with tempfile.TemporaryDirectory(prefix="loratools-chromium-") as profile:
+    with tempfile.TemporaryDirectory(prefix="loratools-chromium-", ignore_cleanup_errors=True) as profile:
         subprocess.run(
             [exe, *FLAGS, f"--user-data-dir={profile}", f"--window-size={width},{height}", f"--screenshot={png}", url],
             check=True,
@@ -65,13 +67,14 @@ class Page:
 
     def __init__(self, exe: str, timeout: float = 60.0) -> None:
         self.timeout = timeout
-        self.profile = tempfile.TemporaryDirectory(prefix="loratools-chromium-")
+        self.profile = tempfile.TemporaryDirectory(prefix="loratools-chromium-", ignore_cleanup_errors=True)
         argv = [exe, *FLAGS, f"--user-data-dir={self.profile.name}", "--remote-debugging-pipe", "about:blank"]
         self.proc = subprocess.Popen(
             ["sh", "-c", 'exec "$0" "$@" 3<&0 4>&1 0</dev/null 1>/dev/null', *argv],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL,
+            start_new_session=True,  # its own process group: closing ends the renderers too
         )
         self.next_id = 0
         self.answers: dict[int, dict[str, Any]] = {}
@@ -156,10 +159,11 @@ class Page:
         try:
             if self.proc.stdin is not None:
                 self.proc.stdin.close()
-            self.proc.terminate()
+            os.killpg(self.proc.pid, signal.SIGTERM)
             self.proc.wait(timeout=10)
         except (OSError, subprocess.TimeoutExpired):
-            self.proc.kill()
+            with contextlib.suppress(OSError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait()
         self.profile.cleanup()
 

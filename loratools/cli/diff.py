@@ -117,9 +117,9 @@ def _render(rep: DiffReport, show_all: bool) -> None:
         con.print(table)
     notes = rep.notes if show_all else rep.notes[:SHOWN_NOTES]
     for note in notes:
-        con.print(styled(("note:", "dim"), " ", note))
+        con.print(styled(("Note:", "dim"), " ", note))
     if len(notes) < len(rep.notes):
-        con.print(styled((f"note: ... and {len(rep.notes) - len(notes)} more (--all or --json lists them)", "dim")))
+        con.print(styled((f"Note: ... and {len(rep.notes) - len(notes)} more (--all or --json lists them)", "dim")))
     tol = f"atol {rep.atol:g}, rtol {rep.rtol:g}" if rep.atol or rep.rtol else "exact"
     if rep.identical:
         con.print(styled(("identical", "green"), f": {rep.compared} tensors compared ({rep.mode}, {tol})"))

@@ -15,7 +15,7 @@ from .output import (
     revision_option,
     warn,
 )
-from .params import PATH, REPORT, WEIGHTS, Device, check_weights, filter_options, left_out_line, only
+from .params import PATH, WEIGHTS, Device, check_weights, filter_options, left_out_line, only
 
 
 @click.command("merge")
@@ -33,7 +33,7 @@ from .params import PATH, REPORT, WEIGHTS, Device, check_weights, filter_options
 )
 @dtype_option
 @click.option(
-    "--report", "report_path", type=REPORT,
+    "--report", "report_path", type=click.Path(),
     help="Also write the report: a page to open in a browser (.html) or JSON (.json); written with the output, "
     "or not at all.",
 )  # fmt: skip

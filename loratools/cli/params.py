@@ -31,26 +31,14 @@ class PathText(click.ParamType):  # type: ignore[type-arg]
             self.fail(f"{text!r} holds a NUL character", param, ctx)
         return text
 
+    def shell_complete(self, ctx: click.Context, param: click.Parameter, incomplete: str) -> list[Any]:
+        """File and folder names, completed by the shell itself (bash, zsh, fish)."""
+        from click.shell_completion import CompletionItem
+
+        return [CompletionItem(incomplete, type="file")]
+
 
 PATH = PathText()
-
-
-class ReportPath(PathText):
-    """Where a report goes: its name says how it is written, ``.html`` (a page) or ``.json``; any other name is
-    a usage error, told before any work."""
-
-    name = "report"
-
-    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> str:
-        from ..ops.report_data import REPORT_SUFFIXES
-
-        text = super().convert(value, param, ctx)
-        if os.path.splitext(text)[1].lower() not in REPORT_SUFFIXES:
-            self.fail(f"{text!r}: a report is written as .html (a page to open) or .json; name it so", param, ctx)
-        return text
-
-
-REPORT = ReportPath()
 
 
 class WeightList(click.ParamType):  # type: ignore[type-arg]  # generic from click 8.4; the floor is 8.1

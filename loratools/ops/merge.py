@@ -17,6 +17,7 @@ from pathlib import Path
 
 from ..errors import LoratoolsError, OutputError
 from ..formats import input_files, load_adapter
+from ..formats.outputs import check_output_name
 from ..io.atomic import check_output, stage
 from ..io.checkpoint import Checkpoint, Index, read_checkpoint
 from ..io.interrupts import checkpoint, critical
@@ -114,12 +115,14 @@ def merge(
             raise OutputError(f"the report {report_path} and the output {out} overlap", "write the report beside it")
         if Path(report_path).suffix.lower() not in REPORT_SUFFIXES:
             raise OutputError(
-                f"report {report_path}: the report is written as .json or .html", "name it report.json or report.html"
+                f"report {report_path}: the report is written as .json or .html",
+                f"name it {Path(report_path).with_suffix('.html')} (a page) or {Path(report_path).with_suffix('.json')}",
             )
     dev = pick_device(device, allow_auto=True)
     ckpt = read_checkpoint(base)
     loaded = [load_adapter(a) for a in adapters]
     left_out = [select.apply(flt, ad, str(a)) for ad, a in zip(loaded, adapters, strict=True)]
+    check_output_name(out, folder=not ckpt.single_file, what="the merged model (like its base)")
     targets = resolve_targets(loaded, weights, ckpt)
     report = MergeReport(str(base), None, [str(a) for a in adapters], weights, dev, dtype)
     report.left_out = left_out if flt else []
