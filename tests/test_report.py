@@ -232,3 +232,47 @@ def test_report_name_is_checked_before_any_work(name: str, tmp_path: Path) -> No
     assert ".json or .html" in r.stderr and "no such" not in r.stderr
     assert str((tmp_path / name).with_suffix(".html")) in r.stderr.replace("\n", "")
     assert not (tmp_path / "o").exists() and not (tmp_path / name).exists()
+
+
+def chart_checks(page: Page) -> list[dict[str, Any]]:
+    """Every chart of the page has axes with at least two tick labels and a title."""
+    charts: list[dict[str, Any]] = page.eval(CHART_FACTS)
+    for c in charts:
+        assert c["axes"] and c["width"] > 100, c
+        for axis in c["axes"]:
+            assert len(axis["ticks"]) >= 2 and all(t.strip() for t in axis["ticks"]) and axis["label"], (c, axis)
+    return charts
+
+
+def test_extract_and_diff_reports_in_headless_chromium(chromium: str, merged_page: Path) -> None:
+    """The same renderer draws extract's page (energy kept, error per module) and diff's (relative difference,
+    cosine per pair), from real runs on the merge above."""
+    tmp = merged_page.parent
+    r = CliRunner().invoke(cli, ["extract", str(tmp / "base"), str(tmp / "out"), "--rank", "2", "-o", str(tmp / "ex"),
+                                 "--report", str(tmp / "extract.html")])  # fmt: skip
+    assert r.exit_code == 0, r.output
+    r = CliRunner().invoke(cli, ["diff", str(tmp / "base"), str(tmp / "out"), "--report", str(tmp / "diff.html")])
+    assert r.exit_code == 1 and (tmp / "diff.html").is_file(), r.output  # they differ: exit 1, the page still written
+    r = CliRunner().invoke(cli, ["diff", str(tmp / "base"), str(tmp / "out"), "--report", str(tmp / "diff.json")])
+    differ = json.loads((tmp / "diff.json").read_text())["differ"]
+    assert differ >= 14  # the 14 merged weights, and what the cast to bf16 changed
+    with Page(chromium) as page:
+        page.open((tmp / "extract.html").as_uri())
+        assert page.eval("document.title") == "Extract report"
+        kinds = sorted(c["kind"].split()[1] for c in chart_checks(page))
+        assert kinds == ["heatmap", "heatmap", "heatmap", "histogram"], kinds
+        click_header(page, "error")
+        errors = page.eval(COLUMN + '("error")')
+        assert len(errors) >= 14 and errors == sorted(errors)
+        assert (
+            page.eval('document.getElementById("tensors-count").textContent') == f"{len(errors)} of {len(errors)} rows"
+        )
+        page.open((tmp / "diff.html").as_uri())
+        assert page.eval("document.title") == "Diff report"
+        kinds = sorted(c["kind"].split()[1] for c in chart_checks(page))
+        assert kinds == ["heatmap", "heatmap", "histogram"], kinds
+        assert "log10" in page.eval('document.querySelector("svg.histogram .axis.x .label").textContent')
+        click_header(page, "cosine")
+        cos = page.eval(COLUMN + '("cosine")')
+        assert cos == sorted(cos) and len(cos) == 21  # every tensor of the checkpoint, merged or copied
+        assert page.errors == []

@@ -15,7 +15,7 @@ import shutil
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from ..errors import LoratoolsError, OutputError
+from ..errors import LoratoolsError
 from ..formats import input_files, load_adapter
 from ..formats.outputs import check_output_name
 from ..io.atomic import check_output, stage
@@ -30,7 +30,8 @@ from .merge_engine import write_file
 from .merge_html import render
 from .merge_report import MergeReport, TensorReport
 from .merge_targets import contribution_norms, resolve_targets
-from .report_data import REPORT_SUFFIXES, adapter_facts
+from .report_data import adapter_facts, check_report
+from .report_pages import report_text
 
 __all__ = ["MergeReport", "TensorReport", "merge", "render_report"]
 
@@ -109,15 +110,7 @@ def merge(
     inputs = [p for src in [base, *adapters] for p in input_files(src)]
     check_output(out, force=force, inputs=inputs)
     if report_path is not None:
-        check_output(report_path, force=force, inputs=inputs)
-        r, o = Path(os.path.realpath(report_path)), Path(os.path.realpath(out))
-        if r == o or r.is_relative_to(o) or o.is_relative_to(r):
-            raise OutputError(f"the report {report_path} and the output {out} overlap", "write the report beside it")
-        if Path(report_path).suffix.lower() not in REPORT_SUFFIXES:
-            raise OutputError(
-                f"report {report_path}: the report is written as .json or .html",
-                f"name it {Path(report_path).with_suffix('.html')} (a page) or {Path(report_path).with_suffix('.json')}",
-            )
+        check_report(report_path, out, force=force, inputs=inputs)
     dev = pick_device(device, allow_auto=True)
     ckpt = read_checkpoint(base)
     loaded = [load_adapter(a) for a in adapters]
@@ -165,9 +158,7 @@ def merge(
 
 def render_report(report: MergeReport, path: str | os.PathLike[str]) -> str:
     """The report as the file ``path`` names it: a self-contained HTML page, or JSON."""
-    if Path(path).suffix.lower() in (".html", ".htm"):
-        return render(report)
-    return json.dumps(report.to_dict(), indent=2, default=str) + "\n"
+    return report_text(path, report.to_dict(), lambda: render(report))
 
 
 def _with_record(header: Header, record: str) -> Header:

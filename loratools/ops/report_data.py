@@ -4,14 +4,40 @@ layer and its module type, the two axes of the pages' heatmaps)."""
 
 from __future__ import annotations
 
+import os
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 
+from ..errors import OutputError
+from ..io.atomic import check_output
 from ..model import Adapter
 from ..model.adapter import target_kind
 
 #: what a report file may be named: its suffix says how it is written (a page, or JSON)
 REPORT_SUFFIXES = (".json", ".html", ".htm")
+
+
+def check_report(
+    path: str | os.PathLike[str],
+    out: str | os.PathLike[str] | None,
+    *,
+    force: bool,
+    inputs: Iterable[str | os.PathLike[str]],
+) -> None:
+    """Before any work: a report is an output like ``out`` (never an input, never replacing what exists without
+    ``force``), apart from it, and named ``.html`` (a page) or ``.json``."""
+    check_output(path, force=force, inputs=inputs)
+    if out is not None:
+        r, o = Path(os.path.realpath(path)), Path(os.path.realpath(out))
+        if r == o or r.is_relative_to(o) or o.is_relative_to(r):
+            raise OutputError(f"the report {path} and the output {out} overlap", "write the report beside it")
+    if Path(path).suffix.lower() not in REPORT_SUFFIXES:
+        raise OutputError(
+            f"report {path}: the report is written as .json or .html",
+            f"name it {Path(path).with_suffix('.html')} (a page) or {Path(path).with_suffix('.json')}",
+        )
 
 
 @dataclass
