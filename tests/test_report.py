@@ -131,6 +131,13 @@ def test_merge_report_in_headless_chromium(chromium: str, merged_page: Path) -> 
             'document.querySelector("rect.cell[data-filter=\'model.layers.1.mlp.up_proj\']").dispatchEvent(new MouseEvent("click"))'
         )
         assert page.eval(COLUMN + '("tensor")') == ["model.layers.1.mlp.up_proj.weight"]
+        # one file: nothing fetched; light, and dark where the system asks for it
+        assert page.eval('performance.getEntriesByType("resource").length') == 0
+        background = "getComputedStyle(document.body).backgroundColor"
+        assert page.eval(background) == "rgb(255, 255, 255)"
+        page.send("Emulation.setEmulatedMedia", session=page.session,
+                  features=[{"name": "prefers-color-scheme", "value": "dark"}])  # fmt: skip
+        assert page.eval(background) == "rgb(20, 23, 28)"
         assert page.errors == []
 
 
