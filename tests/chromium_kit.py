@@ -40,7 +40,7 @@ def find_chromium() -> str | None:
     """Debian's ``chromium`` (or $LORATOOLS_CHROMIUM, or another Chromium-based browser on the path)."""
     named = os.environ.get("LORATOOLS_CHROMIUM")
     if named:
-        return named
+        return shutil.which(named)
     for name in ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable"):
         found = shutil.which(name)
         if found:
