@@ -170,7 +170,7 @@ def without_torch(*args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
-def test_header_only_commands_work_without_torch() -> None:
+def test_header_only_commands_work_without_torch(tmp_path: Path) -> None:
     """What the README promises to a `pip install loratools` without torch."""
     for args in (
         ["--help"],
@@ -183,10 +183,11 @@ def test_header_only_commands_work_without_torch() -> None:
         r = without_torch(*args)
         assert r.returncode in (0, 1) and "Traceback" not in r.stderr and "needs PyTorch" not in r.stderr, (args, r)
         assert r.stdout, args
-    r = without_torch("inspect", PEFT)  # norms need the data: a clear error, not a traceback
-    assert (
-        r.returncode == 1
-        and r.stderr.startswith("Error: inspect needs PyTorch")
-        and "Hint: pip install torch" in r.stderr
-    )
-    assert "Traceback" not in r.stderr
+    for args in (
+        ["inspect", PEFT],
+        ["convert", PEFT, "--to", "kohya", "-o", str(tmp_path / "x.safetensors")],
+        ["diff", PEFT, PEFT],
+    ):
+        r = without_torch(*args)  # the data is needed: a clear error, not a traceback
+        assert r.returncode == 1 and r.stderr.startswith(f"Error: {args[0]} needs PyTorch"), (args, r.stderr)
+        assert "Hint: pip install torch" in r.stderr and "Traceback" not in r.stderr
