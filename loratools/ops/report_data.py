@@ -65,12 +65,23 @@ def adapter_facts(adapter: Adapter, path: str, weight: float | None = None) -> A
         modules=len(adapter.modules),
         ranks=sorted({r for m in mods if (r := m.rank) is not None}),
         alphas=sorted({float(m.alpha) for m in mods if m.alpha is not None}),
-        targets=adapter.target_kinds(),
+        targets=_targets(adapter),
         types=dict(sorted(types.items())),
         weight=weight,
     )
 
 
+def _targets(adapter: Adapter) -> dict[str, int]:
+    """Module count per target kind; kohya's flattened names (``lora_unet_..._1_attn1_to_q``) by what follows
+    their last block number (``attn1_to_q``), or their prefix (``lora_unet_conv_in`` -> ``conv_in``)."""
+    counts: dict[str, int] = {}
+    for name in adapter.modules:
+        kind = target_kind(name) if "." in name else _KOHYA_TAIL.sub("", name)
+        counts[kind] = counts.get(kind, 0) + 1
+    return dict(sorted(counts.items()))
+
+
+_KOHYA_TAIL = re.compile(r"^(?:.*_\d+_|lora_[a-z]+\d?_|lycoris_)")
 _NUMBER = re.compile(r"\.(\d+)(?=\.)")
 _SUFFIX = re.compile(r"\.(weight|bias)$")
 

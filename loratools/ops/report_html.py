@@ -56,7 +56,7 @@ thead th{position:sticky;top:0;background:var(--card);z-index:1}
 th button{all:unset;cursor:pointer;font-weight:600}th button:focus-visible{outline:2px solid var(--bar)}
 th[aria-sort=ascending] button::after{content:" \\25B2"}th[aria-sort=descending] button::after{content:" \\25BC"}
 tbody tr:hover{background:var(--hover)}td.bad{color:#d7191c;font-weight:600}
-.facts td{white-space:normal;overflow-wrap:anywhere}
+.facts td{white-space:normal;overflow-wrap:break-word}
 footer{margin-top:32px;color:var(--muted);font-size:12px}
 """
 

@@ -131,8 +131,8 @@ def heatmap(
         return ""
     finite = [v for v in values.values() if math.isfinite(v)]
     start, end, marks = ticks(min(finite, default=0.0), max(finite, default=1.0), 4)
-    longest = max(len(r) for r in rows)
-    left = min(280, 34 + 7 * longest)  # the row labels, and the axis title left of them
+    fit = min(48, max(len(r) for r in rows))  # characters of a row label shown: a longer one keeps its end
+    left = 34 + 6.3 * fit  # the row labels, and the axis title left of them
     top = min(170, 24 + 6 * max(len(c) for c in cols))
     cw = max(14.0, min(44.0, 560 / len(cols)))
     ch = max(6.0, min(26.0, 520 / len(rows)))
@@ -150,7 +150,11 @@ def heatmap(
     for i, r in enumerate(rows):
         y = top + i * ch
         if i % every == 0 or i == len(rows) - 1:
-            body.append(f'<text class="tick" x="{left - 6}" y="{y + ch / 2 + 4:.1f}" text-anchor="end">{esc(r)}</text>')
+            shown = r if len(r) <= fit else "\u2026" + r[-(fit - 1) :]
+            body.append(
+                f'<text class="tick" x="{left - 6:.1f}" y="{y + ch / 2 + 4:.1f}" text-anchor="end">{esc(shown)}'
+                f"<title>{esc(r)}</title></text>"
+            )
         for j, c in enumerate(cols):
             v = values.get((r, c))
             if v is None:
