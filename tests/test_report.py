@@ -283,3 +283,23 @@ def test_extract_and_diff_reports_in_headless_chromium(chromium: str, merged_pag
         cos = page.eval(COLUMN + '("cosine")')
         assert cos == sorted(cos) and len(cos) == 21  # every tensor of the checkpoint, merged or copied
         assert page.errors == []
+
+
+def test_extract_and_diff_pages_escape_names_too() -> None:
+    from loratools.ops.diff import Change, DiffReport, TensorDiff
+    from loratools.ops.extract_report import ExtractedModule, ExtractReport, SkippedTensor
+    from loratools.ops.report_pages import render_diff, render_extract
+
+    ex = ExtractReport(HOSTILE[0], HOSTILE[1], "out<b>", "peft", 2, None, None, "cpu", "save")
+    ex.modules = [ExtractedModule(n.removesuffix(".weight"), [4, 4], "linear", 2, 0.9, 0.1, 1.0) for n in HOSTILE]
+    ex.skipped = [SkippedTensor(HOSTILE[2], "<script>window.pwned=7</script>")]
+    ex.warnings = ["<img src=x onerror=window.pwned=8>"]
+    df = DiffReport(HOSTILE[0], HOSTILE[1], "tensors", 0.0, 0.0)
+    df.tensors = [TensorDiff(n, [4, 4], "F32", 0.5, 0.1 * i, 0.99, True) for i, n in enumerate(HOSTILE)]
+    df.only_in_a, df.only_in_b = [HOSTILE[3]], [HOSTILE[2]]
+    df.changed = [Change(HOSTILE[1], [4, 4], [4, 4], "F32", "BF16")]
+    df.notes = ["<svg onload=window.pwned=9>"]
+    for page in (render_extract(ex), render_diff(df)):
+        for bad in ("<script>window", "<img", "<svg onload", 'onerror="', "out<b>"):
+            assert bad not in page, bad
+        assert page.count("<script>") == 1 and page.count("</script>") == 1
