@@ -64,7 +64,6 @@ def diff_cmd(
       loratools diff fixtures/peft_llama fixtures/peft_llama_bin
       loratools diff fixtures/peft_llama fixtures/peft_llama_patterns --json
       loratools diff fixtures/peft_llama fixtures/peft_llama_dora --mode tensors --atol 1e-3 --all
-      loratools diff ./base ./merged --report diff.html
     """
     from ..ops.diff import plan_diff
     from ..ops.report_data import check_report
