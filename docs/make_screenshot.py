@@ -6,6 +6,7 @@ Run by `make docs` (which installs Debian's chromium where it can); by hand: pyt
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -33,7 +34,7 @@ def main() -> None:
         subprocess.run(
             [sys.executable, "-m", "loratools", "merge", "base", "peft_llama", "peft_llama_patterns",
              "--weights", "1,0.5", "--dtype", "bf16", "-o", "merged", "--report", "report.html"],
-            cwd=work, check=True, stdout=subprocess.DEVNULL, env={**__import__("os").environ, "PYTHONPATH": str(ROOT)},
+            cwd=work, check=True, stdout=subprocess.DEVNULL, env={**os.environ, "PYTHONPATH": str(ROOT)},
         )  # fmt: skip
         screenshot(exe, (work / "report.html").as_uri(), OUT, width=1280, height=2250)
     print(f"wrote {OUT.relative_to(ROOT)}")
