@@ -30,6 +30,13 @@ class UsageError(LoratoolsError):
         self.param = param
 
 
+class OutputNameError(UsageError):
+    """An output name that contradicts what is written (a ``.safetensors`` name for a PEFT folder, a kohya file
+    without its suffix): refused, never guessed at; a usage error (exit 2)."""
+
+    exit_code = 2
+
+
 class FileFormatError(LoratoolsError):
     """A file is unreadable, truncated, or not in the format it claims to be."""
 

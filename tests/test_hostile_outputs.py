@@ -57,6 +57,14 @@ def commands(w: dict[str, Path]) -> dict[str, tuple[list[str], list[Path], str]]
 
 
 COMMANDS = ["merge", "merge-file", "convert", "resize", "mix", "extract"]
+
+
+def out_of(where: Path, kind: str) -> Path:
+    """The output a command is pointed at: a folder name, or a file name with the suffix of its format (an output
+    name that says otherwise is refused: tests/test_ux.py)."""
+    return where / ("out" if kind == "folder" else "out.safetensors")
+
+
 ALL = list(FIXTURES.iterdir())
 
 
@@ -286,7 +294,7 @@ def test_an_output_that_appears_meanwhile_is_never_replaced_without_force(
     world: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, cmd: str, force: bool
 ) -> None:
     args, _, kind = commands(world)[cmd]
-    out = tmp_path / "out"
+    out = out_of(tmp_path, kind)
     real = atomic.Stage.commit
 
     def commit(self: atomic.Stage) -> None:  # another run finishes first, between our check and our rename
@@ -298,12 +306,12 @@ def test_an_output_that_appears_meanwhile_is_never_replaced_without_force(
     if force:
         hostile.run([*args, "-o", out, "--force"], inputs=list(world.values()), code=0)
         assert not (out / "keep.txt").exists() if kind == "folder" else out.read_bytes() != b"someone else's\n"
-        assert sorted(os.listdir(tmp_path)) == ["out"]
+        assert sorted(os.listdir(tmp_path)) == [out.name]
     else:
         r = hostile.run([*args, "-o", out], inputs=list(world.values()), code=1, says="appeared while")
         assert "--force" in r.stderr
         assert (out / "keep.txt").read_text() if kind == "folder" else out.read_text() == "someone else's\n"
-        assert sorted(os.listdir(tmp_path)) == ["out"]
+        assert sorted(os.listdir(tmp_path)) == [out.name]
 
 
 def test_noreplace_rename_without_the_system_call(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -345,13 +353,13 @@ def _dead_pid() -> int:
 
 LEFTOVERS = {
     # name: (leftover names beside `out`, whether `out` exists before the run)
-    "legacy-old-with-output": ([".out.old"], True),
-    "legacy-old-without-output": ([".out.old"], False),
-    "pid-old-with-output": ([".out.{dead}.ab12cd.old"], True),
-    "pid-old-without-output": ([".out.{dead}.ab12cd.old"], False),
-    "dead-temp-file": ([".out.{dead}.x1y2z3.tmp"], False),
-    "dead-temp-folder": ([".out.{dead}.x1y2z3.tmp/"], True),
-    "several": ([".out.{dead}.a.tmp", ".out.{dead}.b.tmp/", ".out.old"], True),
+    "legacy-old-with-output": ([".{out}.old"], True),
+    "legacy-old-without-output": ([".{out}.old"], False),
+    "pid-old-with-output": ([".{out}.{dead}.ab12cd.old"], True),
+    "pid-old-without-output": ([".{out}.{dead}.ab12cd.old"], False),
+    "dead-temp-file": ([".{out}.{dead}.x1y2z3.tmp"], False),
+    "dead-temp-folder": ([".{out}.{dead}.x1y2z3.tmp/"], True),
+    "several": ([".{out}.{dead}.a.tmp", ".{out}.{dead}.b.tmp/", ".{out}.old"], True),
 }
 
 
@@ -362,9 +370,9 @@ def test_leftovers_of_killed_runs_are_cleaned_and_never_break_a_run(
     args, _, kind = commands(world)[cmd]
     names, existed = LEFTOVERS[case]
     dead = _dead_pid()
-    out = tmp_path / "out"
+    out = out_of(tmp_path, kind)
     for name in names:
-        p = tmp_path / name.format(dead=dead).rstrip("/")
+        p = tmp_path / name.format(dead=dead, out=out.name).rstrip("/")
         if name.endswith("/"):
             _mkdir(p)
         else:
@@ -372,14 +380,15 @@ def test_leftovers_of_killed_runs_are_cleaned_and_never_break_a_run(
     if existed:
         _mkdir(out) if kind == "folder" else _touch(out)
     r = hostile.run([*args, "-o", out, "--force"], inputs=list(world.values()), code=0)
-    assert sorted(os.listdir(tmp_path)) == ["out"], os.listdir(tmp_path)
+    assert sorted(os.listdir(tmp_path)) == [out.name], os.listdir(tmp_path)
     assert "interrupted run" in r.stderr
 
 
 def test_a_live_runs_temp_is_left_alone(world: dict[str, Path], tmp_path: Path) -> None:
-    live = tmp_path / f".out.{os.getppid()}.abc.tmp"
+    live = tmp_path / f".out.safetensors.{os.getppid()}.abc.tmp"
     _touch(live)
-    hostile.run([*commands(world)["convert"][0], "-o", tmp_path / "out"], inputs=list(world.values()), code=0)
+    hostile.run([*commands(world)["convert"][0], "-o", tmp_path / "out.safetensors"], inputs=list(world.values()),
+                code=0)  # fmt: skip
     assert live.read_text() == "someone else's\n"
 
 
@@ -403,11 +412,12 @@ def test_an_output_moved_aside_by_a_killed_run_is_put_back(tmp_path: Path) -> No
 def test_outputs_get_the_umask_modes(world: dict[str, Path], tmp_path: Path, cmd: str, mask: int) -> None:
     old = os.umask(mask)
     try:
+        out = out_of(tmp_path, commands(world)[cmd][2])
         hostile.run(
-            [*commands(world)[cmd][0], "-o", tmp_path / "out"],
+            [*commands(world)[cmd][0], "-o", out],
             inputs=list(world.values()),
             code=0,
-            out=tmp_path / "out",
+            out=out,
         )  # fmt: skip  (run() checks 0666/0777 & ~umask on every path)
     finally:
         os.umask(old)
@@ -432,16 +442,16 @@ def test_what_the_system_refuses_is_one_error_line(
     code = SYSTEM[what]
 
     def fail(*a: object, **k: object) -> None:
-        raise OSError(code, os.strerror(code), str(tmp_path / "out"))
+        raise OSError(code, os.strerror(code), str(out))
 
     cmd = "merge-file" if where == "make-file" else "merge"
+    out = out_of(tmp_path, commands(world)[cmd][2])
     if where in ("make-file", "make-folder"):
         monkeypatch.setattr(atomic, "_" + where.replace("-", "_"), fail)
     elif where == "fsync":
         monkeypatch.setattr(atomic.os, "fsync", fail)
     else:
         monkeypatch.setattr(atomic, "_rename_noreplace", fail)
-    out = tmp_path / "out"
     hostile.run(
         [*commands(world)[cmd][0], "-o", out], inputs=list(world.values()), code=1, out=out,
         says=os.strerror(code),
@@ -465,10 +475,10 @@ def test_a_real_read_only_folder(world: dict[str, Path], tmp_path: Path) -> None
     ro = tmp_path / "ro"
     ro.mkdir()
     ro.chmod(0o555)
-    args = [*commands(world)["convert"][0], "-o", str(ro / "out")]
+    args = [*commands(world)["convert"][0], "-o", str(ro / "out.safetensors")]
     try:
         if os.geteuid() != 0:
-            hostile.run(args, inputs=list(world.values()), code=1, out=ro / "out", says="permission")
+            hostile.run(args, inputs=list(world.values()), code=1, out=ro / "out.safetensors", says="permission")
             return
         import subprocess
         import sys

@@ -120,7 +120,7 @@ def test_pattern_that_hangs_re_is_answered(tmp_path: Path, base: Path, field: st
     rep = kit.validate([src], inputs=[src], ok=True, seconds=SECONDS)
     if field == "target_modules":
         assert [f["code"] for f in rep["findings"]] == ["target-unmatched"]
-    out = tmp_path / "merged"  # (output modes are another part of issue 12: not checked here)
+    out = tmp_path / "merged.safetensors"  # (output modes are another part of issue 12: not checked here)
     hostile.run(["merge", base, src, "-o", out], inputs=[src, base], code=0, seconds=SECONDS)
     assert out.is_file()
 

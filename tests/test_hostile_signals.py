@@ -108,7 +108,7 @@ def test_a_stopped_run_cleans_up_and_says_so(
 
     monkeypatch.setattr(mod, name, wrapped)
     threads = threading.active_count()
-    out = tmp_path / "out"
+    out = tmp_path / ("out.safetensors" if cmd == "convert" else "out")  # convert writes one diffusers file
     hostile.run([*commands(world)[cmd], "-o", out], inputs=list(world.values()), code=code, out=out,
                 says="no output was left behind")  # fmt: skip
     assert calls["n"] >= nth, f"{point} was never reached by {cmd}"
@@ -252,10 +252,10 @@ def test_a_stop_after_the_rename_says_what_was_written(
         real(p)
 
     monkeypatch.setattr(atomic, "_fsync", fsync)
-    out = tmp_path / "out"
+    out = tmp_path / "out.safetensors"
     r = hostile.run([*commands(world)["convert"], "-o", out], inputs=list(world.values()), code=130,
                     says="it had already written")  # fmt: skip
-    assert str(out) in r.stderr and os.listdir(tmp_path) == ["out"]
+    assert str(out) in r.stderr and os.listdir(tmp_path) == [out.name]
     from loratools import load_adapter
 
     assert load_adapter(out).modules

@@ -287,7 +287,10 @@ def test_rank_turns_lokr_into_lora_in_every_target(to: str, tmp_path: Path) -> N
     assert {m.kind for m in back.modules.values()} == {"lora"}
     assert {m.rank for m in back.modules.values()} == {1} and min(m.energy for m in rep.modules) < 1
     e = convert(
-        FIXTURES / "lycoris_lokr_full.safetensors", to, tmp_path / ("e" if to == "peft" else "e.st"), energy=0.9
+        FIXTURES / "lycoris_lokr_full.safetensors",
+        to,
+        tmp_path / ("e" if to == "peft" else "e.safetensors"),
+        energy=0.9,
     )
     assert all(m.note.startswith("lokr -> lora") for m in e.modules)
 

@@ -39,6 +39,15 @@ class Group(click.Group):
         except LoratoolsError as e:
             error(e.message, e.hint)
             ctx.exit(e.exit_code)
+        except ModuleNotFoundError as e:
+            if (e.name or "").partition(".")[0] != "torch":
+                raise
+            error(
+                f"{ctx.invoked_subcommand or 'this command'} needs PyTorch, which is not installed here "
+                "(only --help, inspect --fast, validate --fast and push --dry-run work without it)",
+                "pip install torch (CPU only: pip install torch --index-url https://download.pytorch.org/whl/cpu)",
+            )
+            ctx.exit(1)
         except OSError as e:
             if isinstance(e, BrokenPipeError):
                 raise

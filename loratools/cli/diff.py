@@ -5,7 +5,7 @@ from typing import TYPE_CHECKING
 import click
 
 from .output import fetch_if_remote, json_option, out_console, print_json, progress_bar, revision_option, styled
-from .params import PATH, TOLERANCE
+from .params import PATH, TOLERANCE, report_option
 from .status import could_not_compare
 
 if TYPE_CHECKING:
@@ -37,11 +37,14 @@ def _cosine(c: float) -> str:
     show_default=True,
     help="tensors: stored tensors by name. deltas: adapters module by module. auto: deltas when both are adapters.",
 )
+@report_option
+@click.option("--force", is_flag=True, help="Overwrite the report if it exists.")
 @click.option("--all", "show_all", is_flag=True, help="List every tensor and note, not only those that differ.")
 @json_option
 def diff_cmd(
-    a: str, b: str, revision: str | None, atol: float, rtol: float, mode: str, show_all: bool, as_json: bool
-) -> None:
+    a: str, b: str, revision: str | None, atol: float, rtol: float, mode: str, report_path: str | None, force: bool,
+    show_all: bool, as_json: bool,
+) -> None:  # fmt: skip
     """Compare two checkpoints or two adapters: exit 0 when they match within tolerance, 1 when they differ, 2
     when they cannot be compared.
 
@@ -63,13 +66,19 @@ def diff_cmd(
       loratools diff fixtures/peft_llama fixtures/peft_llama_dora --mode tensors --atol 1e-3 --all
     """
     from ..ops.diff import plan_diff
+    from ..ops.report_data import check_report
+    from ..ops.report_pages import render_diff, write_report
 
     kind = "checkpoint" if mode == "tensors" else "adapter"  # a Hub id is fetched as what --mode compares
     with could_not_compare():
         a, b = fetch_if_remote(a, revision, kind), fetch_if_remote(b, revision, kind)
+        if report_path is not None:
+            check_report(report_path, None, force=force, inputs=[a, b])
         plan = plan_diff(a, b, mode)  # type: ignore[arg-type]
         with progress_bar("comparing") as progress:
             rep = plan.run(atol, rtol, progress=progress)
+        if report_path is not None:
+            write_report(report_path, rep.to_dict(), lambda: render_diff(rep), force=force, inputs=[a, b])
     if as_json:
         print_json(rep.to_dict())
     else:
@@ -117,9 +126,9 @@ def _render(rep: DiffReport, show_all: bool) -> None:
         con.print(table)
     notes = rep.notes if show_all else rep.notes[:SHOWN_NOTES]
     for note in notes:
-        con.print(styled(("note:", "dim"), " ", note))
+        con.print(styled(("Note:", "dim"), " ", note))
     if len(notes) < len(rep.notes):
-        con.print(styled((f"note: ... and {len(rep.notes) - len(notes)} more (--all or --json lists them)", "dim")))
+        con.print(styled((f"Note: ... and {len(rep.notes) - len(notes)} more (--all or --json lists them)", "dim")))
     tol = f"atol {rep.atol:g}, rtol {rep.rtol:g}" if rep.atol or rep.rtol else "exact"
     if rep.identical:
         con.print(styled(("identical", "green"), f": {rep.compared} tensors compared ({rep.mode}, {tol})"))

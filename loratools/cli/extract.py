@@ -14,7 +14,7 @@ from .output import (
     progress_bar,
     warn,
 )
-from .params import FRACTION, PATH, REGEX, device_option, one_of, refuse
+from .params import FRACTION, PATH, REGEX, device_option, one_of, refuse, report_option
 
 #: rows the table shows without --all: the modules with the largest error
 SHOWN = 20
@@ -53,7 +53,8 @@ SHOWN = 20
 @dtype_option
 @device_option
 @click.option("--all", "show_all", is_flag=True, help=f"Print every module, not only the {SHOWN} least exact.")
-@click.option("--force", is_flag=True, help="Overwrite the output if it exists.")
+@report_option
+@click.option("--force", is_flag=True, help="Overwrite the output (and the report) if it exists.")
 @json_option
 def extract_cmd(
     base: str,
@@ -70,6 +71,7 @@ def extract_cmd(
     dtype: str | None,
     device: str,
     show_all: bool,
+    report_path: str | None,
     force: bool,
     as_json: bool,
 ) -> None:
@@ -84,20 +86,28 @@ def extract_cmd(
     Example:
       loratools extract ./Llama-3.2-1B ./Llama-3.2-1B-Instruct --rank 32 -o instruct-lora
       loratools extract ./base ./tuned --energy 0.9 --max-rank 128 --embeddings skip -o adapter
+      loratools extract ./base ./tuned --rank 16 -o adapter --report extract.html
     """
     from ..ops.extract import extract
+    from ..ops.report_data import check_report
+    from ..ops.report_pages import render_extract, write_report
 
     one_of("--rank", rank, "--energy", energy)
     if max_rank is not None and rank is not None:
         refuse("--max-rank caps the ranks --energy picks; with --rank it has no use")
+    base, tuned = fetch_if_remote(base, None, "checkpoint"), fetch_if_remote(tuned, None, "checkpoint")
+    if report_path is not None:
+        check_report(report_path, out, force=force, inputs=[base, tuned])
     with progress_bar("extracting") as progress:
         report = extract(
-            fetch_if_remote(base, None, "checkpoint"), fetch_if_remote(tuned, None, "checkpoint"), out, rank, energy, max_rank=max_rank, to=to, dtype=dtype, device=device,
+            base, tuned, out, rank, energy, max_rank=max_rank, to=to, dtype=dtype, device=device,
             include=include, exclude=exclude, embeddings=embeddings, base_model=base_model, force=force,
             progress=progress,
         )  # fmt: skip
     for w in report.warnings:
         warn(w)
+    if report_path is not None:  # written after the adapter: an adapter is never taken back for its report
+        write_report(report_path, report.to_dict(), lambda: render_extract(report), force=force, inputs=[base, tuned])
     if as_json:
         print_json(report.to_dict())
         return

@@ -34,7 +34,8 @@ from .params import PATH, WEIGHTS, Device, check_weights, filter_options, left_o
 @dtype_option
 @click.option(
     "--report", "report_path", type=click.Path(),
-    help="Also write the numerical report (.json or .html); written with the output, or not at all.",
+    help="Also write the report: a page to open in a browser (.html) or JSON (.json); written with the output, "
+    "or not at all.",
 )  # fmt: skip
 @click.option("--all", "show_all", is_flag=True, help="Print every merged tensor, not only the 20 least retained.")
 @filter_options

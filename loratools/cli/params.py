@@ -31,6 +31,12 @@ class PathText(click.ParamType):  # type: ignore[type-arg]
             self.fail(f"{text!r} holds a NUL character", param, ctx)
         return text
 
+    def shell_complete(self, ctx: click.Context, param: click.Parameter, incomplete: str) -> list[Any]:
+        """File and folder names, completed by the shell itself (bash, zsh, fish)."""
+        from click.shell_completion import CompletionItem
+
+        return [CompletionItem(incomplete, type="file")]
+
 
 PATH = PathText()
 
@@ -188,3 +194,12 @@ def left_out_line(left_out: list[Any]) -> str | None:
         return f"left out {total} module(s) by the module filter (--json lists them)"
     each = ", ".join(f"{n} of input {i}" for i, n in enumerate(counts, 1))
     return f"left out {total} module(s) by the module filter ({each}; --json lists them)"
+
+
+def report_option(f: F) -> F:
+    """``--report PATH``: also write the command's report, a page to open in a browser (``.html``) or JSON (``.json``);
+    the command gets ``report_path``."""
+    return click.option(
+        "--report", "report_path", type=click.Path(),
+        help="Also write the report: a page to open in a browser (.html: charts, sortable table) or JSON (.json).",
+    )(f)  # fmt: skip

@@ -14,6 +14,7 @@ from ..io.safetensors import shown
 from ..model import Adapter
 from . import diffusers, gguf, kohya, peft
 from .common import open_raw
+from .outputs import check_output_name
 
 #: the formats loratools reads and writes alike (``--format``, ``--to``)
 FORMATS: dict[str, ModuleType] = {"peft": peft, "kohya": kohya, "diffusers": diffusers}
@@ -170,5 +171,6 @@ def save_adapter(
         raise UsageError("the adapter has no format of its own: pass format=")
     # never in place of what the adapter was read from, --force or not
     check_output(target, force=force, inputs=input_files(adapter.source) if adapter.source else [])
+    check_output_name(target, fmt)
     writer: Callable[..., Path] = FORMATS[fmt].write
     return writer(adapter, target, force=force)

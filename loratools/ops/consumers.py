@@ -15,11 +15,14 @@ What each rule is based on:
 
 from __future__ import annotations
 
+import shlex
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 from ..formats.families import BUILDERS, family, plan_from_kohya
 from ..formats.gguf import surgery as sg
 from ..model import Adapter
+from ..model.components import COMPONENT_RE, KOHYA_COMPONENTS
 from .convert_names import detect_adapter, is_image
 
 CONSUMERS = ("vllm", "tgi", "llama.cpp", "ollama", "diffusers", "comfyui")
@@ -41,26 +44,65 @@ def few(names: Sequence[str], n: int = 4) -> str:
     return ", ".join(names[:n]) + more
 
 
-def _common_llm(a: Adapter, add: Add, who: str, reads: str = "peft") -> None:
+def src(a: Adapter) -> str:
+    """The adapter's own path, ready to paste into a shell (SRC when it was not read from one)."""
+    return shlex.quote(a.source) if a.source else "SRC"
+
+
+def out(a: Adapter, tail: str) -> str:
+    """An output name made from the adapter's own (in the current folder): ``lora.safetensors`` with ``-peft`` ->
+    ``lora-peft``, with ``.gguf`` -> ``lora.gguf``."""
+    stem = Path(a.source).stem if a.source else "adapter"
+    return shlex.quote(stem + tail)
+
+
+def base(a: Adapter) -> str:
+    """The base model the adapter names when it names one the commands can take (a Hub id owner/name, or a path),
+    or BASE."""
+    return shlex.quote(a.base_model) if a.base_model and "/" in a.base_model else "BASE"
+
+
+def _pipeline(a: Adapter) -> bool:
+    """An adapter of an image pipeline (UNet, DiT transformer, text encoders): kohya ``lora_unet_`` / ``lora_te_``
+    names, or diffusers component paths (not PEFT's, where ``transformer.`` is GPT-2's own)."""
+    kohya = tuple(p for p, c in KOHYA_COMPONENTS.items() if c)
+    return a.format != "peft" and any(n.startswith(kohya) or COMPONENT_RE.match(n) for n in a.modules)
+
+
+def _common_llm(a: Adapter, add: Add, who: str, reads: str = "peft") -> bool:
+    """The rules every language-model server shares; False when the adapter is an image pipeline's (nothing else
+    applies then: no conversion makes it servable)."""
+    if _pipeline(a):
+        add("error", f"{who} serves language models; this {a.format} adapter is for an image pipeline (UNet / "
+            "text encoders)", f"load it with diffusers or ComfyUI: loratools validate {src(a)} --for diffusers")  # fmt: skip
+        return False
     if a.format != reads and reads == "peft":  # (llama.cpp's own format message is its rule's)
         add(
             "error",
             f"{who} reads PEFT adapter folders, this is a {a.format} file",
-            "loratools convert SRC --to peft -o OUT",
+            f"loratools convert {src(a)} --to peft -o {out(a, '-peft')}",
         )
     if a.extras:
         add("error", f"{who} refuses full tensors (modules_to_save / saved embeddings): {', '.join(sorted(a.extras)[:3])}",
-            "merge the adapter into the base instead: loratools merge BASE SRC -o OUT")  # fmt: skip
+            f"merge the adapter into the base instead: loratools merge {base(a)} {src(a)} -o {out(a, '-merged')}")  # fmt: skip
     if any(m.magnitude is not None for m in a.modules.values()):
-        add("error", f"{who} cannot serve DoRA adapters", "merge it: loratools merge BASE SRC -o OUT")
+        add(
+            "error",
+            f"{who} cannot serve DoRA adapters",
+            f"merge it: loratools merge {base(a)} {src(a)} -o {out(a, '-merged')}",
+        )
     if any(m.bias is not None for m in a.modules.values()):
-        add("error", f"{who} refuses LoRA bias tensors (lora_bias=True)", "merge it: loratools merge BASE SRC -o OUT")
+        add("error", f"{who} refuses LoRA bias tensors (lora_bias=True)",
+            f"merge it: loratools merge {base(a)} {src(a)} -o {out(a, '-merged')}")  # fmt: skip
     if any(m.kind != "lora" for m in a.modules.values()):
-        add("error", f"{who} serves plain LoRA only (found LoHa/LoKr)", "loratools convert SRC --to peft -o OUT")
+        add("error", f"{who} serves plain LoRA only (found LoHa/LoKr)",
+            f"loratools convert {src(a)} --to peft -o {out(a, '-lora')}")  # fmt: skip
+    return True
 
 
 def _vllm(a: Adapter, add: Add, arch: str | None = None) -> None:
-    _common_llm(a, add, "vLLM")
+    if not _common_llm(a, add, "vLLM"):
+        return
     conv = [n for n, m in a.modules.items() if m.layer == "conv"]
     if conv:
         add("error", f"vLLM takes LoRA on linear layers and embeddings, not on {len(conv)} conv layer(s): {few(conv)}",
@@ -69,8 +111,8 @@ def _vllm(a: Adapter, add: Add, arch: str | None = None) -> None:
     if towers:
         add("warning", f"vLLM takes LoRA on the language model only and ignores {len(towers)} module(s) of the "
             f"vision/audio encoder or projector: {few(towers)}",
-            "merge the adapter into the base to keep them (loratools merge BASE SRC -o OUT), or leave them out "
-            "(loratools convert SRC --to peft --exclude PATTERN -o OUT)")  # fmt: skip
+            f"merge the adapter into the base to keep them (loratools merge {base(a)} {src(a)} -o {out(a, '-merged')}), "
+            f"or leave them out (loratools convert {src(a)} --to peft --exclude PATTERN -o {out(a, '-text')})")  # fmt: skip
     emb = [n for n, m in a.modules.items() if m.layer == "embedding" or n.rsplit(".", 1)[-1] == "lm_head"]
     if emb:
         add("warning", f"vLLM takes LoRA on {few(emb, 3)} only for model classes that register them as "
@@ -78,11 +120,13 @@ def _vllm(a: Adapter, add: Add, arch: str | None = None) -> None:
     top = max((m.rank or 0 for m in a.modules.values()), default=0)
     if top > VLLM_DEFAULT_MAX_RANK:
         add("warning", f"rank {top} is above vLLM's default --max-lora-rank {VLLM_DEFAULT_MAX_RANK}",
-            f"start vLLM with --max-lora-rank {top}, or: loratools resize SRC --rank {VLLM_DEFAULT_MAX_RANK} -o OUT")  # fmt: skip
+            f"start vLLM with --max-lora-rank {top}, or: loratools resize {src(a)} --rank {VLLM_DEFAULT_MAX_RANK} "
+            f"-o {out(a, f'-r{VLLM_DEFAULT_MAX_RANK}')}")  # fmt: skip
 
 
 def _tgi(a: Adapter, add: Add, arch: str | None = None) -> None:
-    _common_llm(a, add, "TGI")
+    if not _common_llm(a, add, "TGI"):
+        return
     if any(m.layer == "embedding" for m in a.modules.values()):
         add("error", "TGI reads only lora_A / lora_B of linear layers (found embedding LoRA)", "merge it instead")
 
@@ -102,8 +146,9 @@ def _llama_cpp(a: Adapter, add: Add, arch: str | None = None, who: str = "llama.
             add("warning", f"{who} skips the norm tensors a merge tool put in this file: {', '.join(sorted(a.extras)[:3])}",
                 "merge the adapter into the base to keep them")  # fmt: skip
         return
-    _common_llm(a, add, who, reads="gguf")
-    fix = "loratools convert SRC --to gguf --base BASE -o OUT"
+    if not _common_llm(a, add, who, reads="gguf"):
+        return
+    fix = f"loratools convert {src(a)} --to gguf --base {base(a)} -o {out(a, '.gguf')}"
     if who == "llama.cpp":
         add("error", f"llama.cpp loads GGUF adapters, this is a {a.format} adapter", fix)
     else:
@@ -133,7 +178,7 @@ def _diffusers_names(a: Adapter, add: Add) -> None:
     """Module names no diffusers loader maps onto a model are loaded nowhere (a LoRA that does nothing): what the
     family's tables do not know is an error. diffusers' kohya converters (``lora_conversion_utils``) read SD 1.x /
     SDXL and Flux files; SD3 kohya files it does not read at all."""
-    fix = "loratools convert SRC --to diffusers -o OUT (maps every name it knows, refuses the others)"
+    fix = f"loratools convert {src(a)} --to diffusers -o {out(a, '-diffusers.safetensors')} (maps every name it knows, refuses the others)"
     det = detect_adapter(a)
     if not is_image(det) or det is None:
         if a.format in ("kohya", "diffusers"):
@@ -169,12 +214,12 @@ def _diffusers_names(a: Adapter, add: Add) -> None:
 def _diffusers(a: Adapter, add: Add, arch: str | None = None) -> None:
     if a.format == "peft":
         add("error", "diffusers pipelines load diffusers or kohya files, this is a PEFT folder",
-            "loratools convert SRC --to diffusers -o OUT")  # fmt: skip
+            f"loratools convert {src(a)} --to diffusers -o {out(a, '-diffusers.safetensors')}")  # fmt: skip
     else:
         _diffusers_names(a, add)
     if any(m.kind in ("loha", "lokr", "full") for m in a.modules.values()):
         add("error", "diffusers' LoRA loader reads LoRA only (found LyCORIS LoHa/LoKr/full modules)",
-            "loratools convert SRC --to diffusers -o OUT (exact through the dense delta)")  # fmt: skip
+            f"loratools convert {src(a)} --to diffusers -o {out(a, '-lora.safetensors')} (exact through the dense delta)")  # fmt: skip
     if a.extras:
         add("error", "diffusers files cannot carry full tensors", "merge them into the base instead")
 
@@ -182,12 +227,12 @@ def _diffusers(a: Adapter, add: Add, arch: str | None = None) -> None:
 def _comfyui(a: Adapter, add: Add, arch: str | None = None) -> None:
     if a.format == "peft":
         add("error", "ComfyUI loads single .safetensors LoRA files, this is a PEFT folder",
-            "loratools convert SRC --to kohya -o OUT")  # fmt: skip
+            f"loratools convert {src(a)} --to kohya -o {out(a, '.safetensors')}")  # fmt: skip
     if any(m.rslora for m in a.modules.values()):
         add(
             "error",
             "ComfyUI applies alpha / r: rsLoRA modules come out too weak",
-            "loratools convert SRC --to kohya -o OUT",
+            f"loratools convert {src(a)} --to kohya -o {out(a, '-kohya.safetensors')}",
         )
     if any(m.magnitude is not None and m.dora_axis == "in" for m in a.modules.values()):
         add("warning", "dora_scale per input column: ComfyUI infers the axis from the shape; check the result", "")

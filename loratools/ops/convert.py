@@ -348,6 +348,7 @@ def convert(
     record gives a source fetched from the Hub (see ``provenance.record``). ``include`` / ``exclude`` / ``only``
     (``"unet"`` or ``"text_encoders"``): which modules to convert (:mod:`.select`), chosen before any work."""
     from ..formats import input_files
+    from ..formats.outputs import check_output_name
     from ..io.atomic import check_output
 
     args.path(source, "source")
@@ -365,6 +366,7 @@ def convert(
         gguf.require()  # before any work: the optional package is there
     adapter = load_adapter(source)
     left_out = select.apply(flt, adapter, str(source))
+    check_output_name(out, to)  # what the input is (or is not) is told first
     base_names = None
     base_shapes = None
     hparams = None

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..errors import IncompatibleAdaptersError, LoratoolsError, ShapeError, UsageError
 from ..formats import FORMATS, save_adapter
+from ..formats.outputs import check_output_name
 from ..io.atomic import check_output
 from ..io.checkpoint import read_checkpoint
 from ..io.progress import Progress
@@ -229,6 +230,7 @@ def extract(
             f"and {base} is not a diffusers pipeline folder",
             "give the pipeline folders, or write PEFT (the default)",
         )
+    check_output_name(out, fmt)
     hasher = Hasher(weight_files(la) + weight_files(lb))
     try:
         adapter, report = extract_adapter(

@@ -27,7 +27,11 @@ def pick_device(device: str | None, *, allow_auto: bool = False) -> str:
     choices = "cpu, cuda or auto" if allow_auto else "cpu or cuda"
     if dev.startswith("cuda"):
         if not torch.cuda.is_available():
-            raise LoratoolsError(f"--device {dev}: no CUDA device is available here", f"use one of {choices}")
+            raise LoratoolsError(
+                f"--device {dev}: no CUDA device is available here (torch sees no GPU)",
+                "run on the CPU: --device cpu"
+                + (", or --device auto (a GPU only when there is one)" if allow_auto else ""),
+            )
         return dev
     if dev != "cpu":
         raise LoratoolsError(f"unknown device {dev!r}", f"use {choices}")

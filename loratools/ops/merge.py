@@ -15,8 +15,9 @@ import shutil
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from ..errors import LoratoolsError, OutputError
+from ..errors import LoratoolsError
 from ..formats import input_files, load_adapter
+from ..formats.outputs import check_output_name
 from ..io.atomic import check_output, stage
 from ..io.checkpoint import Checkpoint, Index, read_checkpoint
 from ..io.interrupts import checkpoint, critical
@@ -28,7 +29,9 @@ from .lowrank import DTYPES, pick_device
 from .merge_engine import write_file
 from .merge_html import render
 from .merge_report import MergeReport, TensorReport
-from .merge_targets import resolve_targets
+from .merge_targets import contribution_norms, resolve_targets
+from .report_data import adapter_facts, check_report
+from .report_pages import report_text
 
 __all__ = ["MergeReport", "TensorReport", "merge", "render_report"]
 
@@ -66,9 +69,6 @@ def _write_index(index: Index, tmp: Path, sizes: dict[Path, int]) -> None:
     doc = dict(index.doc)
     doc["metadata"] = {**(doc.get("metadata") or {}), "total_size": total}
     (tmp / index.rel).write_text(json.dumps(doc, indent=2) + "\n", encoding="utf-8")
-
-
-REPORT_SUFFIXES = (".json", ".html", ".htm")
 
 
 def merge(
@@ -110,21 +110,17 @@ def merge(
     inputs = [p for src in [base, *adapters] for p in input_files(src)]
     check_output(out, force=force, inputs=inputs)
     if report_path is not None:
-        check_output(report_path, force=force, inputs=inputs)
-        r, o = Path(os.path.realpath(report_path)), Path(os.path.realpath(out))
-        if r == o or r.is_relative_to(o) or o.is_relative_to(r):
-            raise OutputError(f"the report {report_path} and the output {out} overlap", "write the report beside it")
-        if Path(report_path).suffix.lower() not in REPORT_SUFFIXES:
-            raise OutputError(
-                f"report {report_path}: the report is written as .json or .html", "name it report.json or report.html"
-            )
+        check_report(report_path, out, force=force, inputs=inputs)
     dev = pick_device(device, allow_auto=True)
     ckpt = read_checkpoint(base)
     loaded = [load_adapter(a) for a in adapters]
     left_out = [select.apply(flt, ad, str(a)) for ad, a in zip(loaded, adapters, strict=True)]
+    check_output_name(out, folder=not ckpt.single_file, what="the merged model (like its base)")
     targets = resolve_targets(loaded, weights, ckpt)
     report = MergeReport(str(base), None, [str(a) for a in adapters], weights, dev, dtype)
     report.left_out = left_out if flt else []
+    report.adapter_facts = [adapter_facts(ad, str(a), w) for ad, a, w in zip(loaded, adapters, weights, strict=True)]
+    shares = contribution_norms(targets, len(loaded))
     tick = progress(ckpt.total_bytes, "bytes", len(ckpt.tensors)) if progress else None
     record = provenance.record(
         "merge",
@@ -153,6 +149,8 @@ def merge(
             for index in ckpt.indexes:
                 _write_index(index, tmp, sizes)
         report.output = str(out)
+        for t in report.tensors:
+            t.contributions = shares.get(t.name, [])
         if report_path is not None:
             outputs.file(report_path).write_text(render_report(report, report_path), encoding="utf-8")
     return report
@@ -160,9 +158,7 @@ def merge(
 
 def render_report(report: MergeReport, path: str | os.PathLike[str]) -> str:
     """The report as the file ``path`` names it: a self-contained HTML page, or JSON."""
-    if Path(path).suffix.lower() in (".html", ".htm"):
-        return render(report)
-    return json.dumps(report.to_dict(), indent=2, default=str) + "\n"
+    return report_text(path, report.to_dict(), lambda: render(report))
 
 
 def _with_record(header: Header, record: str) -> Header:

@@ -1,80 +1,161 @@
-"""The merge report as a self-contained HTML page: a summary, a per-layer chart (inline SVG, no scripts) of the
-relative change and of the delta retained in storage, and the per-tensor table."""
+"""The merge report as one HTML page (:mod:`.report_html`): the adapters' facts, heatmaps by layer and module type of
+the relative change and of the fraction of the delta retained after the cast, the distribution of the retained
+fractions, the worst tensors first against the threshold, each adapter's contribution, and every tensor in a
+sortable, filterable table."""
 
 from __future__ import annotations
 
-import html
 import math
 
-from .merge_report import MergeReport, iter_layers
+from .merge_report import RETAINED_THRESHOLD, MergeReport, TensorReport
+from .report_html import (
+    Column,
+    cards,
+    charts,
+    explain,
+    facts_table,
+    figure,
+    fmt_or_dash,
+    heat,
+    note,
+    page,
+    section,
+    table,
+)
+from .report_svg import hbars, histogram
+
+WORST = 10
 
 
-def _bars(values: list[tuple[str, float]], title: str, fmt: str, log: bool = False) -> str:
-    if not values:
+def _columns(report: MergeReport) -> list[Column]:
+    low = RETAINED_THRESHOLD
+    cols = [
+        Column("tensor"), Column("shape"), Column("dtype"),
+        Column("|delta|", True, lambda v: f"{v:.4g}", "Frobenius norm of the delta meant (float32)"),
+        Column("|W|", True, lambda v: f"{v:.4g}", "Frobenius norm of the base weight"),
+        Column("relative change", True, lambda v: f"{v:.3e}", "|delta| / |W|"),
+        Column("max |delta|", True, lambda v: f"{v:.3e}", "largest change of one element"),
+        Column("retained", True, lambda v: f"{v:.4f}", "1 - |stored - meant| / |delta|", lambda v: v < low),
+        Column("inf", True, str, "elements that overflowed to inf in storage", lambda v: v > 0),
+    ]  # fmt: skip
+    if len(report.adapters) > 1:
+        cols += [
+            Column(f"adapter {i} |w delta|", True, lambda v: f"{v:.4g}", f"||weight * delta|| of {a}")
+            for i, a in enumerate(report.adapters, 1)
+        ]
+    return cols
+
+
+def _row(t: TensorReport, adapters: int) -> list[object]:
+    row: list[object] = [
+        t.name + (" (replaced)" if t.replaced else ""), "x".join(map(str, t.shape)), t.dtype, t.delta_norm,
+        t.base_norm, t.relative_change, t.max_abs_delta, t.retained, t.overflow,
+    ]  # fmt: skip
+    if adapters > 1:
+        row += (t.contributions + [0.0] * adapters)[:adapters]
+    return row
+
+
+def _contribution(report: MergeReport) -> str:
+    """Each adapter's share of the change: ||weight_i * delta_i|| over all tensors, and by layer and module type."""
+    n = len(report.adapters)
+    if n < 2:
         return ""
-    w, h, pad = max(320, 18 * len(values) + 60), 180, 40
-    vals = [max(v, 1e-12) for _, v in values]
-    top = max(vals)
-    bottom = min(vals) if log else 0.0
-
-    def scale(v: float) -> float:
-        if log:
-            lo, hi = math.log10(bottom), math.log10(top)
-            return 0.0 if hi == lo else (math.log10(max(v, 1e-12)) - lo) / (hi - lo) * 0.9 + 0.1
-        return v / top if top else 0.0
-
-    bw = (w - pad - 10) / len(values)
-    parts = [f'<svg width="{w}" height="{h + 40}" role="img"><title>{html.escape(title)}</title>']
-    for i, (label, v) in enumerate(values):
-        bh = scale(v) * h
-        x = pad + i * bw
-        parts.append(
-            f'<rect x="{x:.1f}" y="{h - bh + 10:.1f}" width="{bw * 0.8:.1f}" height="{bh:.1f}" fill="#4a7ab5">'
-            f"<title>layer {html.escape(label)}: {v:{fmt}}</title></rect>"
-            f'<text x="{x + bw * 0.4:.1f}" y="{h + 25}" font-size="9" text-anchor="middle">{html.escape(label)}</text>'
-        )
-    parts.append(f'<text x="4" y="14" font-size="11">{top:{fmt}}</text></svg>')
-    return f"<h3>{html.escape(title)}</h3>" + "".join(parts)
+    totals = [math.sqrt(sum((t.contributions[i] if i < len(t.contributions) else 0.0) ** 2 for t in report.tensors))
+              for i in range(n)]  # fmt: skip
+    bars = hbars(
+        "Contribution of each adapter",
+        [(f"{i}: {a}", v) for i, (a, v) in enumerate(zip(report.adapters, totals, strict=True), 1)],
+        "||weight x delta|| over all merged tensors (linear)",
+    )
+    shares = []
+    for t in report.tensors:
+        if len(t.contributions) == n and sum(t.contributions) > 0:
+            shares.append((t.name, t.contributions[0] / math.sqrt(sum(c * c for c in t.contributions))))
+    first = heat(
+        "Share of adapter 1 in the change, by layer and module type", shares, max,
+        "||w1 d1|| / sqrt(sum ||wi di||^2)", lambda v: f"{v:.3f}", "share",
+    )  # fmt: skip
+    return section(
+        "Contribution per adapter",
+        explain("The norm of each adapter's own weighted delta, summed over the tensors it changes."),
+        charts(figure("Contribution of each adapter", bars), first),
+    )
 
 
 def render(report: MergeReport) -> str:
-    layers = list(iter_layers(report))
     s = report.summary
-    rows = "".join(
-        "<tr>"
-        + "".join(
-            f"<td>{html.escape(str(c))}</td>"
-            for c in (
-                t.name,
-                "x".join(map(str, t.shape)),
-                t.dtype,
-                f"{t.delta_norm:.4g}",
-                f"{t.base_norm:.4g}",
-                f"{t.relative_change:.3e}",
-                f"{t.max_abs_delta:.3e}",
-                f"{t.retained:.4f}",
-                t.overflow,
-            )
+    merged = [t for t in report.tensors if t.delta_norm > 0]
+    low = sorted((t for t in merged if t.retained < RETAINED_THRESHOLD), key=lambda t: t.retained)
+    worst = sorted(merged, key=lambda t: t.retained)[:WORST]
+    pct = f"{RETAINED_THRESHOLD:.0%}"
+    if low:
+        threshold = note(
+            f"{len(low)} of {len(merged)} merged tensors keep less than {pct} of their delta after the cast to "
+            f"{report.dtype or 'their stored dtype'}: keep those tensors in fp32 (merge again with --dtype fp32), "
+            "or serve the adapter unmerged.",
+            "warn",
         )
-        + "</tr>"  # fmt: skip
-        for t in report.tensors
+    else:
+        threshold = (
+            note(f"Every merged tensor keeps at least {pct} of its delta after the cast.", "ok") if merged else ""
+        )
+    overflow = (
+        note(f"{s['overflow']} value(s) overflowed to inf in storage: the merged model is broken there; merge again "
+             "with --dtype bf16 or --dtype fp32.", "warn")
+        if s["overflow"] else ""
+    )  # fmt: skip
+    summary = cards([
+        ("tensors merged", str(s["merged"])), ("tensors copied", str(s["copied"])),
+        ("retained, lowest", fmt_or_dash(s["retained_min"], ".4f")),
+        ("retained, median", fmt_or_dash(s["retained_median"], ".4f")),
+        (f"below {pct} retained", str(s["below_threshold"])),
+        ("relative change, largest", fmt_or_dash(s["relative_change_max"], ".3e")),
+        ("overflowed to inf", str(s["overflow"])),
+    ])  # fmt: skip
+    rel = [(t.name, t.relative_change) for t in merged]
+    kept = [(t.name, t.retained) for t in merged]
+    heatmaps = charts(
+        heat("Relative change |delta| / |W|", rel, max, "largest in the cell (linear)", lambda v: f"{v:.3e}", "rel"),
+        heat("Fraction of the delta retained after the cast", kept, min, "lowest in the cell (linear)",
+             lambda v: f"{v:.4f}", "kept"),
+    )  # fmt: skip
+    dist = histogram(
+        "Distribution of the fraction retained", [t.retained for t in merged],
+        "fraction of the delta retained (linear)", RETAINED_THRESHOLD, f"{pct} threshold",
+    )  # fmt: skip
+    cols = _columns(report)
+    n = len(report.adapters)
+    rows = [_row(t, n) for t in sorted(report.tensors, key=lambda t: t.retained)]
+    subtitle = (
+        f"Output {report.output or '(not written)'}; base {report.base}; {n} adapter(s); stored as "
+        f"{report.dtype or 'the base dtypes'}; computed on {report.device}"
     )
-    head = "".join(
-        f"<th>{h}</th>"
-        for h in ("tensor", "shape", "dtype", "|delta|", "|W|", "relative change", "max |delta|", "retained", "inf")
+    notes = "".join(note(w, "warn") for w in report.warnings)
+    return page(
+        "Merge report",
+        subtitle,
+        [
+            summary,
+            threshold,
+            overflow,
+            notes,
+            section("Adapters", facts_table(report.adapter_facts)),
+            section(
+                "By layer and module type",
+                explain(
+                    "Relative change: how much each weight moves, |delta| / |W|. Retained: how much of the delta "
+                    "meant survived the cast to the stored dtype, 1 - |(stored - base) - delta| / |delta|; small "
+                    "deltas on large bf16 or fp16 weights are partly rounded away. Click a cell to list its tensors."
+                ),
+                heatmaps,
+            ),
+            section("Distribution of the fraction retained", figure("Tensors by fraction retained", dist)),
+            section(
+                f"Least retained first (the {min(WORST, len(worst))} worst)",
+                table("worst", cols, [_row(t, n) for t in worst], filterable=False),
+            ),
+            _contribution(report),
+            section("Every merged tensor", table("tensors", cols, rows)),
+        ],
     )
-    summary = ", ".join(f"{k.replace('_', ' ')}: {v if not isinstance(v, float) else f'{v:.4g}'}" for k, v in s.items())
-    return f"""<!doctype html><html><head><meta charset="utf-8"><title>loratools merge report</title>
-<style>body{{font-family:sans-serif;margin:2em}}table{{border-collapse:collapse;font-size:12px}}
-td,th{{border:1px solid #ccc;padding:2px 6px;text-align:right}}td:first-child{{text-align:left}}</style></head><body>
-<h1>Merge report</h1>
-<p>Base: {html.escape(report.base)}<br>Adapters: {html.escape(", ".join(report.adapters))}
-(weights {html.escape(", ".join(f"{w:g}" for w in report.weights))})<br>Output: {html.escape(str(report.output))}
-({html.escape(report.dtype or "base dtypes")}, computed on {html.escape(report.device)})</p>
-<p>{html.escape(summary)}</p>
-<p>Retained is how much of the intended delta survived the cast to the stored dtype:
-1 - |(stored - base) - delta| / |delta|. Small deltas on large bf16/fp16 weights are partly rounded away.</p>
-{_bars([(k, v) for k, v, _ in layers], "Largest relative change |delta| / |W| per layer", ".3e", log=True)}
-{_bars([(k, r) for k, _, r in layers], "Smallest fraction of the delta retained per layer", ".4f")}
-<h2>Tensors</h2><table><tr>{head}</tr>{rows}</table></body></html>
-"""

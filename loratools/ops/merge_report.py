@@ -4,12 +4,15 @@ of the HTML page (:mod:`.merge_html`)."""
 
 from __future__ import annotations
 
-import re
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from .report_data import AdapterFacts
 from .select import LeftOut
+
+#: below this fraction of its delta retained in storage, a tensor is worth keeping in fp32 (or the adapter is worth
+#: serving unmerged): the page and the table flag it
+RETAINED_THRESHOLD = 0.97
 
 
 @dataclass
@@ -25,6 +28,7 @@ class TensorReport:
     retained: float  # 1 - ||(stored - base) - delta|| / ||delta||: how much of the delta survived storage
     overflow: int  # elements that became inf in storage
     replaced: bool = False
+    contributions: list[float] = field(default_factory=list)  # per input adapter: ||weight * its delta|| here
 
 
 @dataclass
@@ -40,6 +44,7 @@ class MergeReport:
     files_copied: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     left_out: list[LeftOut] = field(default_factory=list)  # what --include / --exclude / --*-only left out
+    adapter_facts: list[AdapterFacts] = field(default_factory=list)  # per input adapter, after the filter
 
     @property
     def summary(self) -> dict[str, Any]:
@@ -52,26 +57,10 @@ class MergeReport:
             "retained_min": kept[0] if kept else None,
             "retained_median": kept[len(kept) // 2] if kept else None,
             "relative_change_max": max((t.relative_change for t in merged), default=None),
+            "below_threshold": sum(t.retained < RETAINED_THRESHOLD for t in merged),
         }
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["summary"] = self.summary
         return d
-
-
-def layer_of(name: str) -> int | None:
-    m = re.search(r"\.(\d+)\.", name)
-    return int(m.group(1)) if m else None
-
-
-def iter_layers(report: MergeReport) -> Iterator[tuple[str, float, float]]:
-    """(layer label, max relative change, min retained) per layer, in layer order, for the HTML chart."""
-    groups: dict[str, list[TensorReport]] = {}
-    for t in report.tensors:
-        n = layer_of(t.name)
-        groups.setdefault("other" if n is None else str(n), []).append(t)
-    for key in sorted(groups, key=lambda k: (k == "other", int(k) if k.isdigit() else 0)):
-        ts = [t for t in groups[key] if t.delta_norm > 0]
-        if ts:
-            yield key, max(t.relative_change for t in ts), min(t.retained for t in ts)

@@ -252,3 +252,15 @@ def _refuse_nonfinite(a: Adapter) -> None:
         t = extra.ref.load()
         if t.is_floating_point() and not bool(torch.isfinite(t).all()):
             raise LoratoolsError(f"{key}: NaN or Inf in this saved tensor ({where})")
+
+
+def contribution_norms(targets: Mapping[str, Target], count: int) -> dict[str, list[float]]:
+    """Per targeted base tensor, each of the ``count`` adapters' share: ``||weight * delta||`` of its module there
+    (0 where it has none), for the report's per-adapter view. From the factors, without the dense delta."""
+    out: dict[str, list[float]] = {}
+    for name, t in targets.items():
+        norms = [0.0] * count
+        for (w, m), i in zip(t.contributions, t.adapters, strict=True):
+            norms[i] = math.hypot(norms[i], abs(w) * m.delta_norm())
+        out[name] = norms
+    return out

@@ -243,6 +243,7 @@ def mix(
     ``include`` / ``exclude`` / ``only`` (``"unet"`` or ``"text_encoders"``): which modules of each input take
     part (:mod:`.select`), chosen before any work; every input must keep at least one."""
     from ..formats import input_files
+    from ..formats.outputs import check_output_name
     from ..io.atomic import check_output
 
     sources = args.path_list(sources, "sources")
@@ -256,6 +257,7 @@ def mix(
     check_output(out, force=force, inputs=[p for s in sources for p in input_files(s)])
     adapters = [load_adapter(s) for s in sources]
     left_out = [select.apply(flt, a, str(s)) for a, s in zip(adapters, sources, strict=True)]
+    check_output_name(out, to or adapters[0].format)
     mixed, report = mix_adapters(
         adapters, weights, method, rank, dtype=dtype, device=device, strict=strict, progress=progress
     )

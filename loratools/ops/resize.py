@@ -133,6 +133,7 @@ def resize(
     source's format or ``to``. ``origins``: the name the provenance record gives a source fetched from the Hub
     (see ``provenance.record``)."""
     from ..formats import input_files
+    from ..formats.outputs import check_output_name
     from ..io.atomic import check_output
 
     args.path(source, "source")
@@ -144,6 +145,7 @@ def resize(
     pick_device(device)  # a missing GPU is told before anything is read
     check_output(out, force=force, inputs=input_files(source))
     adapter = load_adapter(source)
+    check_output_name(out, to or adapter.format)
     resized, report = resize_adapter(adapter, rank, energy, dtype=dtype, device=device, progress=progress)
     resized.metadata[provenance.KEY] = provenance.record(
         "resize", [(str(source), adapter.format)], origins=origins, rank=rank, energy=energy, dtype=dtype
