@@ -203,6 +203,8 @@ def test_outputs_that_cannot_be_placed_are_refused(
 
 # ---- merge --report: an output like any other ----------------------------------------------------------------
 
+#: a report named neither .html nor .json is a usage error (exit 2); every other refusal exits 1
+REPORT_USAGE = ("a-pdf", "no-suffix")
 REPORT_ATTACKS: dict[str, tuple[Callable[[dict[str, Path], Path], Path], str, bool]] = {
     "the-adapter-config": (lambda w, d: w["peft"] / "adapter_config.json", "input", True),
     "the-adapter-config-no-force": (lambda w, d: w["peft"] / "adapter_config.json", "input", False),
@@ -227,7 +229,8 @@ def test_the_report_follows_the_output_rules(world: dict[str, Path], tmp_path: P
     out = tmp_path / "merged"
     hostile.run(
         ["merge", world["base"], world["peft"], "-o", out, "--report", report, *(["--force"] if force else [])],
-        inputs=[*world.values(), *([report] if report.exists() else [])], code=1, out=out, says=words,
+        inputs=[*world.values(), *([report] if report.exists() else [])], code=2 if attack in REPORT_USAGE else 1,
+        out=out, says=words,
     )  # fmt: skip
     assert not out.exists()
 

@@ -230,12 +230,12 @@ def test_report_json_has_facts_and_contributions(merged_page: Path) -> None:
 
 @pytest.mark.parametrize("name", ["r.pdf", "r", "r.html.txt", "report.JSONL"])
 def test_report_name_is_checked_before_any_work(name: str, tmp_path: Path) -> None:
-    """A report named neither .html nor .json is refused before the base is read (the hostile battery holds the
-    exit status at 1 with the other output rules of the report), naming the user's own file in the hint."""
+    """A report named neither .html nor .json is a usage error (exit 2) before the base is read, naming the user's
+    own file in the hint."""
     missing = tmp_path / "no-such-base"  # never read: the refusal comes first
     r = CliRunner().invoke(cli, ["merge", str(missing), str(FIXTURES / "peft_llama"), "-o", str(tmp_path / "o"),
                                  "--report", str(tmp_path / name)])  # fmt: skip
-    assert r.exit_code == 1, r.output
+    assert r.exit_code == 2, r.output
     assert ".json or .html" in r.stderr and "no such" not in r.stderr
     assert str((tmp_path / name).with_suffix(".html")) in r.stderr.replace("\n", "")
     assert not (tmp_path / "o").exists() and not (tmp_path / name).exists()

@@ -10,7 +10,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..errors import OutputError
+from ..errors import OutputError, OutputNameError
 from ..io.atomic import check_output
 from ..model import Adapter
 from ..model.adapter import target_kind
@@ -33,8 +33,8 @@ def check_report(
         r, o = Path(os.path.realpath(path)), Path(os.path.realpath(out))
         if r == o or r.is_relative_to(o) or o.is_relative_to(r):
             raise OutputError(f"the report {path} and the output {out} overlap", "write the report beside it")
-    if Path(path).suffix.lower() not in REPORT_SUFFIXES:
-        raise OutputError(
+    if Path(path).suffix.lower() not in REPORT_SUFFIXES:  # a usage error (exit 2), still before any work
+        raise OutputNameError(
             f"report {path}: the report is written as .json or .html",
             f"name it {Path(path).with_suffix('.html')} (a page) or {Path(path).with_suffix('.json')}",
         )
