@@ -28,7 +28,11 @@ class Module:
     """One adapted module of the base model.
 
     ``factors`` holds the kind's tensors under canonical names (see :data:`.shapes.FACTORS`); ``alpha`` is None when
-    the file stores none, which every consumer reads as ``alpha = rank`` (scale 1).
+    the file stores none, which every consumer reads as ``alpha = rank`` (scale 1). ``origin`` names the PEFT type
+    a lora module was read from when that is not LoRA (``adalora``, ``vera``): inspect shows it as the type, and a
+    ``vera`` module's down factor is VeRA's shared projection, as wide as the widest layer it was trained on (the
+    file does not record each layer's input width): :meth:`apply` takes its first columns for a narrower layer,
+    as PEFT does.
     """
 
     name: str
@@ -41,13 +45,15 @@ class Module:
     magnitude: TensorRef | None = None
     dora_axis: DoraAxis = "out"
     bias: TensorRef | None = None
+    origin: str | None = None
 
     # ---- header-only facts -------------------------------------------------------------------------
     @property
     def type(self) -> str:
-        """What inspect shows: the kind, with ``dora`` for weight-decomposed modules."""
+        """What inspect shows: the kind (or the PEFT type it was read from), with ``dora`` for weight-decomposed
+        modules."""
         if self.magnitude is None:
-            return self.kind
+            return self.origin or self.kind
         return "dora" if self.kind == "lora" else f"{self.kind}+dora"
 
     @property
@@ -243,18 +249,32 @@ class Module:
         work = dtype or torch.float32
         w = weight.to(work)
         shape = self.weight_shape()
-        if math.prod(shape) != w.numel():
+        width = self._narrower(tuple(w.shape))
+        if math.prod(shape) != w.numel() and width is None:
             raise ShapeError(
                 f"{self.name}: delta {list(shape)} does not fit weight {list(w.shape)}",
                 "is the adapter made for this base model?",
             )
-        d = self._stored(self._dense(work, weight.device).reshape(self.delta_shape())).reshape(w.shape)
+        dense = self._dense(work, weight.device)
+        if width is not None:  # VeRA: the layer's input width is the first columns of the shared projection
+            d = self._stored(dense[:, :width]).reshape(w.shape)
+        else:
+            d = self._stored(dense.reshape(self.delta_shape())).reshape(w.shape)
         if self.magnitude is None:
             return w + multiplier * d
         dora = self._dora(w + d, work)
         if multiplier == 1.0:
             return dora
         return w + multiplier * (dora - w)
+
+    def _narrower(self, weight_shape: tuple[int, ...]) -> int | None:
+        """The input width of the layer a ``vera`` module is applied to, when narrower than its down factor (the
+        shared projection); None otherwise."""
+        if self.origin != "vera" or len(weight_shape) != 2 or self.check():
+            return None
+        out, width = (weight_shape[1], weight_shape[0]) if self.fan_in_fan_out else weight_shape
+        d_out, d_in = self.delta_shape()[:2]
+        return width if out == d_out and 0 < width < d_in else None
 
     def _dora(self, merged: torch.Tensor, work: torch.dtype) -> torch.Tensor:
         """``m * merged / ||merged||``, the norm per output row (or input column) in (out, in, ...) orientation."""

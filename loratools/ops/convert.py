@@ -20,6 +20,7 @@ from typing import Any
 
 from ..errors import IncompatibleAdaptersError, ShapeError, UsageError
 from ..formats import FORMATS, load_adapter, save_adapter
+from ..formats import peft_types
 from ..formats.names import component_of, from_kohya, split_kohya, to_kohya
 from ..io.checkpoint import load_config
 from ..model import Adapter, Module, TensorRef, torch_dtype
@@ -137,11 +138,12 @@ def _lycoris(m: Module) -> bool:
 
 
 def _keeps_lycoris(adapter: Adapter, to: str, rank: int | None, energy: float | None) -> bool:
-    """Whether LyCORIS modules stay as they are: only in a kohya file, and only without ``rank`` / ``energy``,
+    """Whether LyCORIS modules stay as they are: in a kohya file, or in a PEFT LoHa / LoKr folder where PEFT holds
+    every module as it is (:func:`~loratools.formats.peft_types.writable`), and only without ``rank`` / ``energy``,
     which turn them into LoRA in every target (an option given is never ignored). A rank or energy for an
     adapter without such modules is refused: it would change nothing (``resize`` re-compresses LoRA)."""
     if rank is None and energy is None:
-        return to == "kohya"
+        return to == "kohya" or (to == "peft" and peft_types.writable(adapter) is not None)
     if not any(_lycoris(m) for m in adapter.modules.values()):
         option = "rank" if rank is not None else "energy"
         raise UsageError(
