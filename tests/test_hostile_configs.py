@@ -94,7 +94,7 @@ for field, value, tag in [
 ]:  # fmt: skip
     peft(f"{field}-{tag}", {field: value}, f"{field} must be")
 peft("peft_type-ia3", {"peft_type": "IA3"}, "not supported")  # a type loratools does not read: refused by name
-peft("peft_type-loha-over-lora-keys", {"peft_type": "LOHA"}, "not understood as peft LOHA")  # LoHa config, LoRA tensors
+peft("peft_type-loha-over-lora-keys", {"peft_type": "LOHA"}, "peft LOHA")  # LoHa config, LoRA tensors
 for field in ("r", "lora_alpha", "rank_pattern", "alpha_pattern"):  # PEFT fails on an explicit null in these
     peft(f"{field}-null", {field: None}, f"{field} must be")
 

@@ -361,7 +361,9 @@ def make_config(adapter: Adapter) -> dict[str, Any]:
             a = a * r / math.sqrt(r)
         return a
 
-    cfg: dict[str, Any] = dict(adapter.config) if adapter.format == NAME and peft_type_of(adapter.config) == "LORA" else {}
+    cfg: dict[str, Any] = (
+        dict(adapter.config) if adapter.format == NAME and peft_type_of(adapter.config) == "LORA" else {}
+    )
     if (
         cfg
         and bool(cfg.get("use_rslora", False)) == rslora

@@ -148,7 +148,8 @@ def _lycoris(name: str, g: KeyGroup, ctx: _Context) -> Module | None:
         )
         return m
     if m.kind == "lokr" and m.rank is None:
-        m.alpha = None  # both sides full: the model's scale is 1; PEFT's alpha / r goes into w1
+        m.alpha = float(r)  # both sides full: the model's scale is 1 (LyCORIS stores alpha = r); PEFT's alpha / r
+        # goes into w1
         scale = alpha / r
         if scale != 1.0:
             m.factors["w1"] = _scaled(m.factors["w1"], scale)
@@ -246,8 +247,9 @@ def _masked(ref: TensorRef, keep: list[int] | None, e: TensorRef | None) -> Tens
 def _vera(name: str, g: KeyGroup, ctx: _Context) -> Module | None:
     if "A" not in ctx.shared or "B" not in ctx.shared:
         ctx.damage(
-            f"{ctx.where}: a VeRA folder without its shared projections (base_model.vera_A / vera_B)",
-            "PEFT saves them unless save_projection=False; re-save the adapter with save_projection=True",
+            f"{ctx.where}: a VeRA folder without its shared projections base_model.vera_A / vera_B (saved with "
+            "save_projection=False: PEFT rebuilds them from projection_prng_key and the base model)",
+            "re-save the adapter with save_projection=True",
         )
         ctx.shared.setdefault("A", None)
         ctx.shared.setdefault("B", None)
@@ -435,10 +437,16 @@ def lycoris_config(adapter: Adapter, peft_type: str) -> dict[str, Any]:
             raise IncompatibleAdaptersError(why, "convert it to LoRA (loratools convert --to peft --rank K)")
         ranks, alphas = plan.pop("ranks"), plan.pop("alphas")
         fields = plan
-    own = dict(adapter.config) if adapter.config.get("peft_type") == peft_type else {}
-    for key in ("r", "alpha", "rank_pattern", "alpha_pattern", "lora_alpha", "use_rslora", "use_dora"):
-        own.pop(key, None)
-    cfg = {**own, "peft_type": peft_type, **_patterns(ranks, alphas), **fields}
+    from .peft import peft_type_of, rank_alpha_for
+
+    own = dict(adapter.config) if adapter.format == "peft" and peft_type_of(adapter.config) == peft_type else {}
+    kept = own and all(own.get(k, v) == v for k, v in fields.items())
+    if kept and all(rank_alpha_for(own, n, alpha_key="alpha") == (r, alphas[n]) for n, r in ranks.items()):
+        cfg = own  # the source's own config already gives every module its rank and alpha
+    else:
+        for key in ("r", "alpha", "rank_pattern", "alpha_pattern", "lora_alpha", "use_rslora", "use_dora"):
+            own.pop(key, None)
+        cfg = {**own, "peft_type": peft_type, **_patterns(ranks, alphas), **fields}
     old = cfg.get("target_modules")
     wanted = targets(adapter)
     if not (isinstance(old, list) and set(wanted) <= set(old)) and not isinstance(old, str):

@@ -8,7 +8,7 @@ layout (transposed for ``fan_in_fan_out`` and embeddings) and DoRA's rescale.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Literal
 
 from ..errors import LoratoolsError, ShapeError
@@ -249,23 +249,41 @@ class Module:
         work = dtype or torch.float32
         w = weight.to(work)
         shape = self.weight_shape()
-        width = self._narrower(tuple(w.shape))
-        if math.prod(shape) != w.numel() and width is None:
+        if self._narrower(tuple(w.shape)) is not None:
+            return self.fitted(tuple(w.shape)).apply(weight, multiplier, dtype)
+        if math.prod(shape) != w.numel():  # fits() holds the same rule
             raise ShapeError(
                 f"{self.name}: delta {list(shape)} does not fit weight {list(w.shape)}",
                 "is the adapter made for this base model?",
             )
-        dense = self._dense(work, weight.device)
-        if width is not None:  # VeRA: the layer's input width is the first columns of the shared projection
-            d = self._stored(dense[:, :width]).reshape(w.shape)
-        else:
-            d = self._stored(dense.reshape(self.delta_shape())).reshape(w.shape)
+        d = self._stored(self._dense(work, weight.device).reshape(self.delta_shape())).reshape(w.shape)
         if self.magnitude is None:
             return w + multiplier * d
         dora = self._dora(w + d, work)
         if multiplier == 1.0:
             return dora
         return w + multiplier * (dora - w)
+
+    def fits(self, weight_shape: tuple[int, ...]) -> bool:
+        """Whether the delta can be added to a base weight of ``weight_shape`` (stored layout): the same shape, the
+        same elements with the same rows (a 1x1 conv LoRA on a linear weight), or a ``vera`` module on a layer
+        narrower than its shared projection."""
+        ws = self.weight_shape()
+        same = tuple(ws) == tuple(weight_shape)
+        alike = (
+            bool(ws) and bool(weight_shape) and ws[0] == weight_shape[0] and math.prod(ws) == math.prod(weight_shape)
+        )
+        return same or alike or self._narrower(tuple(weight_shape)) is not None
+
+    def fitted(self, weight_shape: tuple[int, ...]) -> Module:
+        """This module for a base weight of ``weight_shape``: itself, or for a ``vera`` module on a narrower layer
+        a copy whose down factor is the first columns of the shared projection (PEFT's ``vera_A[:, :in]``)."""
+        width = self._narrower(tuple(weight_shape))
+        if width is None:
+            return self
+        down = self.factors["down"]
+        sliced = TensorRef((down.shape[0], width), down.dtype, lambda: down.load()[:, :width].contiguous())
+        return replace(self, factors={**self.factors, "down": sliced})
 
     def _narrower(self, weight_shape: tuple[int, ...]) -> int | None:
         """The input width of the layer a ``vera`` module is applied to, when narrower than its down factor (the

@@ -19,8 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import IncompatibleAdaptersError, ShapeError, UsageError
-from ..formats import FORMATS, load_adapter, save_adapter
-from ..formats import peft_types
+from ..formats import FORMATS, load_adapter, peft_types, save_adapter
 from ..formats.names import component_of, from_kohya, split_kohya, to_kohya
 from ..io.checkpoint import load_config
 from ..model import Adapter, Module, TensorRef, torch_dtype
