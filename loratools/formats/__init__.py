@@ -12,10 +12,10 @@ from ..io.atomic import check_output
 from ..io.pickle import is_torch_pickle
 from ..io.safetensors import shown
 from ..model import Adapter
-from . import diffusers, kohya, peft
+from . import diffusers, kohya, mlx, peft
 from .common import open_raw
 
-FORMATS: dict[str, ModuleType] = {"peft": peft, "kohya": kohya, "diffusers": diffusers}
+FORMATS: dict[str, ModuleType] = {"peft": peft, "kohya": kohya, "diffusers": diffusers, "mlx": mlx}
 
 
 def _path(value: object, what: str) -> Path:
@@ -49,6 +49,8 @@ def detect(source: str | os.PathLike[str]) -> str:
     if not p.exists():
         raise FileFormatError(f"{p}: no such file or folder")
     if p.is_dir():
+        if mlx.is_mlx_folder(p):  # before PEFT's: it has an adapter_config.json too
+            return mlx.NAME
         if peft.is_peft_folder(p):
             return peft.NAME
         if (p / diffusers.FILENAME).is_file():
@@ -62,6 +64,8 @@ def detect(source: str | os.PathLike[str]) -> str:
         )
     if p.name in peft.WEIGHTS and peft.has_config(p.parent):
         return peft.NAME
+    if p.name == mlx.WEIGHTS and mlx.is_mlx_folder(p.parent):
+        return mlx.NAME
     raw = open_raw(p, lenient=not is_torch_pickle(p))  # damage is for the reader to report
     keys = list(raw.tensors)
     for name, mod in FORMATS.items():
@@ -82,6 +86,8 @@ def adapter_file(source: str | os.PathLike[str]) -> Path:
     """What a reader opens for ``source``: a folder holding exactly one ``.safetensors`` file stands for that file;
     anything else (a file, a PEFT or diffusers folder) for itself."""
     p = Path(source)
+    if mlx.is_mlx_folder(p):
+        return p / mlx.WEIGHTS  # read with the config beside it
     if p.is_dir() and not peft.is_peft_folder(p) and not (p / diffusers.FILENAME).is_file():
         files = sorted(p.glob("*.safetensors"))
         if len(files) == 1:

@@ -6,7 +6,7 @@ from collections.abc import Callable
 
 from ..model import Adapter
 
-CONSUMERS = ("vllm", "tgi", "llama.cpp", "ollama", "diffusers", "comfyui")
+CONSUMERS = ("vllm", "tgi", "llama.cpp", "ollama", "diffusers", "comfyui", "mlx")
 #: vLLM's default --max-lora-rank
 VLLM_DEFAULT_MAX_RANK = 16
 
@@ -82,6 +82,34 @@ def _comfyui(a: Adapter, add: Add) -> None:
         add("warning", "dora_scale per input column: ComfyUI infers the axis from the shape; check the result", "")
 
 
+def _mlx(a: Adapter, add: Add) -> None:
+    """mlx-lm's ``load_adapters``: its own folder layout, LoRA or DoRA on linear and embedding layers (one rank and
+    one scale, which convert arranges), nothing else."""
+    mods = list(a.modules.values())
+    if a.format != "mlx":
+        add("error", f"mlx-lm reads its own adapter folders (adapters.safetensors), this is a {a.format} adapter",
+            "loratools convert SRC --to mlx -o OUT")  # fmt: skip
+    if a.extras:
+        add("error", f"mlx-lm adapters hold no full tensors (modules_to_save / saved embeddings): "
+            f"{', '.join(sorted(a.extras)[:3])}", "merge the adapter into the base instead: loratools merge BASE SRC -o OUT")  # fmt: skip
+    if any(m.kind != "lora" or "mid" in m.factors for m in mods):
+        add("error", "mlx-lm's adapters are LoRA or DoRA only (found LoHa/LoKr/Tucker)",
+            "loratools convert SRC --to mlx -o OUT (LoRA through the exact dense delta)")  # fmt: skip
+    if any(m.layer == "conv" for m in mods):
+        add("error", "mlx-lm has no conv LoRA layers", "merge it instead: loratools merge BASE SRC -o OUT")
+    if any(m.bias is not None for m in mods):
+        add("error", "mlx-lm's LoRA layers have no bias (lora_bias=True)", "merge it: loratools merge BASE SRC -o OUT")
+    if len({m.magnitude is not None for m in mods}) > 1:
+        add(
+            "error",
+            "mlx-lm adapters are all DoRA or all LoRA (fine_tune_type)",
+            "merge it: loratools merge BASE SRC -o OUT",
+        )
+    if a.format == "mlx" and (len({m.rank for m in mods}) > 1 or len({m.scale for m in mods}) > 1):
+        add("error", "mlx-lm builds every layer with the config's one rank and scale: these modules differ",
+            "loratools convert SRC --to mlx -o OUT (pads ranks, folds scales)")  # fmt: skip
+
+
 RULES: dict[str, Callable[[Adapter, Add], None]] = {
     "vllm": _vllm,
     "tgi": _tgi,
@@ -89,4 +117,5 @@ RULES: dict[str, Callable[[Adapter, Add], None]] = {
     "ollama": lambda a, add: _llama_cpp(a, add, "Ollama (llama.cpp)"),
     "diffusers": _diffusers,
     "comfyui": _comfyui,
+    "mlx": _mlx,
 }
