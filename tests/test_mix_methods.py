@@ -234,7 +234,8 @@ def test_help_examples_of_the_new_methods_run(tmp_path: Path) -> None:
     from loratools.cli import cli
 
     help_text = CliRunner().invoke(cli, ["mix", "--help"]).output
-    lines = [line.strip() for line in help_text.split("Example:")[1].splitlines() if "--density" in line]
+    examples = [line.strip() for line in help_text.split("Example:")[1].splitlines()]
+    lines = [line for line in examples if line.startswith("loratools mix") and "--density" in line]
     assert {shlex.split(line)[shlex.split(line).index("--method") + 1] for line in lines} == {"ties", "dare_ties"}
     for line in lines:
         argv = shlex.split(line)[1:]
