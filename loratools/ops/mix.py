@@ -223,8 +223,8 @@ def mix_adapters(
         energy = None
         if method in DENSE_METHODS:
             indexed = [(position[id(m)], w, m) for w, m in parts]
-            delta = dense_mix(indexed, method, float(density), majority_sign or "total", seed or 0, dev, work)  # type: ignore[arg-type]
-            up, down, energy = compress(delta, rank, seed or 0)
+            delta, ranks = dense_mix(indexed, method, float(density), majority_sign or "total", seed or 0, dev, work)  # type: ignore[arg-type]
+            up, down, energy = compress(delta, rank, seed or 0, ranks)
         elif method == "linear":
             up, down = _linear(parts, dev, work)
         else:
