@@ -90,6 +90,8 @@ def check_config(cfg: Any, where: str) -> dict[str, Any]:
     if not _is_number(scale):
         why = " (mlx-lm's config says scale, not alpha: a plain multiplier)" if "alpha" in params else ""
         raise FileFormatError(f"{where}: lora_parameters.scale must be a finite number, not {scale!r}{why}")
+    if not math.isfinite(float(scale) * rank):  # alpha = scale * rank must be a number
+        raise FileFormatError(f"{where}: lora_parameters.scale {scale!r} times the rank {rank} is not a finite number")
     keys = params.get("keys")
     if keys is not None and not (isinstance(keys, list) and all(isinstance(k, str) for k in keys)):
         raise FileFormatError(f"{where}: lora_parameters.keys must be a list of module paths or null")
@@ -140,6 +142,11 @@ def read(path: str | os.PathLike[str], *, problems: list[str] | None = None) -> 
         if "magnitude" in g.parts and not dora:
             check_leftovers([], [f"{shown(name)}: a DoRA magnitude (.m) in a {cfg.get('fine_tune_type', 'lora')} "
                                  "adapter"], NAME, problems)  # fmt: skip
+        if a.shape[1] != params["rank"] or b.shape[0] != params["rank"]:
+            check_leftovers([], [f"{shown(name)}: lora_a {list(a.shape)} / lora_b {list(b.shape)} are not of "
+                                 f"lora_parameters.rank {params['rank']}: mlx-lm builds every layer with that rank "
+                                 "and would not load them"], NAME, problems)  # fmt: skip
+            continue
         g.parts["down"], g.parts["up"] = _t(a), _t(b)
         r = g.parts["down"].shape[0]
         layer = "embedding" if name.rpartition(".")[2] in EMBEDDINGS else None

@@ -263,7 +263,7 @@ def _vera(name: str, g: KeyGroup, ctx: _Context) -> Module | None:
         return None
     lb, ld = g.parts["lambda_b"], g.parts["lambda_d"]
     fits = len(A.shape) == 2 and len(B.shape) == 2 and A.shape[0] == B.shape[1]
-    if not fits or len(lb.shape) != 1 or len(ld.shape) != 1 or ld.shape[0] > A.shape[0] or lb.shape[0] > B.shape[0]:
+    if not fits or len(lb.shape) != 1 or len(ld.shape) != 1 or ld.shape[0] != A.shape[0] or lb.shape[0] > B.shape[0]:
         ctx.damage(
             f"{shown(name)}: VeRA vectors do not fit the shared projections: vera_lambda_d {list(ld.shape)}, "
             f"vera_lambda_b {list(lb.shape)}, vera_A {list(A.shape)} (r x in), vera_B {list(B.shape)} (out x r)"
