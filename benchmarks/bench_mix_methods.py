@@ -8,6 +8,7 @@ the optimal rank-16 error) and from each other.
 
     python benchmarks/bench_mix_methods.py                 # PEFT's full SVD takes about a minute per method
     python benchmarks/bench_mix_methods.py --skip-peft
+    python benchmarks/bench_mix_methods.py --device cuda    # both on the GPU
 
 Prints a Markdown table for docs/performance.md.
 """
@@ -65,18 +66,24 @@ def merged_dense(model, method: str) -> torch.Tensor:  # type: ignore[no-untyped
 
     layer = model.base_model.model.q_proj
     deltas = [layer.get_delta_weight(n).detach() for n in ADAPTERS]
-    return getattr(merge_utils, method)(deltas, torch.tensor(WEIGHTS), DENSITY).double()
+    weights = torch.tensor(WEIGHTS, device=deltas[0].device)
+    return getattr(merge_utils, method)(deltas, weights, DENSITY).double()
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.double() - b.double()).norm() / b.double().norm())
 
 
-def run(tmp: Path, skip_peft: bool) -> list[str]:
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def run(tmp: Path, skip_peft: bool, device: str) -> list[str]:
     from loratools import load_adapter
     from loratools.ops.mix import mix, mix_adapters
 
-    model = peft_model(tmp)
+    model = peft_model(tmp).to(device)
     sources = [folder(tmp, n) for n in ADAPTERS]
     adapters = [load_adapter(s) for s in sources]
     rows = []
@@ -85,13 +92,14 @@ def run(tmp: Path, skip_peft: bool) -> list[str]:
         times = []
         for _ in range(3):  # the best of three: the machine is shared
             t = time.perf_counter()
-            mixed, _ = mix_adapters(adapters, WEIGHTS, method, RANK, density=DENSITY)  # type: ignore[arg-type]
+            mixed, _ = mix_adapters(adapters, WEIGHTS, method, RANK, density=DENSITY, device=device)  # type: ignore[arg-type]
+            sync(device)
             times.append(time.perf_counter() - t)
         ours_compute = min(times)
         t = time.perf_counter()
-        mix(sources, tmp / f"ours-{method}", WEIGHTS, method, RANK, density=DENSITY, force=True)  # type: ignore[arg-type]
+        mix(sources, tmp / f"ours-{method}", WEIGHTS, method, RANK, density=DENSITY, force=True, device=device)  # type: ignore[arg-type]
         ours_file = time.perf_counter() - t
-        ours = next(iter(mixed.modules.values())).delta(dtype=torch.float64)
+        ours = next(iter(mixed.modules.values())).delta(dtype=torch.float64).to(device)
         rows.append(f"| {method} | loratools `mix --method {method} --density {DENSITY} --rank {RANK}` (compute) | "
                     f"{ours_compute:.2f} s | {rel(ours, dense):.6e} | |")  # fmt: skip
         rows.append(f"| {method} | loratools, file to file (read three, mix, write) | {ours_file:.2f} s | | |")
@@ -102,6 +110,7 @@ def run(tmp: Path, skip_peft: bool) -> list[str]:
                 model.add_weighted_adapter(
                     list(ADAPTERS), WEIGHTS, combination, combination_type=combination, svd_rank=RANK, density=DENSITY
                 )
+                sync(device)
                 peft_time = time.perf_counter() - t
             theirs = model.base_model.model.q_proj.get_delta_weight(combination).double()
             rows.insert(len(rows) - 2, f'| {method} | PEFT `add_weighted_adapter("{combination}", svd_rank={RANK})` '
@@ -121,13 +130,14 @@ def run(tmp: Path, skip_peft: bool) -> list[str]:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--skip-peft", action="store_true", help="leave out PEFT's (slow) runs")
+    p.add_argument("--device", default="cpu", help="cpu (default) or cuda: where both PEFT and loratools compute")
     args = p.parse_args()
-    print(f"machine: {machine()}\n")
+    print(f"machine: {machine()}; device {args.device}, torch threads {torch.get_num_threads()}\n")
     print(f"| method | what (one 4096 x 4096 layer, 3 x rank {RANK} -> rank {RANK}, density {DENSITY}) | time | "
           "relative error vs the merged dense delta | difference |")  # fmt: skip
     print("|---|---|---|---|---|")
     with tempfile.TemporaryDirectory() as d:
-        for row in run(Path(d), args.skip_peft):
+        for row in run(Path(d), args.skip_peft, args.device):
             print(row, flush=True)
 
 

@@ -90,7 +90,7 @@ def check_config(cfg: Any, where: str) -> dict[str, Any]:
     if not _is_number(scale):
         why = " (mlx-lm's config says scale, not alpha: a plain multiplier)" if "alpha" in params else ""
         raise FileFormatError(f"{where}: lora_parameters.scale must be a finite number, not {scale!r}{why}")
-    if not math.isfinite(float(scale) * rank):  # alpha = scale * rank must be a number
+    if not math.isfinite(float(scale) * rank):  # type: ignore[arg-type]  # alpha = scale * rank must be a number
         raise FileFormatError(f"{where}: lora_parameters.scale {scale!r} times the rank {rank} is not a finite number")
     keys = params.get("keys")
     if keys is not None and not (isinstance(keys, list) and all(isinstance(k, str) for k in keys)):

@@ -24,6 +24,7 @@ reproducible and does not depend on the order modules are visited in. ``d >= 1``
 from __future__ import annotations
 
 import hashlib
+import math
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Literal
 
@@ -156,7 +157,8 @@ def dense_mix(
         out = pruned[0] * weights[0]
         for p, w in zip(pruned[1:], weights[1:], strict=True):
             out.add_(p, alpha=w)
-    if not bool(torch.isfinite(out).all()):  # the factors were finite: the float32 product overflowed
+    norm = float(torch.linalg.vector_norm(out))  # one pass: inf when an entry is, or when only the norm overflows
+    if not math.isfinite(norm) and not bool(torch.isfinite(out).all()):  # the float32 product overflowed
         refuse_nonfinite(parts[0][2], out, what=f"the {method} merge")
     return out, ranks
 
@@ -178,7 +180,9 @@ def compress(
     oversample = max(OVERSAMPLE, ranks + COVER - rank)
     svd = randomized_svd(delta, rank, oversample=oversample, power_iters=POWER_ITERS, generator=gen)
     k = min(rank, svd.s.shape[0])
-    whole = float(torch.linalg.vector_norm(delta, dtype=torch.float64)) ** 2
+    whole = float(torch.linalg.vector_norm(delta)) ** 2
+    if not math.isfinite(whole):  # float32's sum of squares overflowed: the entries are finite
+        whole = float(torch.linalg.vector_norm(delta, dtype=torch.float64)) ** 2
     kept = float(svd.s[:k].double().square().sum())
     energy = 1.0 if whole == 0 else min(1.0, kept / whole)
     if k == 0:  # the merge is zero: one zero component keeps the module
