@@ -173,3 +173,26 @@ def test_factorization_is_peft_and_lycoris_rule() -> None:
     for dim in (1, 2, 7, 12, 16, 30, 32, 64, 96, 127, 128, 320, 4096, 11008):
         for factor in (-1, 1, 2, 3, 4, 8, 16):
             assert factorization(dim, factor) == peft_factorization(dim, factor), (dim, factor)
+
+
+@pytest.mark.parametrize("fixture", ["peft_llama_adalora", "peft_llama_vera"])
+def test_adalora_and_vera_as_lora_merge_like_peft(fixture: str, mf: ModuleType, tmp_path: Path) -> None:
+    """AdaLoRA and VeRA are written as LoRA: PEFT loads the result and merges it to what it merges from the
+    original. VeRA's shared projection is as wide as the widest layer and the folder does not record each layer's
+    width: without --base the conversion (and a mix, which needs the same) is refused, with it each module is cut
+    to its layer."""
+    mf.tiny_llama().save_pretrained(tmp_path / "base")
+    argv = ["convert", str(FIXTURES / fixture), "--to", "peft", "-o", str(tmp_path / "lora")]
+    if fixture.endswith("vera"):
+        code, _, err = run_cli(*argv)
+        assert code == 1 and "--base" in err and not (tmp_path / "lora").exists()
+        code, _, err = run_cli("mix", str(FIXTURES / fixture), str(FIXTURES / "peft_llama"), "-o", str(tmp_path / "m"))
+        assert code == 1 and "VeRA" in err and not (tmp_path / "m").exists()
+        argv += ["--base", str(tmp_path / "base")]
+    code, _, err = run_cli(*argv)
+    assert code == 0, err
+    assert json.loads((tmp_path / "lora" / "adapter_config.json").read_text())["peft_type"] == "LORA"
+    _, want = peft_merged(mf, "tiny_llama", FIXTURES / fixture)
+    _, got = peft_merged(mf, "tiny_llama", tmp_path / "lora")
+    for key in want:
+        kit.close(got[key], want[key], key)

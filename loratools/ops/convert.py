@@ -131,6 +131,23 @@ def _layer_shapes(adapter: Adapter, base_shapes: Mapping[str, tuple[int, ...]] |
     return out
 
 
+def vera_fitted(m: Module, shape: tuple[int, ...] | None) -> Module:
+    """A module read from a PEFT VeRA folder, cut to its layer's input width (``shape``: the base weight's). VeRA's
+    shared ``vera_A`` is as wide as the widest layer it adapts and the folder does not record each layer's own
+    width: without the base it cannot be written as any other adapter."""
+    if m.origin != "vera":
+        return m
+    if shape is None:
+        raise IncompatibleAdaptersError(
+            f"{m.name}: a VeRA module's shared projection vera_A is {m.factors['down'].shape[1]} wide (the widest "
+            "layer it adapts); the folder does not record this layer's own width",
+            "pass --base with the base model: each module is cut to its layer's width, as PEFT does",
+        )
+    if not m.fits(shape):
+        raise ShapeError(f"{m.name}: its VeRA delta is {list(m.weight_shape())}, the base layer {list(shape)}")
+    return m.fitted(shape)
+
+
 def _lycoris(m: Module) -> bool:
     """A module that only a LyCORIS-aware file holds as it is: LoHa, LoKr, full diff, Tucker LoCon."""
     return m.kind != "lora" or "mid" in m.factors
@@ -290,7 +307,7 @@ def convert_adapter(
         check_dense_all(m for m in adapter.modules.values() if _lycoris(m))
     baked = 0
     for src, m in adapter.modules.items():
-        new = m
+        new = vera_fitted(m, layers.get(src))
         kept = 1.0
         note = ""
         if _lycoris(m) and not lycoris_ok:
@@ -403,6 +420,8 @@ def convert(
 def _uses_base(adapter: Adapter, to: str, rank: int | None, energy: float | None) -> bool:
     """Whether ``--base`` has a job in this conversion (see the note in :func:`convert`)."""
     if to == "gguf" or (adapter.format == "kohya" and to != "kohya"):
+        return True
+    if any(m.origin == "vera" for m in adapter.modules.values()):
         return True
     to_lora = to != "kohya" or rank is not None or energy is not None
     return to_lora and any(_lycoris(m) and m.flattened for m in adapter.modules.values())
