@@ -25,11 +25,11 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Literal
 
 from ..model import Module
-from .linalg import randomized_svd
+from .linalg import one_thread, randomized_svd
 from .lowrank import factors, refuse_nonfinite
 
 if TYPE_CHECKING:
@@ -49,9 +49,9 @@ COVER = 8
 POWER_ITERS = 4
 
 
-def keep_largest(t: torch.Tensor, density: float) -> torch.Tensor:
+def keep_largest(t: torch.Tensor, density: float, *, inplace: bool = False) -> torch.Tensor:
     """``t`` with all but its ``int(density * numel)`` entries of largest magnitude set to zero (PEFT's
-    ``magnitude_based_pruning``; entries equal to the threshold are all kept)."""
+    ``magnitude_based_pruning``; entries equal to the threshold are all kept); ``inplace``: in ``t`` itself."""
     import torch
 
     if density >= 1:
@@ -59,35 +59,56 @@ def keep_largest(t: torch.Tensor, density: float) -> torch.Tensor:
     k = int(density * t.numel())
     if k <= 0:
         return torch.zeros_like(t)
-    mags = t.abs()
-    return t.masked_fill(mags < kth_largest(mags.flatten(), k), 0.0)
+    flat = t.reshape(-1)
+    threshold = kth_largest_magnitude(flat, k)
+    out = flat if inplace and flat.data_ptr() == t.data_ptr() else flat.clone()
+    with one_thread(out):
+        for part in _chunks(out):
+            part.masked_fill_(part.abs() < threshold, 0.0)
+    return out.view(t.shape)
 
 
 #: entries sampled to bracket the k-th largest magnitude
 SAMPLE = 1 << 16
+#: elements per slice of the elementwise passes: a slice and its temporaries stay in the CPU's cache, where a
+#: pass over a whole 4096 x 4096 delta (64 MiB, and a fresh allocation for each temporary) is memory-bound
+CHUNK = 1 << 18
 
 
-def kth_largest(mags: torch.Tensor, k: int) -> torch.Tensor:
-    """The k-th largest of ``mags`` (1 <= k <= numel), exactly. A full selection over a 4096 x 4096 delta takes
-    about a second; here a sample brackets the value (a few standard deviations of the sample's rank either side),
-    one pass counts what lies above and inside the bracket, and only the entries inside (a few thousand) are
-    selected from. When the bracket misses (a sample can), the full selection decides."""
+def _chunks(flat: torch.Tensor) -> Iterator[torch.Tensor]:
+    """Consecutive views of a 1-D tensor, CHUNK elements each (the whole tensor on a GPU)."""
+    step = flat.numel() if flat.device.type != "cpu" else CHUNK
+    for i in range(0, flat.numel(), step):
+        yield flat[i : i + step]
+
+
+def kth_largest_magnitude(flat: torch.Tensor, k: int) -> torch.Tensor:
+    """The k-th largest ``|x|`` of a 1-D tensor (1 <= k <= numel), exactly. A full selection over a 4096 x 4096
+    delta takes about a second; here a sample brackets the value (six standard deviations of the sample's rank
+    either side), one pass counts what lies above the bracket and gathers what lies inside (a few hundred thousand
+    entries), and only those are selected from. When the bracket misses (a sample can), the full selection
+    decides."""
     import torch
 
-    n = mags.numel()
+    n = flat.numel()
     if n <= 4 * SAMPLE:
-        return torch.kthvalue(mags, n - k + 1).values
-    gen = torch.Generator(device=mags.device).manual_seed(n * 31 + k)
-    sample = mags[torch.randint(n, (SAMPLE,), generator=gen, device=mags.device)].sort().values
+        return torch.kthvalue(flat.abs(), n - k + 1).values
+    gen = torch.Generator(device=flat.device).manual_seed(n * 31 + k)
+    sample = flat[torch.randint(n, (SAMPLE,), generator=gen, device=flat.device)].abs().sort().values
     q = 1 - k / n  # the quantile of the k-th largest
     spread = 6 * (q * (1 - q) * SAMPLE) ** 0.5 + 2
     lo = sample[max(0, int(q * SAMPLE - spread))]
     hi = sample[min(SAMPLE - 1, int(q * SAMPLE + spread))]
-    above = int(torch.count_nonzero(mags > hi))
-    inside = mags[(mags >= lo) & (mags <= hi)]
-    if above < k <= above + inside.numel():
-        return torch.kthvalue(inside, inside.numel() - (k - above) + 1).values
-    return torch.kthvalue(mags, n - k + 1).values
+    above, inside = 0, []
+    with one_thread(flat):
+        for part in _chunks(flat):
+            mags = part.abs()
+            above += int(torch.count_nonzero(mags > hi))
+            inside.append(mags[(mags >= lo) & (mags <= hi)])
+    between = torch.cat(inside)
+    if above < k <= above + between.numel():
+        return torch.kthvalue(between, between.numel() - (k - above) + 1).values
+    return torch.kthvalue(flat.abs(), n - k + 1).values
 
 
 def module_seed(seed: int, index: int, name: str) -> int:
@@ -110,20 +131,35 @@ def drop_random(t: torch.Tensor, density: float, seed: int) -> torch.Tensor:
 
 def elect_and_merge(pruned: Sequence[torch.Tensor], weights: Sequence[float], sign: str) -> torch.Tensor:
     """TIES' sign election and disjoint mean (PEFT's ``calculate_majority_sign_mask`` and ``disjoint_merge``),
-    one input at a time so that no stack of n dense deltas is formed."""
+    slice by slice (:data:`CHUNK`) so that the temporaries stay small; no stack of n dense deltas is formed.
+
+    With ``e`` the elected sign (+1 on a tie), ``relu(p * e)`` is ``|p|`` where ``p`` agrees with it and 0
+    elsewhere (a pruned entry, 0, agrees with no sign): the disjoint mean is
+    ``e * sum_i w_i relu(p_i e) / max(1, sum_i sign(relu(p_i e)))``."""
     import torch
 
-    total = torch.zeros_like(pruned[0])
-    for p in pruned:
-        total += p if sign == "total" else p.sign()
-    elected = torch.where(total >= 0, 1.0, -1.0).to(total.dtype)  # +1 on a tie
-    merged = torch.zeros_like(total)
-    count = torch.zeros_like(total)
-    for p, w in zip(pruned, weights, strict=True):
-        agree = (p * elected > 0).to(total.dtype)  # a pruned (zero) entry agrees with no sign
-        merged.addcmul_(p, agree, value=w)
-        count += agree
-    return merged.div_(count.clamp_min_(1.0))
+    flats = [p.reshape(-1) for p in pruned]
+    out = torch.empty_like(flats[0])
+    with one_thread(out):
+        _elect_and_merge(flats, weights, sign, out)
+    return out.view(pruned[0].shape)
+
+
+def _elect_and_merge(flats: Sequence[torch.Tensor], weights: Sequence[float], sign: str, out: torch.Tensor) -> None:
+    import torch
+
+    for dst, *views in zip(_chunks(out), *map(_chunks, flats), strict=True):
+        total = torch.zeros_like(dst)
+        for v in views:
+            total += v if sign == "total" else v.sign()
+        elected = torch.where(total >= 0, 1.0, -1.0).to(dst.dtype)
+        merged = torch.zeros_like(dst)
+        count = torch.zeros_like(dst)
+        for v, w in zip(views, weights, strict=True):
+            agree = torch.mul(v, elected, out=total).relu_()  # total is no longer needed: its memory is reused
+            merged.add_(agree, alpha=w)
+            count.add_(agree.sign_())
+        torch.mul(merged, elected, out=dst).div_(count.clamp_min_(1.0))
 
 
 def dense_mix(
@@ -146,7 +182,7 @@ def dense_mix(
         ranks += up.shape[1]
         t = up.to(torch.float32) @ down.to(torch.float32)
         if method in ("ties", "magnitude_prune"):
-            t = keep_largest(t, density)
+            t = keep_largest(t, density, inplace=True)
         else:
             t = drop_random(t, density, module_seed(seed, index, m.name))
         pruned.append(t)
@@ -154,7 +190,7 @@ def dense_mix(
     if method in ("ties", "dare_ties"):
         out = elect_and_merge(pruned, weights, sign)
     else:
-        out = pruned[0] * weights[0]
+        out = pruned[0].mul_(weights[0])  # the pruned deltas are this function's own
         for p, w in zip(pruned[1:], weights[1:], strict=True):
             out.add_(p, alpha=w)
     norm = float(torch.linalg.vector_norm(out))  # one pass: inf when an entry is, or when only the norm overflows
