@@ -216,7 +216,7 @@ def test_mix_merge_inspect_and_validate_for_mlx(mf: ModuleType, tmp_path: Path) 
 
 
 @needs_mlx
-@pytest.mark.parametrize("kind", ["lora", "dora"])
+@pytest.mark.parametrize("kind", ["lora", pytest.param("dora", marks=pytest.mark.slow)])
 def test_mlx_lm_adapter_to_peft_merges_to_mlx_lm_fuse(kind: str, mf: ModuleType, tmp_path: Path) -> None:
     base = tmp_path / "base"
     mf.tiny_llama().save_pretrained(base)
@@ -233,8 +233,8 @@ def test_mlx_lm_adapter_to_peft_merges_to_mlx_lm_fuse(kind: str, mf: ModuleType,
         kit.close(merged[key], fused[key], key)
 
 
-@needs_mlx
-@pytest.mark.parametrize("src", ["peft_llama_patterns", "peft_llama_dora"])
+@needs_mlx  # DoRA both ways: mlx-lm -> PEFT is slow-marked (5 s: two mlx-lm processes), PEFT -> mlx-lm is not
+@pytest.mark.parametrize("src", [pytest.param("peft_llama_patterns", marks=pytest.mark.slow), "peft_llama_dora"])
 def test_peft_adapter_as_mlx_fuses_to_peft_merge(src: str, mf: ModuleType, tmp_path: Path) -> None:
     base = tmp_path / "base"
     mf.tiny_llama().save_pretrained(base)
