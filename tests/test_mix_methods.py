@@ -126,6 +126,15 @@ def test_pruning_steps_are_peft_s_merge_utils() -> None:
             pruned = [keep_largest(t, d) for t in ts]
             want = mu.ties(ts, torch.tensor(w, dtype=F64), d, sign)
             torch.testing.assert_close(elect_and_merge(pruned, w, sign), want, rtol=1e-12, atol=1e-12)
+    # beyond 4 x SAMPLE entries the threshold comes from a sampled bracket: still exactly PEFT's k entries, also
+    # with ties at the threshold's neighbours (rounded values) and in float32
+    for big in (torch.randn(1024, 1024, generator=g), torch.randn(700, 900, generator=g).round(decimals=2)):
+        for d in (0.01, 0.2, 0.5, 0.93):
+            want = mu.prune(big, d, "magnitude")
+            got = keep_largest(big, d)
+            threshold = want[want != 0].abs().min()
+            assert torch.equal(got.abs() >= threshold, big.abs() >= threshold), d
+            assert torch.equal(got, big.masked_fill(big.abs() < threshold, 0.0)), d
     t = torch.randn(200, 300, generator=g, dtype=F64)
     dropped = drop_random(t, 0.2, seed=5)
     kept = dropped != 0

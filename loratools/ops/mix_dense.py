@@ -100,11 +100,10 @@ def kth_largest_magnitude(flat: torch.Tensor, k: int) -> torch.Tensor:
     lo = sample[max(0, int(q * SAMPLE - spread))]
     hi = sample[min(SAMPLE - 1, int(q * SAMPLE + spread))]
     above, inside = 0, []
-    mid, half = (lo + hi) / 2, (hi - lo) / 2
     for part in _chunks(flat):
         mags = part.abs()
         above += int(torch.count_nonzero(mags > hi))
-        inside.append(mags[(mags - mid).abs_() <= half])
+        inside.append(mags[(mags >= lo) & (mags <= hi)])  # exact compares: lo and hi are entries themselves
     between = torch.cat(inside)
     if above < k <= above + between.numel():
         return torch.kthvalue(between, between.numel() - (k - above) + 1).values
