@@ -29,7 +29,7 @@ from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Literal
 
 from ..model import Module
-from .linalg import randomized_svd
+from .linalg import one_thread, randomized_svd
 from .lowrank import factors, refuse_nonfinite
 
 if TYPE_CHECKING:
@@ -62,16 +62,19 @@ def keep_largest(t: torch.Tensor, density: float, *, inplace: bool = False) -> t
     flat = t.reshape(-1)
     threshold = kth_largest_magnitude(flat, k)
     out = flat if inplace and flat.data_ptr() == t.data_ptr() else flat.clone()
-    for part in _chunks(out):
-        part.masked_fill_(part.abs() < threshold, 0.0)
+    with one_thread(out):
+        for part in _chunks(out):
+            part.masked_fill_(part.abs() < threshold, 0.0)
     return out.view(t.shape)
 
 
 #: entries sampled to bracket the k-th largest magnitude
 SAMPLE = 1 << 16
 #: elements per slice of the elementwise passes: a slice and its temporaries stay in the CPU's cache, where a
-#: pass over a whole 4096 x 4096 delta (64 MiB, and a fresh allocation for each temporary) is memory-bound
-#: (measured on 2 cores: TIES' election 0.6 s whole, 0.1 s in slices)
+#: pass over a whole 4096 x 4096 delta (64 MiB, and a fresh allocation for each temporary) is memory-bound.
+#: The slices run on one thread (:func:`.linalg.one_thread`): two threads are 1.3x faster on two idle cores, but
+#: each of their barriers (hundreds per delta) can wait a scheduler slice when the cores are busy, which was
+#: measured to turn 0.6 s into 21 s
 CHUNK = 1 << 18
 
 
@@ -100,10 +103,11 @@ def kth_largest_magnitude(flat: torch.Tensor, k: int) -> torch.Tensor:
     lo = sample[max(0, int(q * SAMPLE - spread))]
     hi = sample[min(SAMPLE - 1, int(q * SAMPLE + spread))]
     above, inside = 0, []
-    for part in _chunks(flat):
-        mags = part.abs()
-        above += int(torch.count_nonzero(mags > hi))
-        inside.append(mags[(mags >= lo) & (mags <= hi)])  # exact compares: lo and hi are entries themselves
+    with one_thread(flat):
+        for part in _chunks(flat):
+            mags = part.abs()
+            above += int(torch.count_nonzero(mags > hi))
+            inside.append(mags[(mags >= lo) & (mags <= hi)])  # exact compares: lo and hi are entries themselves
     between = torch.cat(inside)
     if above < k <= above + between.numel():
         return torch.kthvalue(between, between.numel() - (k - above) + 1).values
@@ -139,6 +143,14 @@ def elect_and_merge(pruned: Sequence[torch.Tensor], weights: Sequence[float], si
 
     flats = [p.reshape(-1) for p in pruned]
     out = torch.empty_like(flats[0])
+    with one_thread(out):
+        _elect_and_merge(flats, weights, sign, out)
+    return out.view(pruned[0].shape)
+
+
+def _elect_and_merge(flats: Sequence[torch.Tensor], weights: Sequence[float], sign: str, out: torch.Tensor) -> None:
+    import torch
+
     for dst, *views in zip(_chunks(out), *map(_chunks, flats), strict=True):
         total = torch.zeros_like(dst)
         for v in views:
@@ -151,7 +163,6 @@ def elect_and_merge(pruned: Sequence[torch.Tensor], weights: Sequence[float], si
             merged.add_(agree, alpha=w)
             count.add_(agree.sign_())
         torch.mul(merged, elected, out=dst).div_(count.clamp_min_(1.0))
-    return out.view(pruned[0].shape)
 
 
 def dense_mix(
