@@ -10,6 +10,8 @@ OUT ?= demo-out
 
 setup: $(VENV)/.installed
 
+# the dev extra includes the test extra: PEFT, diffusers, lycoris-lora, gguf, and mlx-lm (CPU wheels on Linux, Python
+# 3.11+), the oracle tests/test_mlx.py runs in a subprocess
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q $(TORCH_SPEC)

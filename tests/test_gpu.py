@@ -38,3 +38,20 @@ def test_mix_and_resize_on_cuda_match_cpu() -> None:
     gpu, _ = resize_adapter(b, rank=3, device="cuda")
     for name, m in cpu.modules.items():
         torch.testing.assert_close(gpu.modules[name].delta(), m.delta(), rtol=1e-4, atol=1e-5)
+
+
+@cuda
+def test_pruning_methods_on_cuda_match_cpu() -> None:
+    """ties and magnitude_prune (deterministic) give the CPU's result on the GPU; DARE's masks come from the
+    device's generator, so there the same seed gives the same result twice."""
+    a, b = load_adapter(FIXTURES / "peft_llama"), load_adapter(FIXTURES / "peft_llama_patterns")
+    for method in ("ties", "magnitude_prune"):
+        cpu, _ = mix_adapters([a, b], [0.7, 0.4], method, 3, dtype="fp32", density=0.5)  # type: ignore[arg-type]
+        gpu, _ = mix_adapters([a, b], [0.7, 0.4], method, 3, dtype="fp32", density=0.5, device="cuda")  # type: ignore[arg-type]
+        for name, m in cpu.modules.items():
+            want = m.delta()
+            torch.testing.assert_close(gpu.modules[name].delta(), want, rtol=0, atol=1e-4 * float(want.abs().max()))
+    one, _ = mix_adapters([a, b], [0.7, 0.4], "dare_ties", 3, density=0.5, seed=4, device="cuda")
+    two, _ = mix_adapters([a, b], [0.7, 0.4], "dare_ties", 3, density=0.5, seed=4, device="cuda")
+    for name, m in one.modules.items():
+        assert torch.equal(m.delta(), two.modules[name].delta())

@@ -93,7 +93,8 @@ for field, value, tag in [
     ("exclude_modules", 5, "int"), ("layers_pattern", {"a": 1}, "object"),
 ]:  # fmt: skip
     peft(f"{field}-{tag}", {field: value}, f"{field} must be")
-peft("peft_type-loha", {"peft_type": "LOHA"}, "not supported")
+peft("peft_type-ia3", {"peft_type": "IA3"}, "not supported")  # a type loratools does not read: refused by name
+peft("peft_type-loha-over-lora-keys", {"peft_type": "LOHA"}, "peft LOHA")  # LoHa config, LoRA tensors
 for field in ("r", "lora_alpha", "rank_pattern", "alpha_pattern"):  # PEFT fails on an explicit null in these
     peft(f"{field}-null", {field: None}, f"{field} must be")
 

@@ -65,7 +65,7 @@ CASES: dict[str, tuple[Callable[..., Any], tuple[Any, ...], dict[str, Any], str]
     "mix-weights-bool": (mix, ([A], OUT, [True]), {}, "weights[0] must be a number, not bool"),
     "mix-weights-str-item": (mix, ([A], OUT, ["1"]), {}, "not str"),
     "mix-weights-huge-int": (mix, ([A], OUT, [10**400]), {}, "too large"),
-    "mix-method-unknown": (mix, ([A], OUT), {"method": "ties"}, "unknown method 'ties'"),
+    "mix-method-unknown": (mix, ([A], OUT), {"method": "slerp"}, "unknown method 'slerp'"),
     "mix-method-int": (mix, ([A], OUT), {"method": 1}, "unknown method int"),
     "mix-svd-without-rank": (mix, ([A], OUT), {"method": "svd"}, "needs a rank"),
     "mix-cat-with-rank": (mix, ([A], OUT), {"method": "cat", "rank": 2}, "not cat"),

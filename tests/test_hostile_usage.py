@@ -98,7 +98,7 @@ CASES: dict[str, tuple[list[str], str]] = {
     "mix-rank-negative": ([*MIX, "--rank", "-1"], "'--rank'"),
     "mix-rank-word": ([*MIX, "--rank", "four"], "'--rank'"),
     "mix-rank-float": ([*MIX, "--rank", "2.5"], "'--rank'"),
-    "mix-method-unknown": ([*MIX, "--method", "ties"], "'--method'"),
+    "mix-method-unknown": ([*MIX, "--method", "slerp"], "'--method'"),
     "mix-energy-unknown-option": ([*MIX, "--energy", "0.5"], "No such option"),
     # mix: the rest
     "mix-device-unknown": ([*MIX, "--device", "gpu"], "'--device'"),

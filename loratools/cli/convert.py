@@ -20,7 +20,7 @@ from .params import FRACTION, PATH, filter_options, left_out_line, only, refuse
 @click.argument("source", type=PATH)
 @revision_option
 @click.option(
-    "--to", "to", required=True, type=click.Choice(["peft", "kohya", "diffusers", "gguf"]), help="Target format."
+    "--to", "to", required=True, type=click.Choice(["peft", "kohya", "diffusers", "mlx", "gguf"]), help="Target format."
 )
 @click.option("-o", "--output", "out", required=True, type=PATH, help="Where to write the result.")
 @dtype_option

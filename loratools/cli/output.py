@@ -106,7 +106,7 @@ def format_option(f: F) -> F:
     return click.option(
         "--format",
         "fmt",
-        type=click.Choice(["peft", "kohya", "diffusers"]),
+        type=click.Choice(["peft", "kohya", "diffusers", "mlx"]),
         default=None,
         help="Read SOURCE as this format instead of detecting it.",
     )(f)
@@ -194,7 +194,7 @@ def dtype_option(f: F) -> F:
 
 def to_option(f: F) -> F:
     return click.option(
-        "--to", "to", type=click.Choice(["peft", "kohya", "diffusers"]), default=None,
+        "--to", "to", type=click.Choice(["peft", "kohya", "diffusers", "mlx"]), default=None,
         help="Output format (default: the first input's).",
     )(f)  # fmt: skip
 

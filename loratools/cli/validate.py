@@ -16,7 +16,7 @@ from .status import could_not_compare
 @click.option(
     "--for",
     "for_",
-    type=click.Choice(["vllm", "tgi", "llama.cpp", "ollama", "diffusers", "comfyui"]),
+    type=click.Choice(["vllm", "tgi", "llama.cpp", "ollama", "diffusers", "comfyui", "mlx"]),
     help="Also check what this consumer refuses or gets wrong, with the command that fixes it.",
 )
 @format_option

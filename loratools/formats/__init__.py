@@ -12,12 +12,12 @@ from ..io.atomic import check_output
 from ..io.pickle import is_torch_pickle
 from ..io.safetensors import shown
 from ..model import Adapter
-from . import diffusers, gguf, kohya, peft
+from . import diffusers, gguf, kohya, mlx, peft
 from .common import open_raw
 from .outputs import check_output_name
 
 #: the formats loratools reads and writes alike (``--format``, ``--to``)
-FORMATS: dict[str, ModuleType] = {"peft": peft, "kohya": kohya, "diffusers": diffusers}
+FORMATS: dict[str, ModuleType] = {"peft": peft, "kohya": kohya, "diffusers": diffusers, "mlx": mlx}
 #: every format loratools reads: GGUF adapters are detected by their magic and written by ``convert --to gguf``
 #: alone (a GGUF export needs the base's config)
 READERS: dict[str, ModuleType] = {**FORMATS, gguf.NAME: gguf}
@@ -60,6 +60,8 @@ def detect(source: str | os.PathLike[str]) -> str:
     if not p.exists():
         raise FileFormatError(f"{p}: no such file or folder")
     if p.is_dir():
+        if mlx.is_mlx_folder(p):  # before PEFT's: it has an adapter_config.json too
+            return mlx.NAME
         if peft.is_peft_folder(p):
             return peft.NAME
         if (p / diffusers.FILENAME).is_file():
@@ -75,6 +77,8 @@ def detect(source: str | os.PathLike[str]) -> str:
         return gguf.NAME
     if p.name in peft.WEIGHTS and peft.has_config(p.parent):
         return peft.NAME
+    if p.name == mlx.WEIGHTS and mlx.is_mlx_folder(p.parent):
+        return mlx.NAME
     raw = open_raw(p, lenient=not is_torch_pickle(p))  # damage is for the reader to report
     keys = list(raw.tensors)
     for name, mod in FORMATS.items():
@@ -105,8 +109,11 @@ def _one_file(folder: Path) -> Path | None:
 
 def adapter_file(source: str | os.PathLike[str]) -> Path:
     """What a reader opens for ``source``: a folder holding exactly one ``.safetensors`` file (or, with none, one
-    ``.gguf`` file) stands for that file; anything else (a file, a PEFT or diffusers folder) for itself."""
+    ``.gguf`` file) stands for that file, an mlx-lm folder for its weights (read with the config beside them);
+    anything else (a file, a PEFT or diffusers folder) for itself."""
     p = Path(source)
+    if mlx.is_mlx_folder(p):
+        return p / mlx.WEIGHTS
     if p.is_dir() and not peft.is_peft_folder(p) and not (p / diffusers.FILENAME).is_file():
         one = _one_file(p)
         if one is not None:

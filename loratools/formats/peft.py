@@ -20,7 +20,7 @@ from typing import Any
 from ..errors import FileFormatError, IncompatibleAdaptersError
 from ..io import jsonfile
 from ..io.atomic import atomic_dir
-from ..io.safetensors import write_safetensors
+from ..io.safetensors import shown, write_safetensors
 from ..model import Adapter, Extra, Module, TensorRef, target_kind
 from . import patterns as patterns_mod
 from .common import KeyTable, Rule, build_module, carried_metadata, check_leftovers, group_keys, open_raw
@@ -66,15 +66,17 @@ def pattern_key(patterns: dict[str, Any], name: str, what: str = "rank_pattern")
     return patterns_mod.pattern_key(list(patterns), name, what)
 
 
-def rank_alpha_for(config: dict[str, Any], name: str, where: str = "config") -> tuple[int | None, float | None]:
+def rank_alpha_for(
+    config: dict[str, Any], name: str, where: str = "config", alpha_key: str = "lora_alpha"
+) -> tuple[int | None, float | None]:
     """The rank and alpha PEFT gives module ``name`` under ``config`` (patterns applied); ``where`` names the
-    config in errors."""
+    config in errors. ``alpha_key``: the global alpha's field (``alpha`` in LoHa / LoKr configs)."""
     rank_pattern = config.get("rank_pattern") or {}
     alpha_pattern = config.get("alpha_pattern") or {}
     rk = pattern_key(rank_pattern, name, f"{where} rank_pattern")
     ak = pattern_key(alpha_pattern, name, f"{where} alpha_pattern")
     r = rank_pattern[rk] if rk is not None else config.get("r")
-    a = alpha_pattern[ak] if ak is not None else config.get("lora_alpha")
+    a = alpha_pattern[ak] if ak is not None else config.get(alpha_key)
     return (_rank(r), _alpha(a))
 
 
@@ -142,10 +144,45 @@ _FIELDS: dict[str, tuple[Any, str]] = {
     "bias": (lambda v: isinstance(v, str), "a string"),
     "init_lora_weights": (lambda v: isinstance(v, (bool, str)), "true, false or a method name"),
     "base_model_name_or_path": (lambda v: isinstance(v, str), "a string"),
+    # LoHa / LoKr, AdaLoRA, VeRA
+    "alpha": (_is_alpha, "a finite number"),
+    "init_r": (lambda v: _is_rank(v) or v == 0, f"a whole number from 0 to {MAX_RANK}"),
+    "decompose_both": (lambda v: isinstance(v, bool), "true or false"),
+    "decompose_factor": (lambda v: isinstance(v, int) and not isinstance(v, bool), "a whole number (-1: automatic)"),
+    "use_effective_conv2d": (lambda v: isinstance(v, bool), "true or false"),
+    "save_projection": (lambda v: isinstance(v, bool), "true or false"),
 }
 
 
-_NOT_NULL = ("r", "lora_alpha", "rank_pattern", "alpha_pattern")
+def _is_mask(v: Any) -> bool:
+    return isinstance(v, list) and all(isinstance(x, bool) for x in v)
+
+
+#: the fields whose meaning differs by peft_type: AdaLoRA's rank_pattern holds each module's mask of kept triplets
+_TYPE_FIELDS: dict[str, dict[str, tuple[Any, str]]] = {
+    "ADALORA": {
+        "rank_pattern": (
+            lambda v: isinstance(v, dict) and all(_is_mask(x) for x in v.values()),
+            "an object of module.lora_E -> list of true/false (AdaLoRA's masks)",
+        )
+    },
+}
+
+#: fields where an explicit null makes PEFT itself fail (absent means its default), by peft_type
+_NOT_NULL_BY_TYPE = {
+    "LORA": ("r", "lora_alpha", "rank_pattern", "alpha_pattern"),
+    "LOHA": ("r", "alpha", "rank_pattern", "alpha_pattern"),
+    "LOKR": ("r", "alpha", "rank_pattern", "alpha_pattern"),
+    "ADALORA": ("init_r", "lora_alpha", "alpha_pattern"),
+    "VERA": ("r",),
+}
+_NOT_NULL = _NOT_NULL_BY_TYPE["LORA"]
+
+
+def peft_type_of(cfg: dict[str, Any]) -> str:
+    """The config's ``peft_type``, upper-case (PEFT's enum values); LORA when it names none."""
+    value = cfg.get("peft_type")
+    return value.upper() if isinstance(value, str) else "LORA"
 
 
 def _preview(value: Any) -> str:
@@ -161,13 +198,16 @@ def check_config(cfg: dict[str, Any], where: str) -> None:
     traceback later), and patterns that are not valid regular expressions (PEFT raises on them too)."""
     if not isinstance(cfg, dict):
         raise FileFormatError(f"{where}: a config must be a JSON object, not {_preview(cfg)}")
-    for key, (ok, what) in _FIELDS.items():
+    kind = peft_type_of(cfg)
+    fields = {**_FIELDS, **_TYPE_FIELDS.get(kind, {})}
+    not_null = _NOT_NULL_BY_TYPE.get(kind, _NOT_NULL)
+    for key, (ok, what) in fields.items():
         value = cfg.get(key)
         # absent means PEFT's default; an explicit null in these fields makes PEFT itself fail
-        if (value is not None or (key in _NOT_NULL and key in cfg)) and not ok(value):
+        if (value is not None or (key in not_null and key in cfg)) and not ok(value):
             raise FileFormatError(f"{where}: {key} must be {what}, not {_preview(value)}")
     for key in ("rank_pattern", "alpha_pattern"):
-        if cfg.get(key):
+        if cfg.get(key) and not (kind == "ADALORA" and key == "rank_pattern"):  # AdaLoRA's: names, not patterns
             patterns_mod.check(list(cfg[key]), f"{where} {key}", "peft")
     for key in ("target_modules", "exclude_modules"):
         if isinstance(cfg.get(key), str):
@@ -200,19 +240,28 @@ def read(path: str | os.PathLike[str], *, problems: list[str] | None = None) -> 
 
     With ``problems`` given (a list), damage that validate reports is collected there instead of raised.
     """
+    from . import peft_types
+
     p = Path(path)
     folder = p if p.is_dir() else p.parent
     config = read_config(folder) if has_config(folder) else {}
     weights = find_weights(p) if p.is_dir() else p
-    peft_type = str(config.get("peft_type", "LORA")).upper()
-    if peft_type != "LORA":
+    peft_type = peft_type_of(config)
+    if peft_type not in peft_types.TYPES:
         raise FileFormatError(
-            f"{folder / CONFIG}: peft_type {peft_type} is not supported (only LORA)",
-            "LyCORIS LoHa/LoKr files in kohya layout are supported",
+            f"{folder / CONFIG}: peft_type {shown(peft_type, 40)} is not supported",
+            f"loratools reads PEFT {', '.join(peft_types.TYPES)} adapters",
         )
     raw = open_raw(weights, lenient=problems is not None)
     if problems is not None:
         problems.extend(raw.problems)
+    if peft_type != "LORA":
+        adapter = Adapter(
+            format=NAME, metadata=dict(raw.metadata), config=config,
+            base_model=config.get("base_model_name_or_path") or None, source=str(p),
+        )  # fmt: skip
+        peft_types.fill(adapter, peft_type, raw.tensors, config, folder / CONFIG, problems)
+        return adapter
     stripped: dict[str, TensorRef] = {}
     leftovers: list[str] = []
     for key, ref in raw.tensors.items():
@@ -228,9 +277,9 @@ def read(path: str | os.PathLike[str], *, problems: list[str] | None = None) -> 
         base_model=config.get("base_model_name_or_path") or None,
         source=str(p),
     )
-    extras_names = _modules_to_save(config)
+    extras_names = modules_to_save(config)
     for key in rest:
-        role = _extra_role(key, extras_names)
+        role = extra_role(key, extras_names)
         if role is None:
             leftovers.append(PREFIX + key)
         else:
@@ -246,19 +295,21 @@ def read(path: str | os.PathLike[str], *, problems: list[str] | None = None) -> 
     return adapter
 
 
-def _modules_to_save(config: dict[str, Any]) -> list[str]:
+def modules_to_save(config: dict[str, Any]) -> list[str]:
     mts = config.get("modules_to_save") or []
     return [mts] if isinstance(mts, str) else [str(m) for m in mts]
 
 
-def _extra_role(key: str, modules_to_save: list[str]) -> Any:
+def extra_role(key: str, saved: list[str]) -> Any:
+    """The role of a full tensor in a PEFT folder (``saved``: the config's ``modules_to_save``), or None: an
+    unknown key."""
     if key.endswith(".base_layer.weight"):
         return "base_layer"
     if key.endswith("trainable_tokens_delta"):
         return "trainable_tokens"
     module, _, param = key.rpartition(".")
-    if param in ("weight", "bias") and modules_to_save:
-        escaped = [re.escape(m) for m in modules_to_save]
+    if param in ("weight", "bias") and saved:
+        escaped = [re.escape(m) for m in saved]
         if patterns_mod.pattern_key(escaped, module, f"{CONFIG} modules_to_save") is not None:
             return "modules_to_save"
     # an embedding or lm_head saved whole (resized vocabulary, or targeted embeddings) is kept too
@@ -285,6 +336,12 @@ def _exceptions(values: dict[str, Any], default: Any) -> dict[str, Any]:
         if n not in keys and any(".".join(parts[i:]) in keys for i in range(1, len(parts))):
             keys.add(n)
     return {n: values[n] for n in sorted(keys, key=lambda k: (-k.count("."), k))}
+
+
+def targets(adapter: Adapter) -> list[str]:
+    """``target_modules`` for a written config: PEFT matches a list entry against the end of a module path, so
+    ``to_out.0``, not ``0`` (which would match any ``.0``)."""
+    return sorted({target_kind(n) for n in adapter.modules})
 
 
 def make_config(adapter: Adapter) -> dict[str, Any]:
@@ -317,7 +374,9 @@ def make_config(adapter: Adapter) -> dict[str, Any]:
             a = a * r / math.sqrt(r)
         return a
 
-    cfg: dict[str, Any] = dict(adapter.config) if adapter.format == NAME else {}
+    cfg: dict[str, Any] = (
+        dict(adapter.config) if adapter.format == NAME and peft_type_of(adapter.config) == "LORA" else {}
+    )
     if (
         cfg
         and bool(cfg.get("use_rslora", False)) == rslora
@@ -341,11 +400,10 @@ def make_config(adapter: Adapter) -> dict[str, Any]:
             "alpha_pattern": {n: (int(v) if v.is_integer() else v) for n, v in _exceptions(alphas, a).items()},
         }
     )
-    # PEFT matches a list entry against the end of a module path: `to_out.0`, not `0` (which would match any `.0`)
-    targets = sorted({target_kind(n) for n in adapter.modules})
     old = cfg.get("target_modules")
-    if not (isinstance(old, list) and set(targets) <= set(old)) and not isinstance(old, str):
-        cfg["target_modules"] = targets
+    wanted = targets(adapter)
+    if not (isinstance(old, list) and set(wanted) <= set(old)) and not isinstance(old, str):
+        cfg["target_modules"] = wanted
     cfg.setdefault("base_model_name_or_path", adapter.base_model)
     cfg.setdefault("task_type", None)
     cfg.setdefault("bias", "none")
@@ -377,8 +435,15 @@ def write(adapter: Adapter, out: str | os.PathLike[str], *, force: bool = False)
             "kohya-style module names (lora_unet_...) have no dots to turn into PEFT module paths",
             "resolve them against the base model first",
         )
-    config = make_config(adapter)
-    tensors = tensors_for(adapter)
+    from . import peft_types
+
+    typed = peft_types.writable(adapter)
+    if typed is not None:
+        config = peft_types.lycoris_config(adapter, typed)
+        tensors = peft_types.lycoris_tensors(adapter)
+    else:
+        config = make_config(adapter)
+        tensors = tensors_for(adapter)
     metadata = {"format": "pt", **carried_metadata(adapter, NAME)}
     target = Path(out)
     with atomic_dir(target, force=force) as tmp:

@@ -8,7 +8,7 @@ layout (transposed for ``fan_in_fan_out`` and embeddings) and DoRA's rescale.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Literal
 
 from ..errors import LoratoolsError, ShapeError
@@ -28,7 +28,11 @@ class Module:
     """One adapted module of the base model.
 
     ``factors`` holds the kind's tensors under canonical names (see :data:`.shapes.FACTORS`); ``alpha`` is None when
-    the file stores none, which every consumer reads as ``alpha = rank`` (scale 1).
+    the file stores none, which every consumer reads as ``alpha = rank`` (scale 1). ``origin`` names the PEFT type
+    a lora module was read from when that is not LoRA (``adalora``, ``vera``): inspect shows it as the type, and a
+    ``vera`` module's down factor is VeRA's shared projection, as wide as the widest layer it was trained on (the
+    file does not record each layer's input width): :meth:`apply` takes its first columns for a narrower layer,
+    as PEFT does.
     """
 
     name: str
@@ -41,13 +45,15 @@ class Module:
     magnitude: TensorRef | None = None
     dora_axis: DoraAxis = "out"
     bias: TensorRef | None = None
+    origin: str | None = None
 
     # ---- header-only facts -------------------------------------------------------------------------
     @property
     def type(self) -> str:
-        """What inspect shows: the kind, with ``dora`` for weight-decomposed modules."""
+        """What inspect shows: the kind (or the PEFT type it was read from), with ``dora`` for weight-decomposed
+        modules."""
         if self.magnitude is None:
-            return self.kind
+            return self.origin or self.kind
         return "dora" if self.kind == "lora" else f"{self.kind}+dora"
 
     @property
@@ -243,7 +249,9 @@ class Module:
         work = dtype or torch.float32
         w = weight.to(work)
         shape = self.weight_shape()
-        if math.prod(shape) != w.numel():
+        if self._narrower(tuple(w.shape)) is not None:
+            return self.fitted(tuple(w.shape)).apply(weight, multiplier, dtype)
+        if math.prod(shape) != w.numel():  # fits() holds the same rule
             raise ShapeError(
                 f"{self.name}: delta {list(shape)} does not fit weight {list(w.shape)}",
                 "is the adapter made for this base model?",
@@ -255,6 +263,36 @@ class Module:
         if multiplier == 1.0:
             return dora
         return w + multiplier * (dora - w)
+
+    def fits(self, weight_shape: tuple[int, ...]) -> bool:
+        """Whether the delta can be added to a base weight of ``weight_shape`` (stored layout): the same shape, the
+        same elements with the same rows (a 1x1 conv LoRA on a linear weight), or a ``vera`` module on a layer
+        narrower than its shared projection."""
+        ws = self.weight_shape()
+        same = tuple(ws) == tuple(weight_shape)
+        alike = (
+            bool(ws) and bool(weight_shape) and ws[0] == weight_shape[0] and math.prod(ws) == math.prod(weight_shape)
+        )
+        return same or alike or self._narrower(tuple(weight_shape)) is not None
+
+    def fitted(self, weight_shape: tuple[int, ...]) -> Module:
+        """This module for a base weight of ``weight_shape``: itself, or for a ``vera`` module on a narrower layer
+        a copy whose down factor is the first columns of the shared projection (PEFT's ``vera_A[:, :in]``)."""
+        width = self._narrower(tuple(weight_shape))
+        if width is None:
+            return self
+        down = self.factors["down"]
+        sliced = TensorRef((down.shape[0], width), down.dtype, lambda: down.load()[:, :width].contiguous())
+        return replace(self, factors={**self.factors, "down": sliced})
+
+    def _narrower(self, weight_shape: tuple[int, ...]) -> int | None:
+        """The input width of the layer a ``vera`` module is applied to, when narrower than its down factor (the
+        shared projection); None otherwise."""
+        if self.origin != "vera" or len(weight_shape) != 2 or self.check():
+            return None
+        out, width = (weight_shape[1], weight_shape[0]) if self.fan_in_fan_out else weight_shape
+        d_out, d_in = self.delta_shape()[:2]
+        return width if out == d_out and 0 < width < d_in else None
 
     def _dora(self, merged: torch.Tensor, work: torch.dtype) -> torch.Tensor:
         """``m * merged / ||merged||``, the norm per output row (or input column) in (out, in, ...) orientation."""

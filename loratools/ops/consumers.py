@@ -25,7 +25,7 @@ from ..model import Adapter
 from ..model.components import COMPONENT_RE, KOHYA_COMPONENTS
 from .convert_names import detect_adapter, is_image
 
-CONSUMERS = ("vllm", "tgi", "llama.cpp", "ollama", "diffusers", "comfyui")
+CONSUMERS = ("vllm", "tgi", "llama.cpp", "ollama", "diffusers", "comfyui", "mlx")
 #: vLLM's default --max-lora-rank
 VLLM_DEFAULT_MAX_RANK = 16
 
@@ -238,6 +238,42 @@ def _comfyui(a: Adapter, add: Add, arch: str | None = None) -> None:
         add("warning", "dora_scale per input column: ComfyUI infers the axis from the shape; check the result", "")
 
 
+def _mlx(a: Adapter, add: Add, arch: str | None = None) -> None:
+    """mlx-lm's ``load_adapters``: its own folder layout, LoRA or DoRA on linear and embedding layers (one rank and
+    one scale, which convert arranges), nothing else."""
+    mods = list(a.modules.values())
+    if a.format != "mlx":
+        add("error", f"mlx-lm reads its own adapter folders (adapters.safetensors), this is a {a.format} adapter",
+            f"loratools convert {src(a)} --to mlx -o {out(a, '-mlx')}")  # fmt: skip
+    if a.extras:
+        add("error", f"mlx-lm adapters hold no full tensors (modules_to_save / saved embeddings): "
+            f"{', '.join(sorted(a.extras)[:3])}", f"merge the adapter into the base instead: loratools merge {base(a)} {src(a)} -o {out(a, '-merged')}")  # fmt: skip
+    if any(m.kind != "lora" or "mid" in m.factors for m in mods):
+        add("error", "mlx-lm's adapters are LoRA or DoRA only (found LoHa/LoKr/Tucker)",
+            f"loratools convert {src(a)} --to mlx -o {out(a, '-mlx')} (LoRA through the exact dense delta)")  # fmt: skip
+    if any(m.layer == "conv" for m in mods):
+        add(
+            "error",
+            "mlx-lm has no conv LoRA layers",
+            f"merge it instead: loratools merge {base(a)} {src(a)} -o {out(a, '-merged')}",
+        )
+    if any(m.bias is not None for m in mods):
+        add(
+            "error",
+            "mlx-lm's LoRA layers have no bias (lora_bias=True)",
+            f"merge it: loratools merge {base(a)} {src(a)} -o {out(a, '-merged')}",
+        )
+    if len({m.magnitude is not None for m in mods}) > 1:
+        add(
+            "error",
+            "mlx-lm adapters are all DoRA or all LoRA (fine_tune_type)",
+            f"merge it: loratools merge {base(a)} {src(a)} -o {out(a, '-merged')}",
+        )
+    if a.format == "mlx" and (len({m.rank for m in mods}) > 1 or len({m.scale for m in mods}) > 1):
+        add("error", "mlx-lm builds every layer with the config's one rank and scale: these modules differ",
+            f"loratools convert {src(a)} --to mlx -o {out(a, '-mlx')} (pads ranks, folds scales)")  # fmt: skip
+
+
 RULES: dict[str, Rule] = {
     "vllm": _vllm,
     "tgi": _tgi,
@@ -245,4 +281,5 @@ RULES: dict[str, Rule] = {
     "ollama": lambda a, add, arch: _llama_cpp(a, add, arch, "Ollama (llama.cpp)"),
     "diffusers": _diffusers,
     "comfyui": _comfyui,
+    "mlx": _mlx,
 }

@@ -18,8 +18,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..errors import IncompatibleAdaptersError, UsageError
-from ..formats import FORMATS, load_adapter, save_adapter
+from ..errors import IncompatibleAdaptersError, ShapeError, UsageError
+from ..formats import FORMATS, load_adapter, peft_types, save_adapter
 from ..formats.families import Step
 from ..io.checkpoint import load_config
 from ..model import Adapter, Module, TensorRef, torch_dtype
@@ -117,18 +117,36 @@ def _renamed(m: Module) -> Module:
     )  # fmt: skip
 
 
+def vera_fitted(m: Module, shape: tuple[int, ...] | None) -> Module:
+    """A module read from a PEFT VeRA folder, cut to its layer's input width (``shape``: the base weight's). VeRA's
+    shared ``vera_A`` is as wide as the widest layer it adapts and the folder does not record each layer's own
+    width: without the base it cannot be written as any other adapter."""
+    if m.origin != "vera":
+        return m
+    if shape is None:
+        raise IncompatibleAdaptersError(
+            f"{m.name}: a VeRA module's shared projection vera_A is {m.factors['down'].shape[1]} wide (the widest "
+            "layer it adapts); the folder does not record this layer's own width",
+            "pass --base with the base model: each module is cut to its layer's width, as PEFT does",
+        )
+    if not m.fits(shape):
+        raise ShapeError(f"{m.name}: its VeRA delta is {list(m.weight_shape())}, the base layer {list(shape)}")
+    return m.fitted(shape)
+
+
 def _lycoris(m: Module) -> bool:
     """A module that only a LyCORIS-aware file holds as it is: LoHa, LoKr, full diff, Tucker LoCon."""
     return m.kind != "lora" or "mid" in m.factors
 
 
 def _keeps_lycoris(adapter: Adapter, to: str, rank: int | None, energy: float | None, fuses: bool) -> bool:
-    """Whether LyCORIS modules stay as they are: only in a kohya file, and only without ``rank`` / ``energy``,
+    """Whether LyCORIS modules stay as they are: in a kohya file, or in a PEFT LoHa / LoKr folder where PEFT holds
+    every module as it is (:func:`~loratools.formats.peft_types.writable`), and only without ``rank`` / ``energy``,
     which turn them into LoRA in every target (an option given is never ignored). A rank or energy for an
     adapter without such modules, whose names fuse no q/k/v group (``fuses``) either, is refused: it would change
     nothing (``resize`` re-compresses LoRA)."""
     if rank is None and energy is None:
-        return to == "kohya"
+        return to == "kohya" or (to == "peft" and peft_types.writable(adapter) is not None)
     if not fuses and not any(_lycoris(m) for m in adapter.modules.values()):
         option = "rank" if rank is not None else "energy"
         raise UsageError(
@@ -282,7 +300,7 @@ def convert_adapter(
     check_dense_all(lycoris)  # the dense deltas about to be formed, bounded before any work (headers only)
     ready: dict[str, tuple[Module, float, str, str]] = {}
     for src, m in adapter.modules.items():
-        new, kept, note = m, 1.0, ""
+        new, kept, note = vera_fitted(m, layers.get(src)), 1.0, ""
         if _lycoris(m) and (not lycoris_ok or src in moved):
             if m.magnitude is not None:
                 raise IncompatibleAdaptersError(
@@ -412,6 +430,8 @@ def convert(
 def _uses_base(adapter: Adapter, to: str, rank: int | None, energy: float | None) -> bool:
     """Whether ``--base`` has a job in this conversion (see the note in :func:`convert`)."""
     if to == "gguf" or (adapter.format == "kohya" and to != "kohya"):
+        return True
+    if any(m.origin == "vera" for m in adapter.modules.values()):
         return True
     to_lora = to != "kohya" or rank is not None or energy is not None
     return to_lora and any(_lycoris(m) and m.flattened for m in adapter.modules.values())

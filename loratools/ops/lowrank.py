@@ -53,6 +53,11 @@ def refuse_dora(m: Module, what: str) -> None:
             f"{m.name}: is a DoRA module; {what} would change the norm its magnitude was trained against",
             "merge the DoRA adapter into its base (loratools merge) instead, or drop it from the inputs",
         )
+    if m.origin == "vera":  # its down factor is the shared projection, as wide as the widest layer
+        raise IncompatibleAdaptersError(
+            f"{m.name}: is a VeRA module whose layer width the folder does not record; {what} needs it",
+            "convert it to LoRA against its base first: loratools convert SRC --to peft --base BASE -o OUT",
+        )
 
 
 def factors(m: Module, device: str, work: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:

@@ -115,10 +115,12 @@ def resolve_targets(adapters: list[Adapter], weights: list[float], base: Checkpo
                 f"{name}: the adapter's saved tensor is {list(t.replacement.shape)}, the base's {list(info.shape)}",
                 "a resized vocabulary cannot be merged into this base",
             )
-        for _, m in t.contributions:
-            ws = m.weight_shape()
-            if tuple(ws) != info.shape and not (ws[0] == info.shape[0] and math.prod(ws) == math.prod(info.shape)):
-                raise ShapeError(f"{m.name}: delta is {list(ws)}, base tensor {name} is {list(info.shape)}")
+        for i, (w, m) in enumerate(t.contributions):
+            if not m.fits(info.shape):
+                raise ShapeError(
+                    f"{m.name}: delta is {list(m.weight_shape())}, base tensor {name} is {list(info.shape)}"
+                )
+            t.contributions[i] = (w, m.fitted(info.shape))  # a VeRA projection cut to the layer's input width
         if not info.dtype.startswith(("F", "BF")):
             raise ShapeError(f"{name}: stored as {info.dtype}; only float weights can take a delta")
         _refuse_shared_dora(name, t)

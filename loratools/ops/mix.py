@@ -1,5 +1,7 @@
 """Combine adapters: ``cat`` (exact), ``svd`` (the exact weighted sum re-compressed to rank K, optimal in
-Frobenius norm), or ``linear`` (PEFT's combination of A and B separately, which is NOT the weighted sum).
+Frobenius norm), ``linear`` (PEFT's combination of A and B separately, which is NOT the weighted sum), or one of
+the task-vector merges on each module's dense delta (``ties``, ``dare_linear``, ``dare_ties``,
+``magnitude_prune``: :mod:`.mix_dense`).
 
 For one module, with input i contributing ``w_i * delta_i = w_i * s_i * B_i @ A_i``:
 
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import math
 import os
+import secrets
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
@@ -38,10 +41,11 @@ from .lowrank import (
     stored_dtype,
     work_device,
 )
+from .mix_dense import DENSE_METHODS, SIGN_METHODS, compress, dense_mix
 from .select import LeftOut
 
-Method = Literal["cat", "svd", "linear"]
-METHODS = ("cat", "svd", "linear")
+Method = Literal["cat", "svd", "linear", "ties", "dare_linear", "dare_ties", "magnitude_prune"]
+METHODS = ("cat", "svd", "linear", *DENSE_METHODS)
 
 
 @dataclass
@@ -60,6 +64,9 @@ class MixReport:
     weights: list[float]
     rank: int | None
     modules: list[MixedModule] = field(default_factory=list)
+    density: float | None = None  # ties, dare_*, magnitude_prune: the fraction of each delta's entries kept
+    majority_sign: str | None = None  # ties, dare_ties: how the sign of each entry is elected
+    seed: int | None = None  # dare_*: the seed of the random masks (given, or drawn and reported)
     warnings: list[str] = field(default_factory=list)
     left_out: list[LeftOut] = field(default_factory=list)  # what --include / --exclude / --*-only left out
 
@@ -87,12 +94,19 @@ def check_args(
     strict: bool = False,
     progress: Progress | None = None,
     what: str = "input",
+    density: float | None = None,
+    majority_sign: str | None = None,
+    seed: int | None = None,
 ) -> tuple[list[float], Method]:
     """The arguments of a mix of ``count`` inputs, checked before anything is read: the weights (1 each by
-    default) and the method (``svd`` with a rank, ``cat`` without)."""
+    default) and the method (``svd`` with a rank, ``cat`` without); ``density`` (needed by, and only by, the
+    pruning methods), ``majority_sign`` (ties and dare_ties) and ``seed`` (dare_*)."""
     weights = args.weights(weights, count, what) if weights is not None else [1.0] * count
     method = args.choice(method, "method", METHODS)
     rank = args.integer(rank, "rank")
+    args.fraction(density, "density")
+    args.choice(majority_sign, "majority_sign", SIGN_METHODS)
+    args.integer(seed, "seed", minimum=0)
     args.choice(dtype, "dtype", DTYPES)
     args.device(device)
     args.flag(strict, "strict")
@@ -100,10 +114,26 @@ def check_args(
     method = method or ("svd" if rank is not None else "cat")
     if method == "svd" and rank is None:
         raise UsageError("method svd needs a rank (--rank K)", "or use method cat, which is exact", param="rank")
-    if method != "svd" and rank is not None:
+    if method in ("cat", "linear") and rank is not None:
         raise UsageError(
-            f"a rank applies to method svd, not {method}", "leave out the rank, or use method svd", param="rank"
+            f"a rank applies to method svd (or a pruning method), not {method}",
+            "leave out the rank, or use method svd",
+            param="rank",
         )
+    if method in DENSE_METHODS and density is None:
+        raise UsageError(
+            f"method {method} needs a density (the fraction of each delta's entries kept, such as 0.2)",
+            param="density",
+        )
+    if method not in DENSE_METHODS and density is not None:
+        raise UsageError(f"a density applies to ties, dare_linear, dare_ties and magnitude_prune, not {method}",
+                         param="density")  # fmt: skip
+    if majority_sign is not None and method not in ("ties", "dare_ties"):
+        raise UsageError(f"a majority sign method applies to ties and dare_ties, not {method}",
+                         param="majority_sign")  # fmt: skip
+    if seed is not None and method not in ("dare_linear", "dare_ties"):
+        raise UsageError(f"a seed applies to dare_linear and dare_ties (their random masks), not {method}",
+                         param="seed")  # fmt: skip
     return weights, method  # type: ignore[return-value]
 
 
@@ -117,19 +147,33 @@ def mix_adapters(
     device: str | None = None,
     strict: bool = False,
     progress: Progress | None = None,
+    density: float | None = None,
+    majority_sign: str | None = None,
+    seed: int | None = None,
 ) -> tuple[Adapter, MixReport]:
     """The weighted combination of ``adapters`` (1 each by default) as a new adapter, in the format and naming of
-    the first, and its report. The default method is ``cat`` (exact) without ``rank``, ``svd`` with it."""
+    the first, and its report. The default method is ``cat`` (exact) without ``rank``, ``svd`` with it.
+    ``ties``, ``dare_linear``, ``dare_ties`` and ``magnitude_prune`` (:mod:`.mix_dense`) need ``density``;
+    ``majority_sign`` is ``total`` (default) or ``frequency``; DARE's masks follow ``seed`` (drawn at random and
+    reported when not given). These re-compress to ``rank`` when given, else keep the exact full-rank result."""
     import torch
 
     if not isinstance(adapters, (list, tuple)) or not all(isinstance(a, Adapter) for a in adapters):
         raise UsageError("adapters must be a list of Adapter objects (loratools.load_adapter gives them)")
     if not adapters:
         raise UsageError("mix needs at least one adapter")
-    weights, method = check_args(len(adapters), weights, method, rank, dtype, device, strict, progress, "adapter")
+    weights, method = check_args(
+        len(adapters), weights, method, rank, dtype, device, strict, progress, "adapter", density, majority_sign, seed
+    )
     dev, work = work_device(device)
     first = adapters[0]
     report = MixReport(None, first.format, method, list(weights), rank)
+    if method in DENSE_METHODS:
+        report.density = float(density)  # type: ignore[arg-type]
+        if method in ("ties", "dare_ties"):
+            report.majority_sign = majority_sign = majority_sign or "total"
+        if method.startswith("dare"):
+            report.seed = seed = secrets.randbits(63) if seed is None else seed
     bases = {a.base_model for a in adapters if a.base_model}
     if len(bases) > 1:
         msg = f"the inputs were made for different base models: {', '.join(sorted(bases))}"
@@ -145,10 +189,12 @@ def mix_adapters(
             )
     cross = len({a.format for a in adapters}) > 1
     order: dict[str, list[tuple[float, Module]]] = {}
-    for a, w in zip(adapters, weights, strict=True):
+    position: dict[int, int] = {}  # id(module) -> its input's position (the seed of DARE's masks)
+    for i, (a, w) in enumerate(zip(adapters, weights, strict=True)):
         for name, m in a.modules.items():
             refuse_dora(m, "mixing it")
             order.setdefault(match_key(name, cross), []).append((w, m))
+            position[id(m)] = i
     check_dense_all(m for a in adapters for m in a.modules.values())  # before any work: headers only
     out = Adapter(format=first.format, config=dict(first.config), base_model=first.base_model)
     # a mix was trained by none of its inputs: of their header metadata only what names the base model (and how the
@@ -174,7 +220,12 @@ def mix_adapters(
                     f"{template.name}: the inputs disagree on the layer's layout (embedding / fan_in_fan_out)"
                 )
         target = stored_dtype(template, dtype)
-        if method == "linear":
+        energy = None
+        if method in DENSE_METHODS:
+            indexed = [(position[id(m)], w, m) for w, m in parts]
+            delta, ranks = dense_mix(indexed, method, float(density), majority_sign or "total", seed or 0, dev, work)  # type: ignore[arg-type]
+            up, down, energy = compress(delta, rank, seed or 0, ranks)
+        elif method == "linear":
             up, down = _linear(parts, dev, work)
         else:
             ups, downs = [], []
@@ -184,7 +235,6 @@ def mix_adapters(
                 downs.append(d * w)
             up, down = torch.cat(ups, dim=1), torch.cat(downs, dim=0)
         refuse_nonfinite(template, up, down, what="the weighted sum")
-        energy = None
         if method == "svd":
             assert rank is not None
             svd = lowrank_svd(up, down)
@@ -237,11 +287,15 @@ def mix(
     include: Sequence[str] = (),
     exclude: Sequence[str] = (),
     only: str | None = None,
+    density: float | None = None,
+    majority_sign: str | None = None,
+    seed: int | None = None,
 ) -> MixReport:
     """Read, mix, and write atomically. The default method is ``cat`` without ``rank``, ``svd`` with it.
     ``origins``: the names the provenance record gives sources fetched from the Hub (see ``provenance.record``).
     ``include`` / ``exclude`` / ``only`` (``"unet"`` or ``"text_encoders"``): which modules of each input take
-    part (:mod:`.select`), chosen before any work; every input must keep at least one."""
+    part (:mod:`.select`), chosen before any work; every input must keep at least one. ``density``,
+    ``majority_sign``, ``seed``: for the pruning methods, as in :func:`mix_adapters`."""
     from ..formats import input_files
     from ..formats.outputs import check_output_name
     from ..io.atomic import check_output
@@ -251,7 +305,9 @@ def mix(
     args.path(out, "out")
     args.choice(to, "format", FORMATS)
     args.flag(force, "force")
-    weights, method = check_args(len(sources), weights, method, rank, dtype, device, strict, progress)
+    weights, method = check_args(
+        len(sources), weights, method, rank, dtype, device, strict, progress, "input", density, majority_sign, seed
+    )
     flt = select.module_filter(include, exclude, only)
     pick_device(device)  # a missing GPU is told before anything is read
     check_output(out, force=force, inputs=[p for s in sources for p in input_files(s)])
@@ -259,8 +315,9 @@ def mix(
     left_out = [select.apply(flt, a, str(s)) for a, s in zip(adapters, sources, strict=True)]
     check_output_name(out, to or adapters[0].format)
     mixed, report = mix_adapters(
-        adapters, weights, method, rank, dtype=dtype, device=device, strict=strict, progress=progress
-    )
+        adapters, weights, method, rank, dtype=dtype, device=device, strict=strict, progress=progress,
+        density=density, majority_sign=majority_sign, seed=seed,
+    )  # fmt: skip
     report.left_out = left_out if flt else []
     mixed.metadata[provenance.KEY] = provenance.record(
         "mix",
@@ -270,6 +327,9 @@ def mix(
         weights=weights,
         rank=rank,
         dtype=dtype,
+        density=report.density,
+        majority_sign=report.majority_sign,
+        seed=report.seed,
         **select.recorded(flt),
     )
     fmt = to or mixed.format

@@ -220,8 +220,9 @@ def _check_module(m: Module, adapter: Adapter, add: Any) -> None:
 
 
 def _config_for(adapter: Adapter, name: str) -> tuple[dict[str, Any], str] | None:
-    """The PEFT-style config governing a module, and the module's name relative to it."""
-    if adapter.format == "peft" and adapter.config:
+    """The PEFT-style config governing a module, and the module's name relative to it (a PEFT LoRA config: the
+    other PEFT types' readers hold their factors to their config themselves)."""
+    if adapter.format == "peft" and adapter.config and peft.peft_type_of(adapter.config) == "LORA":
         return adapter.config, name
     if adapter.format == "diffusers":
         comp, _, rel = name.partition(".")
