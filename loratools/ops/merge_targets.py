@@ -117,7 +117,9 @@ def resolve_targets(adapters: list[Adapter], weights: list[float], base: Checkpo
             )
         for _, m in t.contributions:
             ws = m.weight_shape()
-            if tuple(ws) != info.shape and not (ws[0] == info.shape[0] and math.prod(ws) == math.prod(info.shape)):
+            if tuple(ws) != info.shape and not (
+                info.shape[:1] == tuple(ws[:1]) and math.prod(ws) == math.prod(info.shape)
+            ):
                 raise ShapeError(f"{m.name}: delta is {list(ws)}, base tensor {name} is {list(info.shape)}")
         if not info.dtype.startswith(("F", "BF")):
             raise ShapeError(f"{name}: stored as {info.dtype}; only float weights can take a delta")
