@@ -32,6 +32,16 @@ def check_output_name(
     suffix = p.suffix.lower()
     what = what or (f"a {fmt} adapter" if fmt else "the output")
     want = (".safetensors" if not folder else None) if fmt is None else output_suffix(fmt)
+    if p.name.lower() in FILE_SUFFIXES:  # ``-o .safetensors``: a suffix and no name (pathlib calls it a dotfile)
+        raise OutputNameError(
+            f"-o {out} is a suffix with no name before it", f"name it, e.g. -o {p.with_name('adapter' + (want or ''))}",
+            param="out",
+        )  # fmt: skip
+    if want is not None and str(out).endswith(("/", os.sep)):  # pathlib drops the slash that says "a folder"
+        raise OutputNameError(
+            f"{what} is written as one {want} file, but -o {out} ends in a slash (a folder)",
+            f"name it {p.with_suffix(want) if suffix in FILE_SUFFIXES else str(p) + want}", param="out",
+        )  # fmt: skip
     if want is None:
         if suffix in FILE_SUFFIXES:
             kind = "a folder (adapter_config.json + adapter_model.safetensors)" if fmt == "peft" else "a folder"
