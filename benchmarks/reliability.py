@@ -171,6 +171,7 @@ CATEGORIES = {
     "test_hostile_math.py": "numbers and bounded work (NaN, Inf, huge products)",
     "test_hostile_indexes.py": "base indexes and shards",
     "test_hostile_gguf.py": "GGUF export and base configs",
+    "test_hostile_families.py": "image-model names, single-file layouts, report numbers, output names",
     "test_hostile_filetypes.py": "wrong file types, library arguments of load/save",
     "test_hostile_hub.py": "Hub responses (test Hub server)",
     "test_hostile_push.py": "push contents (secrets, links, pickles)",

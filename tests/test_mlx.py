@@ -202,7 +202,7 @@ def test_mix_merge_inspect_and_validate_for_mlx(mf: ModuleType, tmp_path: Path) 
     code, out, _ = run_cli("validate", str(tmp_path / "mixed"), "--for", "mlx", "--json")
     assert code == 0, out
     code, out, _ = run_cli("validate", str(FIXTURES / "peft_llama"), "--for", "mlx", "--json")
-    assert code == 1 and "convert SRC --to mlx" in out
+    assert code == 1 and f"convert {FIXTURES / 'peft_llama'} --to mlx" in out
     mf.tiny_llama().save_pretrained(tmp_path / "base")
     code, _, err = run_cli("merge", str(tmp_path / "base"), str(tmp_path / "a"), "-o", str(tmp_path / "merged"))
     assert code == 0, err

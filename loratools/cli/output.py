@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import json
-import math
 import re
 import sys
 from collections.abc import Callable, Iterator
@@ -15,6 +13,7 @@ import click
 from rich.console import Console
 from rich.text import Text
 
+from ..io import jsonfile
 from ..io.progress import Progress, Tick
 from ..units import human_bytes as human_bytes  # re-exported for the commands
 
@@ -84,18 +83,7 @@ def note(message: str) -> None:
 
 
 def print_json(data: Any) -> None:
-    click.echo(json.dumps(_clean(data), indent=2, sort_keys=False))
-
-
-def _clean(value: Any) -> Any:
-    """JSON has no NaN/Inf: they become strings, so a bad adapter still prints valid JSON."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return str(value)
-    if isinstance(value, dict):
-        return {k: _clean(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_clean(v) for v in value]
-    return value
+    click.echo(jsonfile.dumps(data, indent=2, sort_keys=False))
 
 
 def json_option(f: F) -> F:

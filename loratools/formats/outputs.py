@@ -1,4 +1,4 @@
-"""What an output's name must say: a folder format (PEFT, a merged model folder) gets a folder name, a file format
+"""What an output's name must say: a folder format (PEFT, mlx-lm, a merged model folder) gets a folder name, a file format
 (kohya, diffusers, GGUF, a single-file merge) a file name with its suffix. A name that says otherwise
 (``-o r6.safetensors`` for a PEFT folder, ``-o r7`` for a kohya file) is refused before any work, never guessed
 at: one check for convert, resize, mix, merge and extract."""
@@ -11,7 +11,12 @@ from pathlib import Path
 from ..errors import OutputNameError
 
 #: formats written as a folder; every other is one file
-FOLDER_FORMATS = ("peft",)
+FOLDER_FORMATS = ("peft", "mlx")
+#: what a folder format's folder holds, for the message
+FOLDER_FILES = {
+    "peft": "a folder (adapter_config.json + adapter_model.safetensors)",
+    "mlx": "a folder (adapter_config.json + adapters.safetensors)",
+}
 #: the suffix a file format's output takes (".safetensors" for any not listed)
 FILE_SUFFIX = {"gguf": ".gguf"}
 #: suffixes that name a file of weights, a config or a report: never a folder's name
@@ -32,9 +37,19 @@ def check_output_name(
     suffix = p.suffix.lower()
     what = what or (f"a {fmt} adapter" if fmt else "the output")
     want = (".safetensors" if not folder else None) if fmt is None else output_suffix(fmt)
+    if p.name.lower() in FILE_SUFFIXES:  # ``-o .safetensors``: a suffix and no name (pathlib calls it a dotfile)
+        raise OutputNameError(
+            f"-o {out} is a suffix with no name before it", f"name it, e.g. -o {p.with_name('adapter' + (want or ''))}",
+            param="out",
+        )  # fmt: skip
+    if want is not None and str(out).endswith(("/", os.sep)):  # pathlib drops the slash that says "a folder"
+        raise OutputNameError(
+            f"{what} is written as one {want} file, but -o {out} ends in a slash (a folder)",
+            f"name it {p.with_suffix(want) if suffix in FILE_SUFFIXES else str(p) + want}", param="out",
+        )  # fmt: skip
     if want is None:
         if suffix in FILE_SUFFIXES:
-            kind = "a folder (adapter_config.json + adapter_model.safetensors)" if fmt == "peft" else "a folder"
+            kind = FOLDER_FILES.get(fmt or "", "a folder")
             raise OutputNameError(
                 f"{what} is written as {kind}, but -o {out} names a {suffix} file",
                 f"give a folder name, e.g. -o {p.with_suffix('')}",

@@ -8,6 +8,9 @@ checkpoint indexes, header metadata values. The world writes these, so nothing i
 * no ``NaN`` / ``Infinity`` (not JSON; ``json`` accepts them), no float that overflows to infinity
   (``1e400``), no integer past Python's digit limit (4300 digits);
 * no lone surrogate in a string (``"\\ud800"``: not Unicode; it breaks printing later).
+
+And the one JSON writer's rule (:func:`dumps`): what loratools prints or writes as JSON is JSON, NaN and
+Infinity as strings.
 """
 
 from __future__ import annotations
@@ -226,3 +229,20 @@ def kind(value: Any) -> str:
     if isinstance(value, dict):
         return "an object"
     return type(value).__name__
+
+
+def finite(value: Any) -> Any:
+    """``value`` with every NaN / Infinity as a string (``"nan"``, ``"inf"``, ``"-inf"``): JSON has neither, so a
+    bad adapter's numbers still give a document every JSON reader (a browser, ``jq``) takes."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {k: finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite(v) for v in value]
+    return value
+
+
+def dumps(value: Any, **kwargs: Any) -> str:
+    """``json.dumps`` of :func:`finite` ``(value)``, refusing NaN / Infinity should one slip through."""
+    return json.dumps(finite(value), allow_nan=False, **kwargs)

@@ -164,6 +164,11 @@ def _reshaped(m: Module, full: tuple[int, ...], loc: SingleFileLocation) -> Plac
     """``m`` as a module over the whole tensor at ``loc`` (its rows, halves swapped, transposed as stored there)."""
     if not _moves(loc):
         return Placed(loc.key, m)
+    if len(full) < 2:
+        return f"{m.name}: {loc.key} is {list(full)} in the base, not a weight matrix"
+    rows = loc.rows_in(full[0])
+    if isinstance(rows, str):
+        return f"{m.name}: {rows}"
     where = f"rows {loc.rows[0]}:{loc.rows[1]} of {loc.key}" if loc.rows else loc.key
     if m.magnitude is not None and (loc.rows or loc.transposed):
         return f"{m.name}: a DoRA magnitude rescales the whole weight, and this module is {where} only"

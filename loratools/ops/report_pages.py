@@ -4,13 +4,13 @@ is (:mod:`.merge_html`); and the writing of any report, as a page or as JSON, na
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
+from ..io import jsonfile
 from ..io.atomic import atomic_write
 from .diff import DiffReport
 from .extract_report import ExtractReport
@@ -24,7 +24,7 @@ def report_text(path: str | os.PathLike[str], data: dict[str, Any], html: Callab
     """What a report file named ``path`` holds: the page (``.html``), or ``data`` as JSON."""
     if Path(path).suffix.lower() in (".html", ".htm"):
         return html()
-    return json.dumps(data, indent=2, default=str) + "\n"
+    return jsonfile.dumps(data, indent=2, default=str) + "\n"
 
 
 def write_report(

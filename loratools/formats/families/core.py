@@ -18,8 +18,11 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 _HOLE = re.compile(r"\{(\w+)\}")
-#: a path segment that is a number (between dots or underscores, or at an end)
-_NUMBER = re.compile(r"(?<![^._])\d+(?![^._])")
+#: a path segment that is a number (between dots or underscores, or at an end): ASCII digits only
+_NUMBER = re.compile(r"(?<![^._])[0-9]+(?![^._])")
+#: what a hole matches: a block number as a model's code writes it (ASCII, no leading zero, under 100,000), so
+#: ``01``, ``\u0661`` (a unicode digit) or ``99999999999999999999`` is no block of any model and stays unresolved
+BLOCK = r"(?:0|[1-9][0-9]{0,4})"
 
 Holes = dict[str, str]
 
@@ -46,7 +49,7 @@ def _pattern(template: str, flat: bool) -> re.Pattern[str]:
         literal = template[pos : m.start()]
         out.append(re.escape(flatten(literal) if flat else literal))
         name = m.group(1)
-        out.append(f"(?P={name})" if name in seen else rf"(?P<{name}>\d+)")
+        out.append(f"(?P={name})" if name in seen else rf"(?P<{name}>{BLOCK})")
         seen.add(name)
         pos = m.end()
     tail = template[pos:]

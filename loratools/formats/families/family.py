@@ -132,12 +132,29 @@ def to_kohya(family: Family, names: Iterable[str], shapes: Shapes) -> Plan:
 class SingleFileLocation:
     """Where a diffusers tensor lives in a single-file checkpoint: the tensor ``key``, the ``rows`` it occupies
     there (start, stop) when the checkpoint fuses it with others (q/k/v), ``swap_halves`` when the checkpoint
-    stores the two halves of its rows the other way round, ``transposed`` when it stores the matrix transposed."""
+    stores the two halves of its rows the other way round, ``transposed`` when it stores the matrix transposed;
+    ``fused``: how the fused tensor's rows divide, which part this is and among how many (a caller checks the
+    tensor's own rows split so before it places ``rows``)."""
 
     key: str
     rows: tuple[int, int] | None = None
     swap_halves: bool = False
     transposed: bool = False
+    fused: tuple[Split, int, int] | None = None
+
+    def rows_in(self, full_rows: int) -> tuple[int, int] | str | None:
+        """The rows this part has in a fused tensor of ``full_rows`` rows when they agree with :attr:`rows`; what
+        disagrees, when not (a tensor whose rows do not split into the parts, or a part of another size)."""
+        if self.fused is None or self.rows is None:
+            return self.rows
+        split, index, count = self.fused
+        sizes = split.sizes(count, full_rows)
+        if sizes is None:
+            return f"{self.key} has {full_rows} rows, which do not split into its {count} parts"
+        start = sum(sizes[:index])
+        if (start, start + sizes[index]) != self.rows:
+            return f"it has {self.rows[1] - self.rows[0]} output rows, its part of {self.key} has {sizes[index]}"
+        return self.rows
 
 
 def single_file_location(
@@ -159,8 +176,9 @@ def single_file_location(
     name = fill(link.original, holes)
     mapped = link.leaf(leaf)
     key = (p.roots[0] if root is None else root) + (f"{name}.{mapped}" if mapped else name)
-    rows = None
+    rows = fused = None
     if link.split is not None and len(link.diffusers) > 1:
         start = link.split.offset(index, len(link.diffusers), weight_shape[0])
         rows = (start, start + weight_shape[0])
-    return SingleFileLocation(key, rows, link.swaps(weight_shape), link.transpose)
+        fused = (link.split, index, len(link.diffusers))
+    return SingleFileLocation(key, rows, link.swaps(weight_shape), link.transpose, fused)

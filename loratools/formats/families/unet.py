@@ -10,11 +10,14 @@ attention), never from the adapter's names: :class:`UNetLayout`. The rules are t
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from .core import Link, nest, same
+from .core import BLOCK, Link, nest, same
+
+_BLOCK = re.compile(BLOCK)
 
 #: a resnet block: SGM ResBlock name -> diffusers ResnetBlock2D name (``update_unet_resnet_ldm_to_diffusers``)
 RESNET = [
@@ -79,7 +82,7 @@ class UNetLayout:
         blocks: dict[tuple[str, int], set[str]] = {}
         for name in modules:
             seg = name.split(".")
-            if len(seg) >= 3 and seg[0] in ("input_blocks", "output_blocks") and seg[1].isdigit():
+            if len(seg) >= 3 and seg[0] in ("input_blocks", "output_blocks") and _BLOCK.fullmatch(seg[1]):
                 blocks.setdefault((seg[0], int(seg[1])), set()).add(".".join(seg[2:4]))
         ins = sorted(n for kind, n in blocks if kind == "input_blocks" and n > 0)
         if not ins or ins != list(range(1, len(ins) + 1)):
