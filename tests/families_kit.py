@@ -177,3 +177,25 @@ def diffusers_fused(mixin: Any, mf: Any, lora: Path, **models: Any) -> dict[str,
         pipe.unload_lora_weights()
     return {c: {k: v.detach().clone() for k, v in m.state_dict().items() if "position_ids" not in k}
             for c, m in models.items()}  # fmt: skip
+
+
+def sdxl_lora(mf: Any, root: Path, seeds: tuple[int, int, int]) -> tuple[Path, Path, dict[str, torch.Tensor]]:
+    """A tiny SDXL saved as a diffusers pipeline folder under ``root``/base, a LoRA on its UNet and both text encoders
+    (one seed each) saved by diffusers' own ``save_lora_weights``; returns (base, the LoRA file, its deltas by
+    diffusers module path)."""
+    from diffusers.loaders.lora_pipeline import StableDiffusionXLLoraLoaderMixin as XL
+
+    unet, te, te2 = sdxl_models(mf)
+    base = save_base(root / "base", "StableDiffusionXLPipeline", unet=unet, text_encoder=te, text_encoder_2=te2)
+    meta = [
+        add_lora(mf, m, t, seed)
+        for m, t, seed in zip((unet, te, te2), (UNET_TARGETS, TE_TARGETS, TE_TARGETS), seeds, strict=True)
+    ]
+    with mf._quiet():
+        XL.save_lora_weights(
+            str(root / "diffusers"), unet_lora_layers=lora_state(unet), text_encoder_lora_layers=lora_state(te),
+            text_encoder_2_lora_layers=lora_state(te2), unet_lora_adapter_metadata=meta[0],
+            text_encoder_lora_adapter_metadata=meta[1], text_encoder_2_lora_adapter_metadata=meta[2],
+        )  # fmt: skip
+    want = deltas(unet, "unet.") | deltas(te, "text_encoder.") | deltas(te2, "text_encoder_2.")
+    return base, root / "diffusers" / "pytorch_lora_weights.safetensors", want

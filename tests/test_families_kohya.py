@@ -52,22 +52,9 @@ def same_deltas(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> 
 
 @pytest.fixture(scope="module")
 def sdxl(mf: Any, tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
-    from diffusers.loaders.lora_pipeline import StableDiffusionXLLoraLoaderMixin as XL
-
     root = tmp_path_factory.mktemp("sdxl")
-    unet, te, te2 = fk.sdxl_models(mf)
-    base = fk.save_base(root / "base", "StableDiffusionXLPipeline", unet=unet, text_encoder=te, text_encoder_2=te2)
-    meta = [fk.add_lora(mf, m, t, seed) for m, t, seed in
-            ((unet, fk.UNET_TARGETS, 31), (te, fk.TE_TARGETS, 32), (te2, fk.TE_TARGETS, 33))]  # fmt: skip
-    with mf._quiet():
-        XL.save_lora_weights(
-            str(root / "diffusers"), unet_lora_layers=fk.lora_state(unet), text_encoder_lora_layers=fk.lora_state(te),
-            text_encoder_2_lora_layers=fk.lora_state(te2), unet_lora_adapter_metadata=meta[0],
-            text_encoder_lora_adapter_metadata=meta[1], text_encoder_2_lora_adapter_metadata=meta[2],
-        )  # fmt: skip
-    want = fk.deltas(unet, "unet.") | fk.deltas(te, "text_encoder.") | fk.deltas(te2, "text_encoder_2.")
-    return SimpleNamespace(root=root, base=base, diffusers=root / "diffusers" / "pytorch_lora_weights.safetensors",
-                           deltas=want)  # fmt: skip
+    base, lora, want = fk.sdxl_lora(mf, root, (31, 32, 33))
+    return SimpleNamespace(root=root, base=base, diffusers=lora, deltas=want)
 
 
 def sdxl_load(mf: Any, path: Path) -> dict[str, torch.Tensor]:

@@ -79,22 +79,11 @@ class _Loaded:
 def sdxl(mf: Any, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]:
     """A tiny SDXL as a diffusers folder, its LoRA on all three components (diffusers' save) and the same LoRA in
     kohya's SDXL names (SGM blocks, ``lora_te1_`` / ``lora_te2_``)."""
-    from diffusers.loaders.lora_pipeline import StableDiffusionXLLoraLoaderMixin as XL
-
     root = tmp_path_factory.mktemp("sdxl_merge")
-    unet, te, te2 = fk.sdxl_models(mf)
-    base = fk.save_base(root / "base", "StableDiffusionXLPipeline", unet=unet, text_encoder=te, text_encoder_2=te2)
-    meta = [fk.add_lora(mf, m, t, seed) for m, t, seed in
-            ((unet, fk.UNET_TARGETS, 61), (te, fk.TE_TARGETS, 62), (te2, fk.TE_TARGETS, 63))]  # fmt: skip
-    with mf._quiet():
-        XL.save_lora_weights(
-            str(root / "diffusers"), unet_lora_layers=fk.lora_state(unet), text_encoder_lora_layers=fk.lora_state(te),
-            text_encoder_2_lora_layers=fk.lora_state(te2), unet_lora_adapter_metadata=meta[0],
-            text_encoder_lora_adapter_metadata=meta[1], text_encoder_2_lora_adapter_metadata=meta[2],
-        )  # fmt: skip
+    base, lora, _ = fk.sdxl_lora(mf, root, (61, 62, 63))
     kohya = root / "kohya.safetensors"
-    convert(root / "diffusers" / "pytorch_lora_weights.safetensors", "kohya", kohya, base=base)
-    return base, root / "diffusers" / "pytorch_lora_weights.safetensors", kohya
+    convert(lora, "kohya", kohya, base=base)
+    return base, lora, kohya
 
 
 def _sdxl_fused(mf: Any, lora: Path) -> dict[str, dict[str, torch.Tensor]]:

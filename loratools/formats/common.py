@@ -57,6 +57,24 @@ class Rule:
     layer: str | None = None  # forces the module's layer (embedding)
 
 
+#: LyCORIS' LoHa / LoKr factor names: the same in kohya / LyCORIS files and in PEFT's LOHA / LOKR folders
+LYCORIS_RULES = (
+    Rule(".hada_w1_a", "w1a", "loha"),
+    Rule(".hada_w1_b", "w1b", "loha"),
+    Rule(".hada_w2_a", "w2a", "loha"),
+    Rule(".hada_w2_b", "w2b", "loha"),
+    Rule(".hada_t1", "t1", "loha"),
+    Rule(".hada_t2", "t2", "loha"),
+    Rule(".lokr_w1", "w1", "lokr"),
+    Rule(".lokr_w1_a", "w1a", "lokr"),
+    Rule(".lokr_w1_b", "w1b", "lokr"),
+    Rule(".lokr_w2", "w2", "lokr"),
+    Rule(".lokr_w2_a", "w2a", "lokr"),
+    Rule(".lokr_w2_b", "w2b", "lokr"),
+    Rule(".lokr_t2", "t2", "lokr"),
+)
+
+
 class KeyTable:
     """A suffix table: splits ``base_model.model.x.lora_A.weight`` into ``x`` and ``(down, lora)``."""
 

@@ -22,7 +22,17 @@ from ..errors import IncompatibleAdaptersError
 from ..io.safetensors import shown
 from ..model import Adapter, TensorRef
 from . import kohya_meta
-from .common import KeyTable, Rule, build_module, carried_metadata, check_leftovers, group_keys, open_raw, scalar
+from .common import (
+    LYCORIS_RULES,
+    KeyTable,
+    Rule,
+    build_module,
+    carried_metadata,
+    check_leftovers,
+    group_keys,
+    open_raw,
+    scalar,
+)
 from .families import MLP_RATIO, xlabs_name
 from .names import to_kohya
 
@@ -37,19 +47,7 @@ TABLE = KeyTable(
         Rule(".alpha", "alpha"),
         Rule(".dora_scale", "magnitude"),
         Rule(".bias", "bias"),
-        Rule(".hada_w1_a", "w1a", "loha"),
-        Rule(".hada_w1_b", "w1b", "loha"),
-        Rule(".hada_w2_a", "w2a", "loha"),
-        Rule(".hada_w2_b", "w2b", "loha"),
-        Rule(".hada_t1", "t1", "loha"),
-        Rule(".hada_t2", "t2", "loha"),
-        Rule(".lokr_w1", "w1", "lokr"),
-        Rule(".lokr_w1_a", "w1a", "lokr"),
-        Rule(".lokr_w1_b", "w1b", "lokr"),
-        Rule(".lokr_w2", "w2", "lokr"),
-        Rule(".lokr_w2_a", "w2a", "lokr"),
-        Rule(".lokr_w2_b", "w2b", "lokr"),
-        Rule(".lokr_t2", "t2", "lokr"),
+        *LYCORIS_RULES,
         Rule(".diff", "diff", "full"),
         Rule(".diff_b", "bias", "full"),
     ]

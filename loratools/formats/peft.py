@@ -277,13 +277,7 @@ def read(path: str | os.PathLike[str], *, problems: list[str] | None = None) -> 
         base_model=config.get("base_model_name_or_path") or None,
         source=str(p),
     )
-    extras_names = modules_to_save(config)
-    for key in rest:
-        role = extra_role(key, extras_names)
-        if role is None:
-            leftovers.append(PREFIX + key)
-        else:
-            adapter.extras[key] = Extra(stripped[key], role)
+    take_extras(adapter, rest, stripped, config, leftovers)
     check_leftovers(leftovers, conflicts, NAME, problems)
     rslora = bool(config.get("use_rslora", False))
     fifo = bool(config.get("fan_in_fan_out", False))
@@ -298,6 +292,20 @@ def read(path: str | os.PathLike[str], *, problems: list[str] | None = None) -> 
 def modules_to_save(config: dict[str, Any]) -> list[str]:
     mts = config.get("modules_to_save") or []
     return [mts] if isinstance(mts, str) else [str(m) for m in mts]
+
+
+def take_extras(
+    adapter: Adapter, rest: list[str], stripped: dict[str, TensorRef], config: dict[str, Any], leftovers: list[str]
+) -> None:
+    """The keys no module claimed (``rest``, without the ``base_model.model.`` prefix): full tensors of
+    ``modules_to_save`` and saved embeddings go to ``adapter.extras``; any other is a leftover (with its prefix)."""
+    saved = modules_to_save(config)
+    for key in rest:
+        role = extra_role(key, saved)
+        if role is None:
+            leftovers.append(PREFIX + key)
+        else:
+            adapter.extras[key] = Extra(stripped[key], role)
 
 
 def extra_role(key: str, saved: list[str]) -> Any:
@@ -325,7 +333,7 @@ def _common(values: list[Any]) -> Any:
     return Counter(values).most_common(1)[0][0]
 
 
-def _exceptions(values: dict[str, Any], default: Any) -> dict[str, Any]:
+def pattern_exceptions(values: dict[str, Any], default: Any) -> dict[str, Any]:
     """The modules whose value is not ``default``, keyed by full path, in an order PEFT reads right: it gives a
     module the value of the first key that matches the end of its path (``get_pattern_key``), so a path that ends
     with another key (Flux's ``single_transformer_blocks.0.proj_out`` and ``proj_out``) is listed too, with its own
@@ -336,6 +344,17 @@ def _exceptions(values: dict[str, Any], default: Any) -> dict[str, Any]:
         if n not in keys and any(".".join(parts[i:]) in keys for i in range(1, len(parts))):
             keys.add(n)
     return {n: values[n] for n in sorted(keys, key=lambda k: (-k.count("."), k))}
+
+
+def set_targets(cfg: dict[str, Any], adapter: Adapter) -> None:
+    """A written config's ``target_modules`` (kept when it is a regex or already names every module's kind),
+    ``base_model_name_or_path`` and ``task_type``."""
+    old = cfg.get("target_modules")
+    wanted = targets(adapter)
+    if not (isinstance(old, list) and set(wanted) <= set(old)) and not isinstance(old, str):
+        cfg["target_modules"] = wanted
+    cfg.setdefault("base_model_name_or_path", adapter.base_model)
+    cfg.setdefault("task_type", None)
 
 
 def targets(adapter: Adapter) -> list[str]:
@@ -396,16 +415,11 @@ def make_config(adapter: Adapter) -> dict[str, Any]:
             "use_rslora": rslora,
             "use_dora": any(m.magnitude is not None for m in mods),
             "fan_in_fan_out": any(m.fan_in_fan_out for m in mods),
-            "rank_pattern": _exceptions(ranks, r),
-            "alpha_pattern": {n: (int(v) if v.is_integer() else v) for n, v in _exceptions(alphas, a).items()},
+            "rank_pattern": pattern_exceptions(ranks, r),
+            "alpha_pattern": {n: (int(v) if v.is_integer() else v) for n, v in pattern_exceptions(alphas, a).items()},
         }
     )
-    old = cfg.get("target_modules")
-    wanted = targets(adapter)
-    if not (isinstance(old, list) and set(wanted) <= set(old)) and not isinstance(old, str):
-        cfg["target_modules"] = wanted
-    cfg.setdefault("base_model_name_or_path", adapter.base_model)
-    cfg.setdefault("task_type", None)
+    set_targets(cfg, adapter)
     cfg.setdefault("bias", "none")
     return cfg
 

@@ -34,29 +34,13 @@ from typing import Any
 
 from ..errors import FileFormatError, IncompatibleAdaptersError
 from ..io.safetensors import shown
-from ..model import Adapter, Extra, Module, TensorRef
-from .common import KeyGroup, KeyTable, Rule, build_module, check_leftovers, group_keys
+from ..model import Adapter, Module, TensorRef
+from .common import LYCORIS_RULES, KeyGroup, KeyTable, Rule, build_module, check_leftovers, group_keys
 
 #: the PEFT types loratools reads; every other is refused by name
 TYPES = ("LORA", "LOHA", "LOKR", "ADALORA", "VERA")
 
-LYCORIS_TABLE = KeyTable(
-    [
-        Rule(".hada_w1_a", "w1a", "loha"),
-        Rule(".hada_w1_b", "w1b", "loha"),
-        Rule(".hada_w2_a", "w2a", "loha"),
-        Rule(".hada_w2_b", "w2b", "loha"),
-        Rule(".hada_t1", "t1", "loha"),
-        Rule(".hada_t2", "t2", "loha"),
-        Rule(".lokr_w1", "w1", "lokr"),
-        Rule(".lokr_w1_a", "w1a", "lokr"),
-        Rule(".lokr_w1_b", "w1b", "lokr"),
-        Rule(".lokr_w2", "w2", "lokr"),
-        Rule(".lokr_w2_a", "w2a", "lokr"),
-        Rule(".lokr_w2_b", "w2b", "lokr"),
-        Rule(".lokr_t2", "t2", "lokr"),
-    ]
-)
+LYCORIS_TABLE = KeyTable(list(LYCORIS_RULES))  # the factor names of LyCORIS' own files
 ADALORA_TABLE = KeyTable([Rule(".lora_A", "down"), Rule(".lora_B", "up"), Rule(".lora_E", "e")])
 VERA_TABLE = KeyTable([Rule(".vera_lambda_b", "lambda_b"), Rule(".vera_lambda_d", "lambda_d")])
 TABLES = {"LOHA": LYCORIS_TABLE, "LOKR": LYCORIS_TABLE, "ADALORA": ADALORA_TABLE, "VERA": VERA_TABLE}
@@ -78,7 +62,7 @@ def fill(
 ) -> None:
     """Put the modules (and ``modules_to_save`` copies) of a ``peft_type`` folder's ``tensors`` into ``adapter``;
     every key accounted for, damage raised or (``problems``) collected."""
-    from .peft import PREFIX, extra_role, modules_to_save
+    from .peft import PREFIX, take_extras
 
     stripped: dict[str, TensorRef] = {}
     shared: dict[str, TensorRef] = {}
@@ -91,13 +75,7 @@ def fill(
         else:
             leftovers.append(key)
     groups, rest, conflicts = group_keys(stripped, TABLES[peft_type])
-    saved = modules_to_save(config)
-    for key in rest:
-        role = extra_role(key, saved)
-        if role is None:
-            leftovers.append(PREFIX + key)
-        else:
-            adapter.extras[key] = Extra(stripped[key], role)
+    take_extras(adapter, rest, stripped, config, leftovers)
     check_leftovers(leftovers, conflicts, f"peft {peft_type}", problems)
     build = {"LOHA": _lycoris, "LOKR": _lycoris, "ADALORA": _adalora, "VERA": _vera}[peft_type]
     context = _Context(peft_type, config, str(where), problems, shared)
@@ -407,13 +385,16 @@ def _lokr_plan(adapter: Adapter) -> tuple[str | None, dict[str, Any]]:
 
 
 def _patterns(ranks: dict[str, int], alphas: dict[str, float]) -> dict[str, Any]:
+    """r and alpha (the common values) and the exceptions, in the order PEFT's suffix match reads right."""
+    from .peft import pattern_exceptions
+
     r = Counter(ranks.values()).most_common(1)[0][0] if ranks else 8
     a = Counter(alphas.values()).most_common(1)[0][0] if alphas else 8.0
     return {
         "r": r,
         "alpha": int(a) if float(a).is_integer() else a,
-        "rank_pattern": {n: v for n, v in ranks.items() if v != r},
-        "alpha_pattern": {n: (int(v) if v.is_integer() else v) for n, v in alphas.items() if v != a},
+        "rank_pattern": pattern_exceptions(ranks, r),
+        "alpha_pattern": {n: (int(v) if v.is_integer() else v) for n, v in pattern_exceptions(alphas, a).items()},
     }
 
 
@@ -421,7 +402,7 @@ def lycoris_config(adapter: Adapter, peft_type: str) -> dict[str, Any]:
     """The config of a PEFT ``LOHA`` / ``LOKR`` folder under which PEFT builds exactly these modules' factors
     and gives each its scale: r and alpha per module (the common values, exceptions as patterns by full path),
     LoKr's ``decompose_factor`` / ``decompose_both`` and ``use_effective_conv2d`` from the factors' shapes."""
-    from .peft import targets
+    from .peft import set_targets
 
     mods = list(adapter.modules.values())
     if peft_type == "LOHA":
@@ -447,12 +428,7 @@ def lycoris_config(adapter: Adapter, peft_type: str) -> dict[str, Any]:
         for key in ("r", "alpha", "rank_pattern", "alpha_pattern", "lora_alpha", "use_rslora", "use_dora"):
             own.pop(key, None)
         cfg = {**own, "peft_type": peft_type, **_patterns(ranks, alphas), **fields}
-    old = cfg.get("target_modules")
-    wanted = targets(adapter)
-    if not (isinstance(old, list) and set(wanted) <= set(old)) and not isinstance(old, str):
-        cfg["target_modules"] = wanted
-    cfg.setdefault("base_model_name_or_path", adapter.base_model)
-    cfg.setdefault("task_type", None)
+    set_targets(cfg, adapter)
     cfg.setdefault("rank_dropout", 0.0)
     cfg.setdefault("module_dropout", 0.0)
     cfg.setdefault("init_weights", True)
