@@ -97,3 +97,20 @@ def test_index_naming_files_outside_the_folder_is_refused(mf: ModuleType, tmp_pa
     with pytest.raises(FileFormatError, match="outside its folder"):
         merge_mod.merge(tmp_path / "base", [FIXTURES / "peft_llama"], tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_every_battery_file_is_counted_in_docs_reliability() -> None:
+    """benchmarks/reliability.py makes docs/reliability.md's battery table: a hostile file it does not list would be
+    run by `make test` and never counted there."""
+    import importlib.util
+
+    from conftest import ROOT
+
+    spec = importlib.util.spec_from_file_location("reliability", ROOT / "benchmarks" / "reliability.py")
+    assert spec and spec.loader
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    files = {p.name for p in (ROOT / "tests").glob("test_hostile_*.py")}
+    assert files == set(mod.CATEGORIES), files ^ set(mod.CATEGORIES)
+    doc = (ROOT / "docs" / "reliability.md").read_text()
+    assert all(f"| {label} |" in doc for label in mod.CATEGORIES.values())
