@@ -22,6 +22,7 @@ from ..io.interrupts import checkpoint
 from ..io.progress import Tick
 from ..io.safetensors import Header, TensorInfo, encode_header, read_bytes, read_into, tensor_bytes, tensor_from_bytes
 from ..model import DTYPE_SIZES, Module, torch_dtype
+from .linalg import one_thread
 from .merge_report import MergeReport, TensorReport
 from .merge_targets import Target
 
@@ -235,7 +236,8 @@ def _merge_tensor(
     else:
         base_full, start = None, None
     if _plain(target.contributions) and start is None:
-        _merge_rows(fh, mapped, info, store, target, device, writer, tick, stats, pool)
+        with one_thread(device):  # the chunks run in the pool; this thread's own ops are small
+            _merge_rows(fh, mapped, info, store, target, device, writer, tick, stats, pool)
         return stats
     # whole tensor: DoRA (needs whole-row norms of the merged weight), LoHa, LoKr, Tucker, replacements
     if base_full is None:
