@@ -103,11 +103,12 @@ def _chunk(
     flat = base.view(-1)
     base_sq = float(torch.dot(flat, flat))
     if out.device == merged.device:
-        stored = out.copy_(merged)
+        out.copy_(merged)
+        lost = base.copy_(out).sub_(merged)  # base's buffer, free now: two plain passes beat one mixed-dtype one
     else:
         stored = _BUFFERS.get("stored", shape, device, store).copy_(merged)
         out.copy_(stored)
-    lost = torch.sub(stored, merged, out=_BUFFERS.get("lost", shape, device))  # one mixed-dtype pass
+        lost = torch.sub(stored, merged, out=_BUFFERS.get("lost", shape, device))
     lost_sq, overflow = _lost(lost)
     return max(-float(lo), float(hi)), base_sq, lost_sq, overflow
 
