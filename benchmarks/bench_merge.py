@@ -143,6 +143,7 @@ def main() -> None:
     p.add_argument("--skip-peft", action="store_true")
     p.add_argument("--device", default="cpu", help="device for loratools merge (cpu or cuda)")
     p.add_argument("--keep", type=Path, help="work in this folder and keep it (default: a temp folder)")
+    p.add_argument("--compare", type=Path, help="another loratools source tree: its merge runs too, in alternation")
     args = p.parse_args()
     layers, hidden, inter = PRESETS[args.preset]
     layers = args.layers or layers
@@ -173,6 +174,8 @@ def main() -> None:
         }
         if args.skip_peft:
             del cmds["peft"]
+        if args.compare:
+            cmds["other"] = (ours[:7] + [str(work / "other")] + ours[8:], work / "other")
         walls: dict[str, list[float]] = {k: [] for k in [*cmds, "whole", "chunked", "first"]}
         peaks: dict[str, float] = dict.fromkeys(cmds, 0.0)
         print(f"machine: {machine()}; load average before: {os.getloadavg()[0]:.2f}")
@@ -186,8 +189,9 @@ def main() -> None:
                     shutil.rmtree(out, ignore_errors=True)
                 report.unlink(missing_ok=True)
                 probe = (lambda: first_byte(work, "ours")) if key == "ours" else None
-                wall, rss, first = run_timed(cmd, probe, env)
-                if key == "ours":
+                run_env = {**env, "PYTHONPATH": str(args.compare.resolve())} if key == "other" else env
+                wall, rss, first = run_timed(cmd, probe, run_env)
+                if key in ("ours", "other"):
                     if not report.is_file():
                         raise SystemExit("loratools merge wrote no report")
                     if first is not None:
@@ -211,6 +215,7 @@ def main() -> None:
             "whole": "the arithmetic floor, whole tensors (bf16 -> f32, addmm_, -> bf16; in memory, torch's threads)",
             "chunked": "the arithmetic floor, 2 MiB row chunks into warm buffers, one thread per core",
             "ours": f"`loratools merge --report r.json` (--device {args.device})",
+            "other": f"the same, by the loratools in {args.compare}",
             "startup": '`python -c "import torch, loratools"` (start-up)',
             "first": "loratools: process start to the output's first byte",
             "peft": "PEFT: load, `merge_and_unload`, `save_pretrained`",
