@@ -7,6 +7,7 @@ import os
 import platform
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -89,14 +90,22 @@ def machine() -> str:
     return f"{cpu}, {os.cpu_count()} cores, {mem:.0f} GiB RAM, {gpu}, torch {torch.__version__}"
 
 
-def write_peft(folder: Path, layers: int, seed: int, r: int = 16, alpha: int = 32) -> None:
-    """A random PEFT LoRA adapter on every q/k/v/o/gate/up/down of a Llama-7B-shaped model."""
+def write_peft(
+    folder: Path,
+    layers: int,
+    seed: int,
+    r: int = 16,
+    alpha: int = 32,
+    modules: dict[str, tuple[int, int]] | None = None,
+) -> None:
+    """A random PEFT LoRA adapter on every q/k/v/o/gate/up/down of a Llama-shaped model (7B-shaped by default)."""
     from loratools.io.safetensors import write_safetensors
 
+    modules = modules or MODULES
     g = torch.Generator().manual_seed(seed)
     tensors = {}
     for layer in range(layers):
-        for mod, (out, inn) in MODULES.items():
+        for mod, (out, inn) in modules.items():
             key = f"base_model.model.model.layers.{layer}.{mod}"
             tensors[f"{key}.lora_A.weight"] = torch.randn(r, inn, generator=g) / inn**0.5
             tensors[f"{key}.lora_B.weight"] = torch.randn(out, r, generator=g) * 0.01
@@ -104,34 +113,51 @@ def write_peft(folder: Path, layers: int, seed: int, r: int = 16, alpha: int = 3
     write_safetensors(folder / "adapter_model.safetensors", tensors, {"format": "pt"})
     cfg = {
         "peft_type": "LORA", "r": r, "lora_alpha": alpha, "task_type": "CAUSAL_LM", "bias": "none",
-        "target_modules": sorted({m.split(".")[-1] for m in MODULES}), "base_model_name_or_path": "llama-7b-shaped",
+        "target_modules": sorted({m.split(".")[-1] for m in modules}), "base_model_name_or_path": "llama-shaped",
     }  # fmt: skip
     (folder / "adapter_config.json").write_text(json.dumps(cfg))
 
 
 def run_measured(cmd: list[str]) -> tuple[float, float]:
-    """Run a command; return (wall seconds, peak RSS in GiB of that process).
+    """Run a command; return (wall seconds, peak RSS in GiB of that process). See :func:`run_timed`."""
+    wall, rss, _ = run_timed(cmd)
+    return wall, rss
+
+
+def run_timed(
+    cmd: list[str], first: Callable[[], bool] | None = None, env: dict[str, str] | None = None
+) -> tuple[float, float, float | None]:
+    """Run a command; return (wall seconds, peak RSS in GiB of that process, seconds from its start to the first
+    time ``first()`` was true, or None).
 
     The peak is the kernel's VmHWM of the process's own address space, polled every 10 ms: ru_maxrss would
-    also count the forked copy of this (large) parent from before the exec.
+    also count the forked copy of this (large) parent from before the exec. ``first`` is polled every 2 ms (e.g.
+    "has the output's first byte appeared?").
     """
     import threading
 
     os.sync()  # start each run with no dirty pages of the previous one still being written back
     t = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
     peak = [0]
+    seen: list[float] = []
 
     def poll() -> None:
         status = Path(f"/proc/{proc.pid}/status")
+        last = 0.0
         while proc.poll() is None:
-            try:
-                for line in status.read_text().splitlines():
-                    if line.startswith("VmHWM:"):
-                        peak[0] = max(peak[0], int(line.split()[1]))
-            except (OSError, ValueError):
-                pass
-            time.sleep(0.01)
+            now = time.perf_counter()
+            if first is not None and not seen and first():
+                seen.append(now - t)
+            if now - last >= 0.01:
+                last = now
+                try:
+                    for line in status.read_text().splitlines():
+                        if line.startswith("VmHWM:"):
+                            peak[0] = max(peak[0], int(line.split()[1]))
+                except (OSError, ValueError):
+                    pass
+            time.sleep(0.002 if first is not None and not seen else 0.01)
 
     watcher = threading.Thread(target=poll, daemon=True)
     watcher.start()
@@ -140,4 +166,4 @@ def run_measured(cmd: list[str]) -> tuple[float, float]:
     watcher.join()
     if proc.returncode != 0:
         raise SystemExit(f"{cmd[0]} failed ({proc.returncode}): {err.decode()[-2000:]}")
-    return wall, peak[0] / 2**20  # KiB -> GiB
+    return wall, peak[0] / 2**20, seen[0] if seen else None  # KiB -> GiB

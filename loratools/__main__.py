@@ -1,3 +1,3 @@
-from loratools.cli import main
+from loratools.cli import entry
 
-main()
+entry()

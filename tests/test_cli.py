@@ -179,6 +179,42 @@ def test_header_only_paths_do_not_import_torch() -> None:
     assert _imports_torch("inspect", "--json", str(FIXTURES / "peft_llama"))  # norms need the data
 
 
+def test_merge_help_and_argument_checks_do_not_import_torch(tmp_path: Path) -> None:
+    """Issue 18: merge's usage errors come before the torch import (a second and more of start-up)."""
+    import torch
+
+    from loratools.io.safetensors import write_safetensors
+
+    base = tmp_path / "base.safetensors"
+    write_safetensors(base, {"model.layers.0.mlp.up_proj.weight": torch.zeros(2, 2)})
+    adapter = str(FIXTURES / "peft_llama")
+    assert not _imports_torch("merge", "--help")
+    assert not _imports_torch("merge", str(tmp_path / "missing"), adapter, "-o", str(tmp_path / "o.safetensors"))
+    assert not _imports_torch("merge", str(base), adapter, "-o", str(base))  # the output is an input
+    assert not _imports_torch("merge", str(base), adapter, "-o", str(tmp_path / "o.safetensors"), "--report", "r.txt")
+    assert not _imports_torch("merge", str(base), adapter, "-o", str(tmp_path / ".safetensors"))  # a suffix, no name
+    assert not _imports_torch("merge", str(base), adapter, "-o", str(tmp_path / "o.safetensors"), "--device", "tpu")
+
+
+def test_the_program_leaves_fast_after_a_success_with_everything_flushed(tmp_path: Path) -> None:
+    """Issue 18: after a success `loratools` skips torch's teardown (os._exit), having flushed stdout; a failure
+    exits the ordinary way, with its message and code."""
+    run = [sys.executable, "-m", "loratools"]
+    r = subprocess.run([*run, "inspect", "--json", str(FIXTURES / "peft_llama")], capture_output=True, text=True,
+                       cwd=ROOT, check=False)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["modules"], "the whole document reached stdout"
+    out = tmp_path / "small"
+    r = subprocess.run([*run, "resize", str(FIXTURES / "peft_llama"), "--rank", "2", "-o", str(out), "--json"],
+                       capture_output=True, text=True, cwd=ROOT, check=False)  # fmt: skip
+    assert r.returncode == 0 and json.loads(r.stdout), r.stderr
+    assert (out / "adapter_model.safetensors").is_file()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")], "no temp left"
+    r = subprocess.run([*run, "inspect", "--json", str(tmp_path / "missing")], capture_output=True, text=True,
+                       cwd=ROOT, check=False)  # fmt: skip
+    assert r.returncode == 1 and r.stdout == "" and "Error:" in r.stderr
+
+
 # ---- diff and validate: 0 yes, 1 no, 2 no answer (as diff(1) and cmp) ----------------------------------------
 
 

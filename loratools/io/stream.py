@@ -25,6 +25,7 @@ from queue import Queue
 from typing import TYPE_CHECKING, Any
 
 from ..errors import FileFormatError
+from .atomic import start_writeback
 from .progress import Tick
 
 if TYPE_CHECKING:
@@ -61,11 +62,13 @@ class Writer:
                 if item[0] == "copy":
                     if self.error is None:
                         self._copy(*item[1:])
+                        start_writeback(self.fh.fileno())
                     continue
                 _, data, done = item
                 try:
                     if self.error is None:
                         self.fh.write(data)
+                        start_writeback(self.fh.fileno())  # the disk works while we compute: fsync waits less
                 finally:
                     if done is not None:
                         done()

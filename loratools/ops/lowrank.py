@@ -18,10 +18,13 @@ DTYPES = {"fp32": "F32", "fp16": "F16", "bf16": "BF16", "float32": "F32", "float
 
 
 def pick_device(device: str | None, *, allow_auto: bool = False) -> str:
-    """``cpu``, ``cuda[:n]`` (refused when no GPU is there) or, where allowed, ``auto`` (CUDA when present)."""
+    """``cpu``, ``cuda[:n]`` (refused when no GPU is there) or, where allowed, ``auto`` (CUDA when present).
+    ``cpu`` needs no torch imported (argument checks stay cheap)."""
+    dev = device or "cpu"
+    if dev == "cpu":
+        return dev
     import torch
 
-    dev = device or "cpu"
     if allow_auto and dev == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     choices = "cpu, cuda or auto" if allow_auto else "cpu or cuda"

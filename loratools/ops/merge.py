@@ -25,6 +25,7 @@ from ..io.progress import Progress
 from ..io.safetensors import Header
 from ..io.stream import threads
 from . import provenance, select
+from .linalg import one_thread
 from .lowrank import DTYPES, pick_device
 from .merge_engine import write_file
 from .merge_html import render
@@ -95,8 +96,6 @@ def merge(
 
     ``progress`` is told the total bytes and tensors; its tick is advanced by (bytes, tensors).
     """
-    import torch
-
     if not adapters:
         raise LoratoolsError("merge needs at least one adapter")
     weights = weights if weights is not None else [1.0] * len(adapters)
@@ -116,11 +115,15 @@ def merge(
     loaded = [load_adapter(a) for a in adapters]
     left_out = [select.apply(flt, ad, str(a)) for ad, a in zip(loaded, adapters, strict=True)]
     check_output_name(out, folder=not ckpt.single_file, what="the merged model (like its base)")
-    targets = resolve_targets(loaded, weights, ckpt)
-    report = MergeReport(str(base), None, [str(a) for a in adapters], weights, dev, dtype)
-    report.left_out = left_out if flt else []
-    report.adapter_facts = [adapter_facts(ad, str(a), w) for ad, a, w in zip(loaded, adapters, weights, strict=True)]
-    shares = contribution_norms(targets, len(loaded))
+    import torch  # only now: the argument checks above need none (loratools merge --help, a missing path, ...)
+
+    with one_thread(dev):  # small ops on the main thread: cheaper than OpenMP's fork and join on busy cores
+        targets = resolve_targets(loaded, weights, ckpt)
+        report = MergeReport(str(base), None, [str(a) for a in adapters], weights, dev, dtype)
+        report.left_out = left_out if flt else []
+        facts = [adapter_facts(ad, str(a), w) for ad, a, w in zip(loaded, adapters, weights, strict=True)]
+        report.adapter_facts = facts
+        shares = contribution_norms(targets, len(loaded))
     tick = progress(ckpt.total_bytes, "bytes", len(ckpt.tensors)) if progress else None
     record = provenance.record(
         "merge",

@@ -22,6 +22,7 @@ from ..io.interrupts import checkpoint
 from ..io.progress import Tick
 from ..io.safetensors import Header, TensorInfo, encode_header, read_bytes, read_into, tensor_bytes, tensor_from_bytes
 from ..model import DTYPE_SIZES, Module, torch_dtype
+from .linalg import one_thread
 from .merge_report import MergeReport, TensorReport
 from .merge_targets import Target
 
@@ -102,11 +103,12 @@ def _chunk(
     flat = base.view(-1)
     base_sq = float(torch.dot(flat, flat))
     if out.device == merged.device:
-        stored = out.copy_(merged)
+        out.copy_(merged)
+        lost = base.copy_(out).sub_(merged)  # base's buffer, free now: two plain passes beat one mixed-dtype one
     else:
         stored = _BUFFERS.get("stored", shape, device, store).copy_(merged)
         out.copy_(stored)
-    lost = torch.sub(stored, merged, out=_BUFFERS.get("lost", shape, device))  # one mixed-dtype pass
+        lost = torch.sub(stored, merged, out=_BUFFERS.get("lost", shape, device))
     lost_sq, overflow = _lost(lost)
     return max(-float(lo), float(hi)), base_sq, lost_sq, overflow
 
@@ -235,7 +237,8 @@ def _merge_tensor(
     else:
         base_full, start = None, None
     if _plain(target.contributions) and start is None:
-        _merge_rows(fh, mapped, info, store, target, device, writer, tick, stats, pool)
+        with one_thread(device):  # the chunks run in the pool; this thread's own ops are small
+            _merge_rows(fh, mapped, info, store, target, device, writer, tick, stats, pool)
         return stats
     # whole tensor: DoRA (needs whole-row norms of the merged weight), LoHa, LoKr, Tucker, replacements
     if base_full is None:
