@@ -25,15 +25,20 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Iterator, Sequence
-from typing import TYPE_CHECKING, Literal
+from collections.abc import Callable, Iterator, Sequence
+from functools import partial
+from typing import TYPE_CHECKING, Literal, TypeVar
 
+from ..io import stream
+from ..io.interrupts import critical
 from ..model import Module
 from .linalg import one_thread, randomized_svd
 from .lowrank import factors, refuse_nonfinite
 
 if TYPE_CHECKING:
     import torch
+
+T = TypeVar("T")
 
 DenseMethod = Literal["ties", "dare_linear", "dare_ties", "magnitude_prune"]
 DENSE_METHODS = ("ties", "dare_linear", "dare_ties", "magnitude_prune")
@@ -47,6 +52,21 @@ SIGN_METHODS = ("total", "frequency")
 OVERSAMPLE = 16
 COVER = 8
 POWER_ITERS = 4
+
+
+def side_by_side(calls: Sequence[Callable[[], T]], device: str) -> list[T]:
+    """Run independent jobs on the work threads (:func:`loratools.io.stream.threads`: one core each, no OpenMP
+    barriers between them) where there are several CPU cores, else one after the other; their results in order.
+    A Ctrl-C waits for the jobs (a fraction of a second) inside :func:`~loratools.io.interrupts.critical`."""
+    with critical(), stream.threads(device, "mix") as pool:
+        if pool is None or len(calls) < 2:
+            return [c() for c in calls]
+        jobs = [(0, pool.submit(c)) for c in calls]
+        try:
+            return [job.result() for _, job in jobs]
+        except BaseException:
+            stream.settle(jobs)
+            raise
 
 
 def keep_largest(t: torch.Tensor, density: float, *, inplace: bool = False) -> torch.Tensor:
@@ -72,9 +92,10 @@ def keep_largest(t: torch.Tensor, density: float, *, inplace: bool = False) -> t
 SAMPLE = 1 << 16
 #: elements per slice of the elementwise passes: a slice and its temporaries stay in the CPU's cache, where a
 #: pass over a whole 4096 x 4096 delta (64 MiB, and a fresh allocation for each temporary) is memory-bound.
-#: The slices run on one thread (:func:`.linalg.one_thread`): two threads are 1.3x faster on two idle cores, but
+#: The slices run on one OpenMP thread (:func:`.linalg.one_thread`): two are 1.3x faster on two idle cores, but
 #: each of their barriers (hundreds per delta) can wait a scheduler slice when the cores are busy, which was
-#: measured to turn 0.6 s into 21 s
+#: measured to turn 0.6 s into 21 s. Cores are used instead by running whole inputs (or parts of the election)
+#: side by side on the work threads (:func:`side_by_side`), which share no barrier
 CHUNK = 1 << 18
 
 
@@ -143,9 +164,23 @@ def elect_and_merge(pruned: Sequence[torch.Tensor], weights: Sequence[float], si
 
     flats = [p.reshape(-1) for p in pruned]
     out = torch.empty_like(flats[0])
+    n = out.numel()
+    span = max(CHUNK, -(-n // (PARTS * CHUNK)) * CHUNK)  # whole slices in each part
+    calls = [partial(_elect_on_one_thread, [f[a : a + span] for f in flats], weights, sign, out[a : a + span])
+             for a in range(0, n, span)]  # fmt: skip
+    side_by_side(calls, out.device.type)
+    return out.view(pruned[0].shape)
+
+
+#: parts of a delta elected side by side (each a run of whole slices, on one work thread)
+PARTS = 4
+
+
+def _elect_on_one_thread(
+    flats: Sequence[torch.Tensor], weights: Sequence[float], sign: str, out: torch.Tensor
+) -> None:  # fmt: skip
     with one_thread(out):
         _elect_and_merge(flats, weights, sign, out)
-    return out.view(pruned[0].shape)
 
 
 def _elect_and_merge(flats: Sequence[torch.Tensor], weights: Sequence[float], sign: str, out: torch.Tensor) -> None:
@@ -179,17 +214,19 @@ def dense_mix(
     the dense deltas are float32, as PEFT's are: they are out x in, and the pruning is elementwise."""
     import torch
 
-    pruned, weights, ranks = [], [], 0
-    for index, w, m in parts:
+    deltas, weights, ranks = [], [], 0
+    for _, w, m in parts:
         up, down = factors(m, dev, work)
         ranks += up.shape[1]
-        t = up.to(torch.float32) @ down.to(torch.float32)
-        if method in ("ties", "magnitude_prune"):
-            t = keep_largest(t, density, inplace=True)
-        else:
-            t = drop_random(t, density, module_seed(seed, index, m.name))
-        pruned.append(t)
+        deltas.append(up.to(torch.float32) @ down.to(torch.float32))
         weights.append(w)
+    if method in ("ties", "magnitude_prune"):  # each input's threshold and pruning side by side, one core each
+        pruned = side_by_side([partial(keep_largest, t, density, inplace=True) for t in deltas], dev)
+    else:
+        pruned = [
+            drop_random(t, density, module_seed(seed, index, m.name))
+            for (index, _, m), t in zip(parts, deltas, strict=True)
+        ]
     if method in ("ties", "dare_ties"):
         out = elect_and_merge(pruned, weights, sign)
     else:
