@@ -17,6 +17,7 @@ from ..errors import FileFormatError, HubError, LoratoolsError
 from ..io.checkpoint import INDEX_SUFFIX
 from ..io.pickle import is_pickle
 from ..model.components import COMPONENTS
+from ..units import few
 from .ids import RepoRef, show
 
 FetchKind = Literal["adapter", "checkpoint", "file"]
@@ -87,7 +88,7 @@ def plan_adapter(files: set[str], ref: RepoRef) -> Plan:
     if len(tensors) == 1:
         return Plan([prefix + tensors[0]], prefix + tensors[0])
     if tensors:
-        shown = ", ".join(tensors[:6]) + (f" (and {len(tensors) - 6} more)" if len(tensors) > 6 else "")
+        shown = few(tensors, 6)
         raise FileFormatError(
             f"{where} holds {len(tensors)} .safetensors files: {shown}", f"name one: {where}/{tensors[0]}"
         )

@@ -9,7 +9,7 @@ from collections.abc import Callable
 from pathlib import PurePosixPath
 from typing import Any
 
-from ..units import human_bytes
+from ..units import few, human_bytes
 from .inspect import InspectReport
 from .provenance import describe
 
@@ -106,7 +106,7 @@ def card_body(rep: InspectReport, repo_id: str, meta: dict[str, Any], files: lis
     kinds = ", ".join(f"{k} {v}" for k, v in rep.types.items())
     kind_text = "/".join(dict.fromkeys(_KINDS.get(t.split("+")[0], t) for t in rep.types)) or "LoRA"
     targets = [f"{k} x{v}" for k, v in rep.target_modules.items()]
-    target_text = ", ".join(targets[:8]) + (f" (and {len(targets) - 8} more)" if len(targets) > 8 else "")
+    target_text = few(targets, 8)
     lines = [
         f"# {name}",
         "",

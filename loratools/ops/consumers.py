@@ -16,13 +16,14 @@ What each rule is based on:
 from __future__ import annotations
 
 import shlex
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 
 from ..formats.families import BUILDERS, family, plan_from_kohya
 from ..formats.gguf import surgery as sg
 from ..model import Adapter
 from ..model.components import COMPONENT_RE, KOHYA_COMPONENTS
+from ..units import few
 from .convert_names import detect_adapter, is_image
 
 CONSUMERS = ("vllm", "tgi", "llama.cpp", "ollama", "diffusers", "comfyui", "mlx")
@@ -36,12 +37,6 @@ TOWERS = frozenset({"vision_tower", "vision_model", "visual", "vision_encoder", 
 Add = Callable[[str, str, str], None]  # severity, message, hint
 #: a consumer's rule: the adapter, where findings go, the base's transformers architecture (None: no --base)
 Rule = Callable[[Adapter, Add, "str | None"], None]
-
-
-def few(names: Sequence[str], n: int = 4) -> str:
-    """Module names shown in a finding: the first ``n``, and how many more."""
-    more = f" (and {len(names) - n} more)" if len(names) > n else ""
-    return ", ".join(names[:n]) + more
 
 
 def src(a: Adapter) -> str:
@@ -105,12 +100,12 @@ def _vllm(a: Adapter, add: Add, arch: str | None = None) -> None:
         return
     conv = [n for n, m in a.modules.items() if m.layer == "conv"]
     if conv:
-        add("error", f"vLLM takes LoRA on linear layers and embeddings, not on {len(conv)} conv layer(s): {few(conv)}",
+        add("error", f"vLLM takes LoRA on linear layers and embeddings, not on {len(conv)} conv layer(s): {few(conv, 4)}",
             "leave these modules out (or merge the adapter)")  # fmt: skip
     towers = [n for n in a.modules if TOWERS.intersection(n.split("."))]
     if towers:
         add("warning", f"vLLM takes LoRA on the language model only and ignores {len(towers)} module(s) of the "
-            f"vision/audio encoder or projector: {few(towers)}",
+            f"vision/audio encoder or projector: {few(towers, 4)}",
             f"merge the adapter into the base to keep them (loratools merge {base(a)} {src(a)} -o {out(a, '-merged')}), "
             f"or leave them out (loratools convert {src(a)} --to peft --exclude PATTERN -o {out(a, '-text')})")  # fmt: skip
     emb = [n for n, m in a.modules.items() if m.layer == "embedding" or n.rsplit(".", 1)[-1] == "lm_head"]
@@ -158,7 +153,7 @@ def _llama_cpp(a: Adapter, add: Add, arch: str | None = None, who: str = "llama.
         unknown = [n for n in a.modules if (sg.tensor_of(rules, n) if rules else sg.anywhere(n)) is None]
         where = f"a {arch}" if rules else "the architectures loratools converts for llama.cpp (docs/convert.md)"
         if unknown:
-            add("error", f"{len(unknown)} module(s) have no GGUF tensor in {where}: {few(unknown)}",
+            add("error", f"{len(unknown)} module(s) have no GGUF tensor in {where}: {few(unknown, 4)}",
                 "leave them out, or merge the adapter instead")  # fmt: skip
     mods = list(a.modules.values())
     if any(m.rslora for m in mods):
@@ -170,10 +165,6 @@ def _llama_cpp(a: Adapter, add: Add, arch: str | None = None, who: str = "llama.
             f"{fix} (bakes the differences)")  # fmt: skip
 
 
-def _listed(names: list[str]) -> str:
-    return ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
-
-
 def _diffusers_names(a: Adapter, add: Add) -> None:
     """Module names no diffusers loader maps onto a model are loaded nowhere (a LoRA that does nothing): what the
     family's tables do not know is an error. diffusers' kohya converters (``lora_conversion_utils``) read SD 1.x /
@@ -182,7 +173,7 @@ def _diffusers_names(a: Adapter, add: Add) -> None:
     det = detect_adapter(a)
     if not is_image(det) or det is None:
         if a.format in ("kohya", "diffusers"):
-            add("error", f"these module names are no diffusion model's that diffusers loads ({_listed(list(a.modules))})",
+            add("error", f"these module names are no diffusion model's that diffusers loads ({few(list(a.modules), 3)})",
                 "diffusers pipelines take LoRAs of SD 1.x/2.x, SDXL, Flux.1, SD3 and newer families")  # fmt: skip
         return
     fids = [f for f in ((det.family,) if det.family else det.candidates) if f in BUILDERS]
@@ -190,25 +181,25 @@ def _diffusers_names(a: Adapter, add: Add) -> None:
         unknown = [n for n in a.modules if not any(family(f).diffusers_entry(n) for f in fids)]
         if unknown:
             add("error", f"{len(unknown)} module(s) name no module of {det.title} that diffusers knows: "
-                f"{_listed(unknown)}", "rewrite the file from its source: " + fix)  # fmt: skip
+                f"{few(unknown, 3)}", "rewrite the file from its source: " + fix)  # fmt: skip
         return
     if a.format != "kohya":
         return
     hit = plan_from_kohya(det, list(a.modules), {n: m.weight_shape() for n, m in a.modules.items()})
     unknown = hit[0].unresolved if hit else list(a.modules)
     if unknown:
-        add("error", f"{len(unknown)} kohya module(s) map to no module of {det.title}: {_listed(unknown)}", fix)
+        add("error", f"{len(unknown)} kohya module(s) map to no module of {det.title}: {few(unknown, 3)}", fix)
     elif det.family == "sd3":
         add("error", "diffusers has no converter for kohya SD3 files (lora_unet_joint_blocks_...)", fix)
     elif det.family == "flux1":
         te3 = [n for n in a.modules if n.startswith("lora_te3_")]
         if te3:
-            add("error", f"diffusers' kohya Flux converter does not load T5 modules ({_listed(te3)})", fix)
+            add("error", f"diffusers' kohya Flux converter does not load T5 modules ({few(te3, 3)})", fix)
         top = [n for n in a.modules if n.startswith(("lora_unet_img_in", "lora_unet_txt_in", "lora_unet_time_in",
                                                      "lora_unet_vector_in", "lora_unet_guidance_in"))]  # fmt: skip
         if top:
             add("warning", f"diffusers' kohya Flux converter names the embedders without their `transformer.` "
-                f"prefix, and its loader then leaves them out ({_listed(top)})", fix)  # fmt: skip
+                f"prefix, and its loader then leaves them out ({few(top, 3)})", fix)  # fmt: skip
 
 
 def _diffusers(a: Adapter, add: Add, arch: str | None = None) -> None:

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 from ..errors import ShapeError
 from ..io.checkpoint import Checkpoint
 from ..model import Layer, Module, target_kind
+from ..units import few
 from .extract_factor import factor
 from .extract_report import ExtractReport, SkippedTensor
 from .lowrank import DTYPES
@@ -42,17 +43,13 @@ def check_pairs(a: Checkpoint, b: Checkpoint, keep: Callable[[str], bool]) -> li
             if sa != sb:
                 shapes.append(f"{n} {list(sa)} vs {list(sb)}")
     if only_a or only_b or shapes:
-
-        def few(items: list[str]) -> str:
-            return ", ".join(items[:6]) + (f" (and {len(items) - 6} more)" if len(items) > 6 else "")
-
         parts = []
         if only_a:
-            parts.append(f"{len(only_a)} tensor(s) only in BASE: {few(only_a)}")
+            parts.append(f"{len(only_a)} tensor(s) only in BASE: {few(only_a, 6)}")
         if only_b:
-            parts.append(f"{len(only_b)} only in TUNED: {few(only_b)}")
+            parts.append(f"{len(only_b)} only in TUNED: {few(only_b, 6)}")
         if shapes:
-            parts.append(f"{len(shapes)} with different shapes: {few(sorted(shapes))}")
+            parts.append(f"{len(shapes)} with different shapes: {few(sorted(shapes), 6)}")
         raise ShapeError(
             "the checkpoints do not pair up: " + "; ".join(parts),
             "are both the same architecture? --exclude REGEX leaves tensors out",
