@@ -36,6 +36,8 @@ from ..model import Adapter, Module, TensorRef
 from .common import KeyTable, Rule, build_module, carried_metadata, check_leftovers, group_keys, open_raw
 
 NAME = "mlx"
+#: written as a folder holding these (formats.outputs checks -o against it)
+FOLDER = "a folder (adapter_config.json + adapters.safetensors)"
 WEIGHTS = "adapters.safetensors"
 CONFIG = "adapter_config.json"
 TYPES = ("lora", "dora")

@@ -10,22 +10,23 @@ from pathlib import Path
 
 from ..errors import OutputNameError
 
-#: formats written as a folder; every other is one file
-FOLDER_FORMATS = ("peft", "mlx")
-#: what a folder format's folder holds, for the message
-FOLDER_FILES = {
-    "peft": "a folder (adapter_config.json + adapter_model.safetensors)",
-    "mlx": "a folder (adapter_config.json + adapters.safetensors)",
-}
-#: the suffix a file format's output takes (".safetensors" for any not listed)
-FILE_SUFFIX = {"gguf": ".gguf"}
 #: suffixes that name a file of weights, a config or a report: never a folder's name
 FILE_SUFFIXES = (".safetensors", ".sft", ".gguf", ".bin", ".pt", ".pth", ".ckpt", ".json", ".html", ".npz", ".onnx")
 
 
+def _layout(fmt: str | None) -> tuple[str | None, str]:
+    """What ``fmt``'s writer says it writes: (what its folder holds, or None for one file; its file's suffix). Each
+    format module declares its own (``FOLDER``, ``SUFFIX``): a format added to the registry brings its layout."""
+    from . import READERS  # the package's registry (this module is imported while the package loads)
+
+    mod = READERS.get(fmt or "")
+    return getattr(mod, "FOLDER", None), getattr(mod, "SUFFIX", ".safetensors")
+
+
 def output_suffix(fmt: str) -> str | None:
     """The suffix of ``fmt``'s output file, or None when it is written as a folder."""
-    return None if fmt in FOLDER_FORMATS else FILE_SUFFIX.get(fmt, ".safetensors")
+    folder, suffix = _layout(fmt)
+    return None if folder else suffix
 
 
 def check_output_name(
@@ -49,7 +50,7 @@ def check_output_name(
         )  # fmt: skip
     if want is None:
         if suffix in FILE_SUFFIXES:
-            kind = FOLDER_FILES.get(fmt or "", "a folder")
+            kind = _layout(fmt)[0] or "a folder"
             raise OutputNameError(
                 f"{what} is written as {kind}, but -o {out} names a {suffix} file",
                 f"give a folder name, e.g. -o {p.with_suffix('')}",

@@ -26,6 +26,8 @@ from . import patterns as patterns_mod
 from .common import KeyTable, Rule, build_module, carried_metadata, check_leftovers, group_keys, open_raw
 
 NAME = "peft"
+#: written as a folder holding these (formats.outputs checks -o against it)
+FOLDER = "a folder (adapter_config.json + adapter_model.safetensors)"
 PREFIX = "base_model.model."
 CONFIG = "adapter_config.json"
 WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from .header import MAGIC, is_gguf, read_header
 from .pkg import require
-from .reader import NAME, read
+from .reader import NAME, SUFFIX, read
 from .surgery import SURGERY
 from .writer import PROVENANCE_KEY, blocks_of, make_plan, permute, plan, unpermute, write
 
@@ -17,6 +17,7 @@ __all__ = [
     "MAGIC",
     "NAME",
     "PROVENANCE_KEY",
+    "SUFFIX",
     "SURGERY",
     "blocks_of",
     "is_gguf",

@@ -35,6 +35,8 @@ if TYPE_CHECKING:
     import torch
 
 NAME = "gguf"
+#: the suffix of a written adapter (formats.outputs checks -o against it)
+SUFFIX = ".gguf"
 EXPERT_KINDS = ("FFN_GATE_EXP", "FFN_UP_EXP", "FFN_DOWN_EXP")
 FLOATS = {"F32": "<f4", "F16": "<f2", "F64": "<f8"}
 
