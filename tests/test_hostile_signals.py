@@ -57,13 +57,15 @@ def commands(w: dict[str, Path]) -> dict[str, list[str]]:
 
 #: where the work is stopped: (module attribute to wrap, which call raises)
 POINTS: dict[str, tuple[str, str, int]] = {
-    "in-a-merge-thread": ("loratools.ops.merge_engine", "_chunk", 2),
+    "in-a-merge-thread": ("loratools.ops.merge_engine", "_rows_job", 2),  # the compiled loop's jobs
+    "in-a-torch-merge-thread": ("loratools.ops.merge_engine", "_chunk", 2),  # the same without it
     "while-writing": ("loratools.io.safetensors", "tensor_bytes", 2),
     "before-the-rename": ("loratools.io.atomic", "fsync_tree", 1),
     "at-the-rename": ("loratools.io.atomic", "_rename_noreplace", 1),
 }
 APPLIES = {
     "in-a-merge-thread": ["merge"],
+    "in-a-torch-merge-thread": ["merge"],
     "while-writing": ["merge", "convert", "resize", "mix", "extract"],
     "before-the-rename": ["merge", "convert", "resize", "mix", "extract"],
     "at-the-rename": ["merge", "convert", "resize", "mix", "extract"],
@@ -94,8 +96,16 @@ def test_a_stopped_run_cleans_up_and_says_so(
 
     module, name, nth = POINTS[point]
     if point == "while-writing" and cmd == "merge":
-        module = "loratools.ops.merge_engine"  # its own name for the same helper
+        from loratools.ops import merge_engine
+
+        # the writing thread's write of a merged block (the compiled loop), or the torch engine's own name for
+        # the helper that hands the writer its bytes
+        module, name = ("loratools.io.stream", "put") if merge_engine.KERNEL else ("loratools.ops.merge_engine", name)
     mod = importlib.import_module(module)
+    if point == "in-a-merge-thread" and getattr(mod, "KERNEL", None) is None:
+        pytest.skip("the compiled loop is not built here (no C compiler): the torch case covers the threads")
+    if point == "in-a-torch-merge-thread":
+        monkeypatch.setattr(mod, "KERNEL", None)
     real = getattr(mod, name)
     calls = {"n": 0}
     make, code = STOPS[stop]
@@ -261,15 +271,24 @@ def test_a_stop_after_the_rename_says_what_was_written(
     assert load_adapter(out).modules
 
 
-@pytest.mark.parametrize("where", ["submit", "writer"])
+@pytest.mark.parametrize("where", ["submit", "writer", "skip", "copy"])
 def test_a_signal_inside_a_hand_off_waits_for_the_next_checkpoint(
     world: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, where: str
 ) -> None:
     """The handler runs while the main thread is inside a queue hand-off (where an exception would lose a
-    wake-up and hang a join): the stop is deferred to the next chunk boundary, and the run ends cleanly."""
+    wake-up and hang a join): the stop is deferred to the next chunk boundary, and the run ends cleanly. "writer":
+    the torch engine's buffers; "skip": the compiled loop's tensors, written by the work threads."""
     from loratools.io import interrupts, stream
+    from loratools.ops import merge_engine
 
-    cls, name = (stream.Pool, "submit") if where == "submit" else (stream.Writer, "write")
+    if where == "writer":
+        monkeypatch.setattr(merge_engine, "KERNEL", None)
+    elif where == "skip" and merge_engine.KERNEL is None:
+        pytest.skip("the compiled loop is not built here (no C compiler)")
+    cls, name = {
+        "submit": (stream.Pool, "submit"), "writer": (stream.Writer, "write"), "skip": (stream.Writer, "skip_to"),
+        "copy": (stream.Writer, "copy"),
+    }[where]  # fmt: skip
     real = getattr(cls, name)
     calls = {"n": 0, "raised": False}
 

@@ -300,7 +300,17 @@ def test_chunking_does_not_change_the_result(
     row = 64 * 4  # the widest tiny_llama row in float32 bytes
     monkeypatch.setattr(merge_engine, "CHUNK_BYTES", row)
     monkeypatch.setattr(stream, "IO_BYTES", 3 * 64 * 2)
+    # the compiled loop: jobs of four rows, written in blocks of three (rows left over from its four-row tiles)
+    monkeypatch.setattr(merge_engine, "JOB_BYTES", 1)
+    monkeypatch.setattr(stream, "BLOCK_BYTES", 3 * 64 * 2)
     chunked = merge(tmp_path / "base", adapters, tmp_path / "chunked", [0.7, 0.4])
+    if merge_engine.KERNEL is not None:  # each element's sum is the same in any block: the same bytes
+        a, b = load_dir(tmp_path / "whole"), load_dir(tmp_path / "chunked")
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+        monkeypatch.setattr(merge_engine, "KERNEL", None)  # and the torch engine's chunks, against the loop
+        chunked = merge(tmp_path / "base", adapters, tmp_path / "chunked_torch", [0.7, 0.4])
+        tmp_path.joinpath("chunked").rename(tmp_path / "loop")
+        tmp_path.joinpath("chunked_torch").rename(tmp_path / "chunked")
     a, b = load_dir(tmp_path / "whole"), load_dir(tmp_path / "chunked")
     assert a.keys() == b.keys()
     differ = 0

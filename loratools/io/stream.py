@@ -1,7 +1,8 @@
 """Streaming big files through threads: the I/O under merge's engine, which knows nothing of what the bytes mean.
 
 * :class:`Writer`: writes an output file in its own thread, so that reading and computing the next chunk overlap
-  with the disk; byte ranges copied as they are go file to file inside the kernel (``copy_file_range``).
+  with the disk; byte ranges copied as they are go file to file inside the kernel (``copy_file_range``); blocks
+  filled by work threads are written at their place in the file (:meth:`Writer.put`).
 * :class:`Pool`: threads that run small jobs side by side, one core each; :func:`threads` makes one per run and
   joins it at the end, :func:`settle` cancels or waits for the jobs of a failed step.
 * :class:`WorkBuffers`: work tensors reused from job to job, one set per thread.
@@ -15,6 +16,7 @@ waits for the caller's next checkpoint, never lands inside a queue's own code.
 from __future__ import annotations
 
 import contextlib
+import errno
 import mmap
 import os
 import sys
@@ -35,6 +37,13 @@ if TYPE_CHECKING:
 IO_BYTES = 16 << 20
 #: output buffers in flight between the reading thread, the compute and the writing thread
 DEPTH = 3
+#: bytes of a block that a work thread fills and the writing thread writes where it belongs (:meth:`Writer.put`)
+BLOCK_BYTES = 2 << 20
+#: blocks in flight: the work threads wait for one to come back when the writing thread is behind
+BLOCKS = 8
+#: the writing thread starts the disk's work after every so many bytes (sync_file_range: the fsync before the
+#: rename then has little left to wait for)
+WRITEBACK_BYTES = 32 << 20
 
 
 # ---- the writing thread --------------------------------------------------------------------------------------
@@ -42,13 +51,23 @@ DEPTH = 3
 
 class Writer:
     """Writes in a thread so that reading and computing the next chunk overlap with the disk. Byte ranges copied
-    as they are go file to file in the same thread, in order, so they overlap with the compute too."""
+    as they are go file to file in the same thread, in order, so they overlap with the compute too.
+
+    All of the output goes through this one thread: the file system lets one write into a file at a time, and a
+    work thread that waited for that would not be computing. Work threads fill blocks (:meth:`block`) and hand
+    them over with their place in the file (:meth:`put`); the main thread's writes (:meth:`write`, :meth:`copy`)
+    go on in order from the file's position, which :meth:`skip_to` moves past a range the blocks fill."""
 
     def __init__(self, fh: Any) -> None:
         self.fh = fh
-        self.q: Queue[Any] = Queue(maxsize=DEPTH)
+        self.q: Queue[Any] = Queue()
+        self.slots = threading.Semaphore(DEPTH)  # write() items in the queue: their data is held until written
         self.free: Queue[torch.Tensor] = Queue()
         self.size, self.made, self.pinned = 0, 0, False
+        self.blocks: Queue[bytearray] = Queue()
+        self.blocks_made = 0
+        self.blocks_lock = threading.Lock()
+        self.unsynced = 0
         self.error: BaseException | None = None
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.thread.start()
@@ -56,26 +75,32 @@ class Writer:
     def _run(self) -> None:
         while True:
             item = self.q.get()
+            if item is None:
+                return
+            kind, done = item[0], item[-1]
             try:
-                if item is None:
-                    return
-                if item[0] == "copy":
-                    if self.error is None:
-                        self._copy(*item[1:])
-                        start_writeback(self.fh.fileno())
+                if self.error is not None:
                     continue
-                _, data, done = item
-                try:
-                    if self.error is None:
-                        self.fh.write(data)
-                        start_writeback(self.fh.fileno())  # the disk works while we compute: fsync waits less
-                finally:
-                    if done is not None:
-                        done()
-            except BaseException as e:  # surfaced in write()/copy()/close()
+                if kind == "copy":
+                    self._copy(*item[1:-1])
+                    self.unsynced += item[3]
+                elif kind == "seek":
+                    self.fh.seek(item[1])
+                elif kind == "put":
+                    put(self.fh.fileno(), item[1], item[2])
+                    self.unsynced += len(item[1])
+                else:
+                    self.fh.write(item[1])
+                    self.unsynced += len(item[1])
+                if self.unsynced >= WRITEBACK_BYTES:
+                    self.fh.flush()
+                    start_writeback(self.fh.fileno())
+                    self.unsynced = 0
+            except BaseException as e:  # surfaced in write()/copy()/put()/close()
                 self.error = e
             finally:
-                self.q.task_done()
+                if done is not None:
+                    done()
 
     def _copy(self, fd: int, pos: int, n: int, tick: Tick | None) -> None:
         if kernel_copy(fd, self.fh, pos, n, tick):
@@ -108,23 +133,61 @@ class Writer:
     def give_back(self, buf: torch.Tensor) -> None:
         self.free.put(buf)
 
+    def block(self) -> bytearray:
+        """A block of BLOCK_BYTES for :meth:`put` (from any thread): at most BLOCKS of them, going round; waits
+        for one to come back when all are in flight."""
+        with self.blocks_lock:
+            if self.blocks_made < BLOCKS and self.blocks.empty():
+                self.blocks_made += 1
+                return bytearray(BLOCK_BYTES)
+        return self.blocks.get()
+
+    def put(self, block: bytearray, nbytes: int, pos: int) -> None:
+        """Queue the first ``nbytes`` of ``block`` (from :meth:`block`) to be written at ``pos``; the block goes
+        back to the free ones once written (from any thread)."""
+
+        def back() -> None:
+            if len(block) == BLOCK_BYTES:  # one of ours (a larger one, for a single long row, is dropped)
+                self.blocks.put(block)
+
+        if self.error is not None:
+            back()
+            raise self.error
+        self.q.put(("put", memoryview(block)[:nbytes], pos, back))
+
     def write(self, data: Any, done: Callable[[], None] | None = None) -> None:
         """Queue ``data``; ``done()`` is called once it is written (or dropped after an error)."""
         if self.error is not None:
             raise self.error
-        self.q.put(("write", data, done))
+        self.slots.acquire()
+
+        def written() -> None:
+            self.slots.release()
+            if done is not None:
+                done()
+
+        self.q.put(("write", data, written))
 
     def copy(self, fd: int, pos: int, n: int, tick: Tick | None) -> None:
         """Queue a copy of ``n`` bytes of file ``fd`` from ``pos`` (advancing ``tick`` as it goes)."""
         if self.error is not None:
             raise self.error
-        self.q.put(("copy", fd, pos, n, tick))
+        self.q.put(("copy", fd, pos, n, tick, None))
+
+    def skip_to(self, pos: int) -> None:
+        """Go on writing at ``pos``: the bytes before it, from the last queued write on, are written by others
+        (:meth:`put`, from the work threads) while this thread writes what comes after."""
+        if self.error is not None:
+            raise self.error
+        self.q.put(("seek", pos, None))
 
     def close(self) -> None:
         self.q.put(None)
         self.thread.join()
         if self.error is not None:
             raise self.error
+        self.fh.flush()
+        start_writeback(self.fh.fileno())
 
 
 def kernel_copy(fd: int, out: Any, pos: int, n: int, tick: Tick | None) -> bool:
@@ -134,10 +197,11 @@ def kernel_copy(fd: int, out: Any, pos: int, n: int, tick: Tick | None) -> bool:
     if copy is None or not n:
         return False
     out.flush()
+    dest = out.tell()  # at this position, not the end: work threads may be writing further on (put)
     left = n
     try:
         while left:
-            k = copy(fd, out.fileno(), min(left, 1 << 30), pos)
+            k = copy(fd, out.fileno(), min(left, 1 << 30), pos, dest + n - left)
             if k <= 0:
                 raise FileFormatError(f"{out.name}: its base file was cut short while copying")
             pos += k
@@ -149,8 +213,19 @@ def kernel_copy(fd: int, out: Any, pos: int, n: int, tick: Tick | None) -> bool:
             raise
         return False
     finally:
-        out.seek(0, os.SEEK_END)  # copy_file_range moved the descriptor's position, not the buffered file's
+        out.seek(dest + n - left)
     return True
+
+
+def put(fd: int, data: Any, pos: int) -> None:
+    """All of ``data`` into file ``fd`` at ``pos`` (the file's position is not moved)."""
+    view = memoryview(data).cast("B")
+    done = 0
+    while done < len(view):
+        k = os.pwrite(fd, view[done:], pos + done)
+        if k <= 0:
+            raise OSError(errno.EIO, f"short write at byte {pos + done}")
+        done += k
 
 
 # ---- the work threads ------------------------------------------------------------------------------------------

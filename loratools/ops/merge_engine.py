@@ -2,7 +2,11 @@
 float32 on the chosen device, cast once to the stored dtype, and its numbers go to the report.
 
 Plain LoRA tensors are merged in row chunks straight from the base file's memory map, several chunks at once on
-the CPU (one thread each); DoRA, LoHa, LoKr, Tucker and replaced tensors are merged whole (``Module.apply``).
+the CPU (one thread each). On the CPU, for float32/bfloat16/float16, that is the compiled loop
+(``loratools/ops/_rows.c``: product, add, cast and the report's numbers in one pass per element, the GIL
+released), whose blocks the writing thread writes at their place in the file while the next ones are computed;
+elsewhere, or where it is not built (``LORATOOLS_KERNEL=torch`` leaves it out), the same arithmetic in torch
+(``_chunk``). DoRA, LoHa, LoKr, Tucker and replaced tensors are merged whole (``Module.apply``).
 Untargeted tensors are copied as they are (file to file, in the kernel) or cast. The threads, buffers and the
 writing thread are :mod:`loratools.io.stream`'s; Ctrl-C is taken at :func:`~loratools.io.interrupts.checkpoint`
 between chunks, and a failed tensor's chunks are cancelled or finished before the memory map they read closes.
@@ -12,6 +16,7 @@ from __future__ import annotations
 
 import math
 import mmap
+import os
 from concurrent.futures import Future
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -29,8 +34,22 @@ from .merge_targets import Target
 if TYPE_CHECKING:
     import torch
 
+_compiled: Any
+try:  # the compiled inner loop (setup.py builds it where a C compiler is found): one pass per element
+    from . import _rows as _compiled
+except ImportError:  # an install without a C compiler: the same arithmetic in torch
+    _compiled = None
+
+#: the compiled loop, None where it is not built (or switched off: ``LORATOOLS_KERNEL=torch``)
+KERNEL: Any = None if os.environ.get("LORATOOLS_KERNEL") == "torch" else _compiled
+#: dtype codes of the compiled loop
+_CODES = {"F32": 0, "BF16": 1, "F16": 2}
 #: bytes of float32 work per chunk of rows: small, so that the few passes over a chunk stay in the CPU's cache
 CHUNK_BYTES = 2 << 20
+#: bytes of output per job of a work thread (the compiled loop): a few blocks
+JOB_BYTES = 4 << 20
+#: tensors whose jobs may be in flight at once (the next one starts while the last rows of this one finish)
+AHEAD = 2
 
 
 def _lost(lost: torch.Tensor) -> tuple[float, int]:
@@ -47,11 +66,25 @@ def _lost(lost: torch.Tensor) -> tuple[float, int]:
 
 
 class _Stats:
-    """Norms accumulated chunk by chunk (float64 sums of float32 norms: a few fused passes per chunk)."""
+    """Norms accumulated chunk by chunk (float64 sums of float32 norms: a few fused passes per chunk); ``jobs``:
+    the compiled loop's jobs still in flight (bytes of the base each, and its future), taken in by :meth:`finish`."""
 
     def __init__(self) -> None:
         self.delta_sq = self.base_sq = self.lost_sq = self.max_abs = 0.0
         self.overflow = 0
+        self.jobs: list[tuple[int, Future[Any]]] = []
+
+    def finish(self, tick: Tick | None) -> None:
+        for nbytes, job in self.jobs:
+            checkpoint()  # a Ctrl-C while they run: write_file settles the jobs left
+            mx, base_sq, lost_sq, overflow = job.result()
+            self.max_abs = max(self.max_abs, mx)
+            self.base_sq += base_sq
+            self.lost_sq += lost_sq
+            self.overflow += overflow
+            if tick:
+                tick(nbytes, 0)
+        self.jobs = []
 
     def add(self, base: torch.Tensor, delta: torch.Tensor, stored: torch.Tensor) -> None:
         """``delta`` is what was meant (merged - base, float32); ``stored`` what the file now holds."""
@@ -113,9 +146,34 @@ def _chunk(
     return max(-float(lo), float(hi)), base_sq, lost_sq, overflow
 
 
+def _rows_job(
+    mapped: mmap.mmap, start: int, sdt: str, a: Any, b: Any, r0: int, r1: int, cols: int, rank: int, odt: str,
+    writer: stream.Writer, pos: int,
+) -> tuple[float, float, float, int]:  # fmt: skip
+    """Rows ``r0:r1`` of a tensor stored at ``start`` of the map by the compiled loop, in blocks handed to the
+    writing thread for their place in the output (the tensor's starts at ``pos``); that part of the map is
+    unmapped again after. Returns (max |delta|, |base|^2, |lost|^2, overflows)."""
+    src_row, out_row = cols * DTYPE_SIZES[sdt], cols * DTYPE_SIZES[odt]
+    block = max(1, stream.BLOCK_BYTES // max(1, out_row))
+    if block >= 4:
+        block -= block % 4  # the loop takes rows four at a time
+    mx = base_sq = lost_sq = 0.0
+    overflow = 0
+    for i in range(r0, r1, block):
+        n = min(block, r1 - i)
+        buf = writer.block() if n * out_row <= stream.BLOCK_BYTES else bytearray(n * out_row)
+        m, bs, ls, ov = KERNEL.merge_rows(
+            mapped, start + i * src_row, _CODES[sdt], a, i * rank * 4, b, n, cols, rank, buf, 0, _CODES[odt]
+        )
+        writer.put(buf, n * out_row, pos + i * out_row)
+        mx, base_sq, lost_sq, overflow = max(mx, m), base_sq + bs, lost_sq + ls, overflow + ov
+    stream.advise(mapped, start + r0 * src_row, (r1 - r0) * src_row, stream.DONTNEED)
+    return mx, base_sq, lost_sq, overflow
+
+
 def _merge_rows(
     fh: Any, mapped: mmap.mmap | None, info: TensorInfo, store: torch.dtype, target: Target, device: str,
-    writer: stream.Writer, tick: Tick | None, stats: _Stats, pool: stream.Pool | None,
+    writer: stream.Writer, tick: Tick | None, stats: _Stats, pool: stream.Pool | None, out_dtype: str, pos: int,
 ) -> None:  # fmt: skip
     """Plain LoRA in row chunks: ``W[r0:r1] + U[r0:r1] @ D`` (or ``D[:, r0:r1]^T @ U^T`` for weights stored
     transposed), the factors of all adapters stacked, never the whole tensor in float32.
@@ -148,6 +206,25 @@ def _merge_rows(
         ad, bd = a.double(), b.double()
         stats.delta_sq += float(((ad.T @ ad) * (bd @ bd.T)).sum().clamp_min(0))
     if rows * per_row == 0:
+        return
+    if (
+        KERNEL is not None and device == "cpu" and mapped is not None and info.dtype in _CODES
+        and out_dtype in _CODES and info.start % DTYPE_SIZES[info.dtype] == 0
+    ):  # fmt: skip
+        # the compiled loop: jobs of rows, each written in place by its work thread; the writing thread goes on
+        # after this tensor's bytes, and write_file takes the jobs' numbers in as they finish
+        an, bn = a.contiguous().numpy(), b.contiguous().numpy()
+        rank, job_rows = an.shape[1], max(4, JOB_BYTES // (per_row * DTYPE_SIZES[out_dtype]) // 4 * 4)
+        try:
+            for r0 in range(0, rows, job_rows):
+                r1 = min(rows, r0 + job_rows)
+                part = (mapped, info.start, info.dtype, an, bn, r0, r1, per_row, rank, out_dtype, writer, pos)
+                nbytes = (r1 - r0) * per_row * DTYPE_SIZES[info.dtype]
+                stats.jobs.append((nbytes, pool.submit(_rows_job, *part) if pool else stream.done(_rows_job(*part))))
+            writer.skip_to(pos + rows * per_row * DTYPE_SIZES[out_dtype])
+        except BaseException:
+            stream.settle(stats.jobs)
+            raise
         return
     step = max(1, CHUNK_BYTES // (per_row * 4))
     row_bytes = per_row * DTYPE_SIZES[info.dtype]
@@ -211,7 +288,9 @@ def _merge_tensor(
     writer: stream.Writer,
     tick: Tick | None,
     pool: stream.Pool | None,
+    pos: int,
 ) -> _Stats:
+    """One targeted tensor, at ``pos`` of the output; the compiled loop's jobs may still run on return (``jobs``)."""
     import torch
 
     stats = _Stats()
@@ -238,7 +317,7 @@ def _merge_tensor(
         base_full, start = None, None
     if _plain(target.contributions) and start is None:
         with one_thread(device):  # the chunks run in the pool; this thread's own ops are small
-            _merge_rows(fh, mapped, info, store, target, device, writer, tick, stats, pool)
+            _merge_rows(fh, mapped, info, store, target, device, writer, tick, stats, pool, out_dtype, pos)
         return stats
     # whole tensor: DoRA (needs whole-row norms of the merged weight), LoHa, LoKr, Tucker, replacements
     if base_full is None:
@@ -283,6 +362,17 @@ def write_file(
     with open(src, "rb") as fh, open(dest, "wb") as out, stream.mapped(fh, header.file_size) as mapped:
         out.write(head)
         writer = stream.Writer(out)
+        pos = len(head)
+        pending: list[tuple[TensorInfo, str, Target, _Stats]] = []
+
+        def finish() -> None:  # the oldest merged tensor's numbers, into the report in the file's order
+            info, dt, target, stats = pending[0]
+            stats.finish(tick)  # (still pending while it waits: a failure settles its jobs too)
+            pending.pop(0)
+            report.tensors.append(
+                stats.report(prefix + info.name, info, dt, len(set(target.adapters)), target.replacement is not None)
+            )
+
         try:
             for info in order:
                 checkpoint()
@@ -292,13 +382,20 @@ def write_file(
                     _copy_tensor(fh, info, dt, writer, tick)
                     report.copied += 1
                 else:
-                    stats = _merge_tensor(fh, mapped, info, dt, target, device, writer, tick, pool)
-                    report.tensors.append(
-                        stats.report(prefix + info.name, info, dt, len(set(target.adapters)),
-                                     target.replacement is not None)
-                    )  # fmt: skip
+                    pending.append((info, dt, target, _merge_tensor(fh, mapped, info, dt, target, device, writer,
+                                                                   tick, pool, pos)))  # fmt: skip
+                    while len(pending) > AHEAD:
+                        finish()
+                pos += math.prod(info.shape) * DTYPE_SIZES[dt]
                 if tick:
                     tick(0, 1)
+            while pending:
+                finish()
+
+        except BaseException:  # no job may still read the map or write the file once this returns
+            for *_, stats in pending:
+                stream.settle(stats.jobs)
+            raise
         finally:
             writer.close()
     return size
