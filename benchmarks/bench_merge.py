@@ -2,7 +2,7 @@
 with `cp -r` of the same checkpoint, the merge's arithmetic alone, and PEFT (load, merge_and_unload, save).
 
     python benchmarks/bench_merge.py [--preset 4gb|1gb] [--layers N] [--repeat 5] [--skip-peft] [--device cuda]
-                                     [--keep DIR]
+                                     [--keep DIR] [--compare DIR] [--skip-torch-engine]
 
 Presets: ``4gb`` (default) is 9 Llama-7B-shaped layers (hidden 4096, intermediate 11008), 4.2 GB; ``1gb`` is 8
 layers of hidden 2048, intermediate 5632 (TinyLlama's widths, full attention), 1.07 GB. The adapter has rank 16 on
@@ -14,7 +14,9 @@ times; the table shows medians and the largest peak RSS (VmHWM). Also measured, 
 * start-up: ``python -c "import torch, loratools"``, and for the merge the time from its process start to the first
   byte of a .safetensors file appearing in its output (polled every 2 ms by this process);
 * the arithmetic floor, in this process, in memory, on all cores: every targeted weight bf16 -> float32,
-  ``addmm_(scale * B, A)``, -> bf16; no reading, writing or report.
+  ``addmm_(scale * B, A)``, -> bf16; no reading, writing or report; and loratools' compiled loop the same way;
+* on the CPU, the same merge by loratools' torch engine (``LORATOOLS_KERNEL=torch``: an install without a C
+  compiler).
 
 loratools' work is its wall time minus the start-up; the target of issue 18 is work <= 1.5 x (floor + cp).
 The loratools run is the worktree's own code (this file's repository first on PYTHONPATH).
@@ -78,12 +80,19 @@ def write_checkpoint(folder: Path, layers: int, hidden: int, inter: int, shard_b
     (folder / "config.json").write_text(json.dumps(config, indent=2))
 
 
-def arithmetic_floor(layers: int, modules: dict[str, tuple[int, int]]) -> tuple[float, float]:
+#: the start-up with the collector set as the ``loratools`` program sets it (loratools.cli.entry) before it imports
+#: torch: what of the merge's gain is in its own import of torch
+BARE_GC = "import gc; gc.set_threshold(100_000, 50, 100); import os, torch, loratools; os._exit(0)"
+
+
+def arithmetic_floor(layers: int, modules: dict[str, tuple[int, int]]) -> tuple[float, float, float | None]:
     """Seconds for the merge's arithmetic alone, in memory, on all cores: per targeted weight, bf16 -> float32,
     ``addmm_(scale * B, A)``, -> bf16; no reading, no writing, no report: no merge that computes in float32 (PEFT's
     semantics) can take less. Two ways: (whole tensors, torch's threads; as issue 18 defines it) and (row chunks
     of 2 MiB of float32 into warm buffers, one thread per core: no fresh pages, which this VM makes expensive).
-    Each shape is timed once and counted ``layers`` times."""
+    Each shape is timed once and counted ``layers`` times. Third: loratools' compiled loop alone the same way (the
+    floor's arithmetic plus the report's numbers, 2 MiB blocks of output into warm buffers); None where it is not
+    built."""
     from concurrent.futures import ThreadPoolExecutor
 
     cores = len(os.sched_getaffinity(0))
@@ -103,7 +112,23 @@ def arithmetic_floor(layers: int, modules: dict[str, tuple[int, int]]) -> tuple[
         rows, step = w.shape[0], (2 << 20) // (w.shape[1] * 4)
         list(pool.map(lambda r0: chunk(w, b, a, r0, min(rows, r0 + step) - r0), range(0, rows, every * step)))
 
-    whole = chunked = 0.0
+    try:
+        from loratools.ops import _rows
+    except ImportError:
+        _rows = None
+
+    def loop(w: torch.Tensor, b: torch.Tensor, a: torch.Tensor, r0: int, n: int) -> None:
+        if not hasattr(local, "block"):
+            local.block = bytearray(2 << 20)
+        cols = w.shape[1]
+        src = w.view(torch.uint8).numpy()
+        _rows.merge_rows(src, r0 * cols * 2, 1, b, r0 * RANK * 4, a, n, cols, RANK, local.block, 0, 1)
+
+    def loops(pool: ThreadPoolExecutor, w: torch.Tensor, b: torch.Tensor, a: torch.Tensor) -> None:
+        rows, step = w.shape[0], (2 << 20) // (w.shape[1] * 2) // 4 * 4
+        list(pool.map(lambda r0: loop(w, b, a, r0, min(rows, r0 + step) - r0), range(0, rows, step)))
+
+    whole = chunked = looped = 0.0
     with ThreadPoolExecutor(cores) as pool:
         for rows, cols in modules.values():
             w = (torch.randn(rows, cols) * 0.02).to(torch.bfloat16)
@@ -119,7 +144,13 @@ def arithmetic_floor(layers: int, modules: dict[str, tuple[int, int]]) -> tuple[
             t = time.perf_counter()
             chunks(pool, w, scale * b, a, 1)
             chunked += time.perf_counter() - t
-    return whole * layers, chunked * layers
+            if _rows is not None:
+                bn, an = (scale * b).contiguous().numpy(), a.contiguous().numpy()
+                loops(pool, w, bn, an)  # warm
+                t = time.perf_counter()
+                loops(pool, w, bn, an)
+                looped += time.perf_counter() - t
+    return whole * layers, chunked * layers, looped * layers if _rows is not None else None
 
 
 def first_byte(work: Path, name: str) -> bool:
@@ -144,6 +175,7 @@ def main() -> None:
     p.add_argument("--device", default="cpu", help="device for loratools merge (cpu or cuda)")
     p.add_argument("--keep", type=Path, help="work in this folder and keep it (default: a temp folder)")
     p.add_argument("--compare", type=Path, help="another loratools source tree: its merge runs too, in alternation")
+    p.add_argument("--skip-torch-engine", action="store_true", help="leave out the merge by the torch engine")
     args = p.parse_args()
     layers, hidden, inter = PRESETS[args.preset]
     layers = args.layers or layers
@@ -172,12 +204,15 @@ def main() -> None:
             "peft": ([sys.executable, "-c", PEFT_SCRIPT, str(base), str(adapter), str(work / "peft")], work / "peft"),
             "startup": ([sys.executable, "-c", "import torch, loratools"], None),
             "bare": ([sys.executable, "-c", "import os, torch, loratools; os._exit(0)"], None),
+            "bare_gc": ([sys.executable, "-c", BARE_GC], None),
         }
         if args.skip_peft:
             del cmds["peft"]
         if args.compare:
             cmds["other"] = (ours[:7] + [str(work / "other")] + ours[8:], work / "other")
-        walls: dict[str, list[float]] = {k: [] for k in [*cmds, "whole", "chunked", "first"]}
+        if args.device == "cpu" and not args.skip_torch_engine:
+            cmds["torch"] = (ours[:7] + [str(work / "torch")] + ours[8:], work / "torch")
+        walls: dict[str, list[float]] = {k: [] for k in [*cmds, "whole", "chunked", "loop", "first"]}
         peaks: dict[str, float] = dict.fromkeys(cmds, 0.0)
         print(f"machine: {machine()}; load average before: {os.getloadavg()[0]:.2f}")
         print(f"checkpoint: {layers} Llama-shaped layers (hidden {hidden}, intermediate {inter}, vocab {VOCAB}), "
@@ -196,8 +231,10 @@ def main() -> None:
                 report.unlink(missing_ok=True)
                 probe = (lambda: first_byte(work, "ours")) if key == "ours" else None
                 run_env = {**env, "PYTHONPATH": str(args.compare.resolve())} if key == "other" else env
+                if key == "torch":
+                    run_env = {**env, "LORATOOLS_KERNEL": "torch"}
                 wall, rss, first = run_timed(cmd, probe, run_env)
-                if key in ("ours", "other"):
+                if key in ("ours", "other", "torch"):
                     if not report.is_file():
                         raise SystemExit("loratools merge wrote no report")
                     if first is not None:
@@ -206,9 +243,11 @@ def main() -> None:
                 peaks[key] = max(peaks[key], rss)
                 if out is not None:
                     shutil.rmtree(out, ignore_errors=True)
-            whole, chunked = arithmetic_floor(layers, modules)
+            whole, chunked, looped = arithmetic_floor(layers, modules)
             walls["whole"].append(whole)
             walls["chunked"].append(chunked)
+            if looped is not None:
+                walls["loop"].append(looped)
             print(f"  round {i + 1}: " + ", ".join(f"{k} {v[-1]:.2f}" for k, v in walls.items() if v), file=sys.stderr,
                   flush=True)  # fmt: skip
         med = {k: statistics.median(v) for k, v in walls.items() if v}
@@ -220,10 +259,14 @@ def main() -> None:
             "cp": "`cp -r` of the checkpoint",
             "whole": "the arithmetic floor, whole tensors (bf16 -> f32, addmm_, -> bf16; in memory, torch's threads)",
             "chunked": "the arithmetic floor, 2 MiB row chunks into warm buffers, one thread per core",
+            "loop": "loratools' compiled loop alone (the floor's arithmetic and the report's numbers), 2 MiB blocks "
+            "into warm buffers, one thread per core",
             "ours": f"`loratools merge --report r.json` (--device {args.device})",
             "other": f"the same, by the loratools in {args.compare}",
+            "torch": "the same, by the torch engine (`LORATOOLS_KERNEL=torch`, as without a C compiler)",
             "startup": '`python -c "import torch, loratools"` (start-up, as issue 18 defines it)',
             "bare": "the same, leaving by `os._exit(0)` as loratools does after a success (no teardown)",
+            "bare_gc": "the same, with the garbage collector set as the `loratools` program sets it",
             "first": "loratools: process start to the output's first byte",
             "peft": "PEFT: load, `merge_and_unload`, `save_pretrained`",
         }
@@ -239,6 +282,14 @@ def main() -> None:
               f"{'met' if work_s <= target else f'missed by {work_s - target:.2f} s'}")  # fmt: skip
         print(f"peak RSS {peaks['ours']:.3f} GiB; budget 0.5 GiB + largest tensor = {budget:.3f} GiB, "
               f"{'met' if peaks['ours'] <= budget else 'MISSED'}")  # fmt: skip
+        strict = med["ours"] - med["bare_gc"]
+        print(f"the same against the start-up with loratools' collector setting: {strict:.2f} s = "
+              f"{strict / (med['floor'] + med['cp']):.2f}x (floor + cp), "
+              f"{'met' if strict <= target else f'missed by {strict - target:.2f} s'}")  # fmt: skip
+        if "torch" in med:
+            print(
+                f"torch engine / compiled loop, work: {(med['torch'] - min(med['startup'], med['bare'])) / work_s:.2f}x"
+            )
         print(f"merge / cp: {med['ours'] / med['cp']:.2f}x"
               + (f"; PEFT / merge: {med['peft'] / med['ours']:.1f}x" if "peft" in med else ""))  # fmt: skip
     finally:

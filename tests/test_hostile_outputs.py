@@ -437,11 +437,16 @@ SYSTEM = {
 }
 
 
-@pytest.mark.parametrize("where", ["make-file", "make-folder", "fsync", "rename"])
+@pytest.mark.parametrize("where", ["make-file", "make-folder", "reserve", "write", "fsync", "rename"])
 @pytest.mark.parametrize("what", list(SYSTEM))
 def test_what_the_system_refuses_is_one_error_line(
     world: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, what: str, where: str
 ) -> None:
+    """ "reserve": merge's fallocate of its output; "write": the writes of its merged blocks (around the page
+    cache where the file system allows it, else through it)."""
+    from loratools.io import direct as direct_io
+    from loratools.io import stream
+
     code = SYSTEM[what]
 
     def fail(*a: object, **k: object) -> None:
@@ -451,6 +456,12 @@ def test_what_the_system_refuses_is_one_error_line(
     out = out_of(tmp_path, commands(world)[cmd][2])
     if where in ("make-file", "make-folder"):
         monkeypatch.setattr(atomic, "_" + where.replace("-", "_"), fail)
+    elif where == "reserve":
+        monkeypatch.setattr(direct_io, "reserve", fail)
+        monkeypatch.setattr(direct_io, "open_direct", lambda path: os.open(path, os.O_WRONLY))  # reached everywhere
+    elif where == "write":
+        monkeypatch.setattr(direct_io.DirectIO, "write", staticmethod(fail))
+        monkeypatch.setattr(stream, "put", fail)  # where the file system takes no direct writes
     elif where == "fsync":
         monkeypatch.setattr(atomic.os, "fsync", fail)
     else:

@@ -154,3 +154,113 @@ def test_pickle_of_tensors_reads(tmp_path: Path) -> None:
     p = tmp_path / "w.bin"
     torch.save({"a": torch.ones(2, 2)}, p)
     assert torch.equal(read_pickle(p)["a"], torch.ones(2, 2))
+
+
+# ---- the merge's writing thread: around the page cache (O_DIRECT) and through it ---------------------------------
+
+
+def _direct_ok(folder: Path) -> bool:
+    from loratools.io import direct as direct_io
+
+    probe = folder / "probe"
+    probe.write_bytes(b"")
+    fd = direct_io.open_direct(str(probe))
+    probe.unlink()
+    if fd is None:
+        return False
+    os.close(fd)
+    return True
+
+
+@pytest.mark.parametrize("direct", [True, False])
+@pytest.mark.parametrize("seed", range(6))
+def test_the_writer_puts_every_byte_in_its_place(tmp_path: Path, direct: bool, seed: int) -> None:
+    """A file made as merge makes it, in random pieces: a header, copies of ranges of another file, whole tensors
+    written in order, and ranges filled by work threads as blocks at any offset (out of order, some smaller than a
+    page, some spanning many, meeting inside pages): the same bytes as the plan, in either mode."""
+    import random
+    import threading
+
+    from loratools.io import direct as direct_io
+    from loratools.io import stream
+
+    if direct and not _direct_ok(tmp_path):
+        pytest.skip("this file system takes no direct writes")
+    rng = random.Random(seed)
+    src = tmp_path / "src.bin"
+    src.write_bytes(rng.randbytes(1 << 20))
+    size = rng.randrange(50_000, 400_000)
+    want = bytearray(rng.randbytes(size))
+    # the plan: consecutive pieces, each a write, a copy of src (want takes src's bytes there) or a filled range
+    pieces, pos = [], 0
+    while pos < size:
+        n = min(size - pos, rng.choice([1, 7, 100, 4095, 4096, 4097, 9000, 70_000]))
+        kind = rng.choice(["write", "copy", "fill"]) if pos else "write"
+        if kind == "copy":
+            at = rng.randrange(0, (1 << 20) - n)
+            want[pos : pos + n] = src.read_bytes()[at : at + n]
+            pieces.append(("copy", pos, n, at))
+        else:
+            pieces.append((kind, pos, n, 0))
+        pos += n
+    out = tmp_path / "out.bin"
+    fills = []
+    with open(src, "rb") as sf, open(out, "wb") as fh:
+        w = stream.Writer(fh, direct=direct, size=size)
+        assert w.direct == direct
+        for kind, pos, n, at in pieces:
+            if kind == "write":
+                w.write(bytes(want[pos : pos + n]))
+            elif kind == "copy":
+                w.copy(sf.fileno(), at, n, None)
+            else:
+                fills.append((pos, n))
+                w.skip_to(pos + n)
+        rng.shuffle(fills)
+
+        def fill(part: list[tuple[int, int]]) -> None:  # two work threads, each its share, out of order
+            for pos, n in part:
+                block, off = w.block(n), pos % direct_io.ALIGN
+                block[off : off + n] = want[pos : pos + n]
+                w.put(block, off, n, pos)
+
+        threads = [threading.Thread(target=fill, args=(fills[i::2],)) for i in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        w.close()
+    assert out.read_bytes() == bytes(want)
+
+
+def test_a_block_off_its_place_in_the_page_is_refused(tmp_path: Path) -> None:
+    from loratools.io import stream
+
+    with open(tmp_path / "out.bin", "wb") as fh:
+        w = stream.Writer(fh, direct=True)
+        block = w.block()
+        with pytest.raises(ValueError, match="offset within a page"):
+            w.put(block, 0, 10, 5)
+        w.close()
+
+
+def test_merge_writes_the_same_bytes_around_the_page_cache_and_through_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from loratools.io import direct as direct_io
+    from loratools.ops.merge import merge
+
+    if not _direct_ok(tmp_path):
+        pytest.skip("this file system takes no direct writes")
+    from test_rows_kernel import _adapter, _checkpoint  # odd widths: blocks meet inside pages
+
+    _checkpoint(tmp_path / "base", torch.bfloat16)
+    _adapter(tmp_path / "ad")
+    adapter = tmp_path / "ad"
+    merge(tmp_path / "base", [adapter], tmp_path / "direct")
+    monkeypatch.setattr(direct_io, "DIRECT", False)
+    merge(tmp_path / "base", [adapter], tmp_path / "cached")
+    a = (tmp_path / "direct" / "model.safetensors").read_bytes()
+    assert a == (tmp_path / "cached" / "model.safetensors").read_bytes()
+    merged = safetensors.torch.load_file(str(tmp_path / "direct" / "model.safetensors"))
+    assert merged.keys() == safetensors.torch.load_file(str(tmp_path / "base" / "model.safetensors")).keys()

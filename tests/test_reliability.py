@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import os
 from pathlib import Path
 from types import ModuleType
 
@@ -54,14 +55,51 @@ class _FullDisk:
         self.fh.close()  # type: ignore[attr-defined]
 
 
-def test_full_disk_during_merge_leaves_nothing(big_base: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    real = stream.Writer.__init__
+@pytest.mark.parametrize("direct", [True, False])
+def test_full_disk_during_merge_leaves_nothing(
+    big_base: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, direct: bool
+) -> None:
+    """The disk fills after 10 MB, whichever way the bytes go: around the page cache (the direct writes of the
+    blocks, the copies and the header) or through it (the file object, and the work threads' blocks)."""
+    from loratools.io import direct as direct_io
 
-    def init(self: stream.Writer, fh: object) -> None:
-        real(self, _FullDisk(fh, 10_000_000))
+    left = {"bytes": 10_000_000}
 
-    monkeypatch.setattr(stream.Writer, "__init__", init)
-    monkeypatch.setattr(stream, "kernel_copy", lambda *a: False)  # every byte through the failing writer
+    def spend(n: int) -> None:
+        if n > left["bytes"]:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        left["bytes"] -= n
+
+    if direct:
+        (tmp_path / "probe").write_bytes(b"")
+        probe = direct_io.open_direct(str(tmp_path / "probe"))  # the output's file system
+        (tmp_path / "probe").unlink()
+        if probe is None:
+            pytest.skip("this file system takes no direct writes")
+        os.close(probe)
+        real_write = direct_io.DirectIO.write
+
+        def write(self: direct_io.DirectIO, fd: int, view: memoryview, pos: int) -> None:
+            spend(len(view))
+            real_write(self, fd, view, pos)
+
+        monkeypatch.setattr(direct_io.DirectIO, "write", write)
+    else:
+        monkeypatch.setattr(direct_io, "DIRECT", False)
+        real = stream.Writer.__init__
+
+        def init(self: stream.Writer, fh: object, **kw: object) -> None:
+            real(self, _FullDisk(fh, 10_000_000), **kw)  # type: ignore[arg-type]
+
+        real_put = stream.put
+
+        def put(fd: int, data: memoryview, pos: int) -> None:
+            spend(len(data))
+            real_put(fd, data, pos)
+
+        monkeypatch.setattr(stream.Writer, "__init__", init)
+        monkeypatch.setattr(stream, "put", put)
+        monkeypatch.setattr(stream, "kernel_copy", lambda *a: False)  # every byte through the failing writer
     before = digest(big_base)
     with pytest.raises(OutputError, match="No space left"):
         merge_mod.merge(big_base, [FIXTURES / "peft_llama"], tmp_path / "out.safetensors")

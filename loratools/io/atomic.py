@@ -192,6 +192,20 @@ def start_writeback(fd: int, start: int = 0, nbytes: int = 0) -> None:
         call(fd, ctypes.c_int64(start), ctypes.c_int64(nbytes), ctypes.c_uint(_SYNC_FILE_RANGE_WRITE))
 
 
+def reserve(fd: int, size: int) -> None:
+    """Reserve the blocks of a file about to be written, ``size`` bytes from its start (Linux ``fallocate``, never
+    glibc's emulation, which would write the zeros): a disk too small says so before any work (OSError ENOSPC).
+    Where the system or the file system cannot, nothing happens."""
+    call = getattr(_LIBC, "fallocate", None) if sys.platform.startswith("linux") else None
+    if call is None:
+        return
+    call.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+    if call(fd, 0, 0, size) != 0:
+        err = ctypes.get_errno()
+        if err in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+            raise OSError(err, os.strerror(err))
+
+
 def _fsync(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) if path.is_dir() else os.O_RDONLY)
     try:

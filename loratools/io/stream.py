@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..errors import FileFormatError
 from .atomic import start_writeback
+from .direct import ALIGN, Pages, aligned_buffer
 from .progress import Tick
 
 if TYPE_CHECKING:
@@ -44,8 +45,6 @@ BLOCKS = 8
 #: the writing thread starts the disk's work after every so many bytes (sync_file_range: the fsync before the
 #: rename then has little left to wait for)
 WRITEBACK_BYTES = 32 << 20
-
-
 # ---- the writing thread --------------------------------------------------------------------------------------
 
 
@@ -56,21 +55,33 @@ class Writer:
     All of the output goes through this one thread: the file system lets one write into a file at a time, and a
     work thread that waited for that would not be computing. Work threads fill blocks (:meth:`block`) and hand
     them over with their place in the file (:meth:`put`); the main thread's writes (:meth:`write`, :meth:`copy`)
-    go on in order from the file's position, which :meth:`skip_to` moves past a range the blocks fill."""
+    go on in order from the file's position, which :meth:`skip_to` moves past a range the blocks fill.
 
-    def __init__(self, fh: Any) -> None:
+    ``direct``: where the file system allows it, the bytes go to the disk around the page cache (O_DIRECT,
+    :mod:`loratools.io.direct`; ``size``: the file's, reserved first); blocks are then filled at the offset of
+    their place within a page."""
+
+    def __init__(self, fh: Any, direct: bool = False, size: int = 0) -> None:
         self.fh = fh
+        self.pages = Pages.open(fh.name, size) if direct and isinstance(fh.name, str) else None
+        self.pos = 0  # direct: where write()/copy() go on
+        self.stages: Queue[mmap.mmap] = Queue()  # direct: buffers for write()/copy(), going round
+        self.stages_made = 0
         self.q: Queue[Any] = Queue()
         self.slots = threading.Semaphore(DEPTH)  # write() items in the queue: their data is held until written
         self.free: Queue[torch.Tensor] = Queue()
         self.size, self.made, self.pinned = 0, 0, False
-        self.blocks: Queue[bytearray] = Queue()
+        self.blocks: Queue[mmap.mmap] = Queue()
         self.blocks_made = 0
         self.blocks_lock = threading.Lock()
         self.unsynced = 0
         self.error: BaseException | None = None
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.thread.start()
+
+    @property
+    def direct(self) -> bool:
+        return self.pages is not None
 
     def _run(self) -> None:
         while True:
@@ -81,14 +92,20 @@ class Writer:
             try:
                 if self.error is not None:
                     continue
+                if self.pages is not None:
+                    self.pages.check()
+                    self._run_direct(item, done)
+                    done = None  # called once its bytes are on the disk
+                    continue
                 if kind == "copy":
                     self._copy(*item[1:-1])
                     self.unsynced += item[3]
                 elif kind == "seek":
                     self.fh.seek(item[1])
                 elif kind == "put":
-                    put(self.fh.fileno(), item[1], item[2])
-                    self.unsynced += len(item[1])
+                    _, block, off, n, pos, _ = item
+                    put(self.fh.fileno(), memoryview(block)[off : off + n], pos)
+                    self.unsynced += n
                 else:
                     self.fh.write(item[1])
                     self.unsynced += len(item[1])
@@ -101,6 +118,51 @@ class Writer:
             finally:
                 if done is not None:
                     done()
+
+    # -- direct writes (this thread only) --
+
+    def _run_direct(self, item: tuple[Any, ...], done: Callable[[], None] | None) -> None:
+        assert self.pages is not None
+        kind = item[0]
+        if kind == "put":
+            _, block, off, n, pos, _ = item
+            self.pages.write(block, off, n, pos, done)
+            return
+        try:
+            if kind == "seek":
+                self.pos = item[1]
+            elif kind == "copy":
+                _, fd, src, n, tick, _ = item
+                while n:
+                    k, off, stage = min(n, IO_BYTES), self.pos % ALIGN, self._stage()
+                    try:
+                        if os.preadv(fd, [memoryview(stage)[off : off + k]], src) != k:
+                            raise FileFormatError(f"{self.fh.name}: its base file was cut short while reading")
+                    except BaseException:
+                        self.stages.put(stage)
+                        raise
+                    self.pages.write(stage, off, k, self.pos, lambda stage=stage: self.stages.put(stage))  # type: ignore[misc]
+                    self.pos, src, n = self.pos + k, src + k, n - k
+                    if tick:
+                        tick(k, 0)
+            else:
+                view = memoryview(item[1]).cast("B")
+                for i in range(0, len(view), IO_BYTES):
+                    part, stage = view[i : i + IO_BYTES], self._stage()
+                    off = self.pos % ALIGN
+                    stage[off : off + len(part)] = part
+                    self.pages.write(stage, off, len(part), self.pos, lambda stage=stage: self.stages.put(stage))  # type: ignore[misc]
+                    self.pos += len(part)
+        finally:
+            if done is not None:
+                done()
+
+    def _stage(self) -> mmap.mmap:
+        """A buffer for write()/copy(): two of them going round (one fills while the other is written)."""
+        if self.stages_made < 2 and self.stages.empty():
+            self.stages_made += 1
+            return aligned_buffer(IO_BYTES + ALIGN)
+        return self.stages.get()
 
     def _copy(self, fd: int, pos: int, n: int, tick: Tick | None) -> None:
         if kernel_copy(fd, self.fh, pos, n, tick):
@@ -133,27 +195,33 @@ class Writer:
     def give_back(self, buf: torch.Tensor) -> None:
         self.free.put(buf)
 
-    def block(self) -> bytearray:
-        """A block of BLOCK_BYTES for :meth:`put` (from any thread): at most BLOCKS of them, going round; waits
-        for one to come back when all are in flight."""
+    def block(self, nbytes: int = BLOCK_BYTES) -> mmap.mmap:
+        """A page-aligned block for :meth:`put` of ``nbytes`` placed at any offset within a page (from any
+        thread): those of BLOCK_BYTES, at most BLOCKS of them, go round (it waits for one to come back when all
+        are in flight); a larger one is made for the occasion."""
+        if nbytes > BLOCK_BYTES:
+            return aligned_buffer(nbytes + ALIGN)
         with self.blocks_lock:
             if self.blocks_made < BLOCKS and self.blocks.empty():
                 self.blocks_made += 1
-                return bytearray(BLOCK_BYTES)
+                return aligned_buffer(BLOCK_BYTES + ALIGN)
         return self.blocks.get()
 
-    def put(self, block: bytearray, nbytes: int, pos: int) -> None:
-        """Queue the first ``nbytes`` of ``block`` (from :meth:`block`) to be written at ``pos``; the block goes
-        back to the free ones once written (from any thread)."""
+    def put(self, block: mmap.mmap, off: int, nbytes: int, pos: int) -> None:
+        """Queue ``block[off:off + nbytes]`` (a :meth:`block`) to be written at ``pos``, where ``off`` must be
+        ``pos % ALIGN``; the block goes back to the free ones once written (from any thread)."""
 
         def back() -> None:
-            if len(block) == BLOCK_BYTES:  # one of ours (a larger one, for a single long row, is dropped)
+            if len(block) == BLOCK_BYTES + ALIGN:  # one of ours (a larger one, for a single long row, is dropped)
                 self.blocks.put(block)
 
+        if off != pos % ALIGN or off + nbytes > len(block):
+            back()
+            raise ValueError("a block's bytes must sit at their place's offset within a page")
         if self.error is not None:
             back()
             raise self.error
-        self.q.put(("put", memoryview(block)[:nbytes], pos, back))
+        self.q.put(("put", block, off, nbytes, pos, back))
 
     def write(self, data: Any, done: Callable[[], None] | None = None) -> None:
         """Queue ``data``; ``done()`` is called once it is written (or dropped after an error)."""
@@ -182,12 +250,22 @@ class Writer:
         self.q.put(("seek", pos, None))
 
     def close(self) -> None:
+        """Wait for the queued writes; then (direct) the last page and the file's size, or (through the page
+        cache) the start of its writeback. Raises the first error of the writing thread."""
         self.q.put(None)
         self.thread.join()
-        if self.error is not None:
-            raise self.error
-        self.fh.flush()
-        start_writeback(self.fh.fileno())
+        try:
+            if self.error is not None:
+                raise self.error
+            if self.pages is None:
+                self.fh.flush()
+                start_writeback(self.fh.fileno())
+                return
+            self.pages.finish()
+        finally:
+            if self.pages is not None:
+                self.pages.close()  # its threads joined: nothing writes once this returns
+                self.pages = None
 
 
 def kernel_copy(fd: int, out: Any, pos: int, n: int, tick: Tick | None) -> bool:

@@ -7,9 +7,10 @@
  * (stored overflowed), where delta = A @ B (float32) and lost = float(out) - (W + delta). The sums are float64.
  *
  * The same arithmetic as loratools.ops.merge_engine._chunk in torch: the product in float32, added to the base in
- * float32, cast with round-to-nearest-even (NaN as 0x7FC0 for bf16, as 0x7E00 for f16); only the order in which the
- * product's rank terms meet differs from a BLAS (here k = 0, 1, ..., with fused multiply-adds where the CPU has them).
- * torch is not needed: buffers come through the buffer protocol and the loop runs without the GIL.
+ * float32, cast with round-to-nearest-even (NaN as 0x7FC0 for bf16; as 0x7E00 with its sign for f16); only the order
+ * in which the product's rank terms meet differs from a BLAS (here k = 0, 1, ..., with fused multiply-adds where the
+ * CPU has them). torch is not needed: buffers come through the buffer protocol and the loop runs without the GIL.
+ * src and out must not overlap (a block whose float32 sums are not finite is read again, in float64).
  *
  * Four rows by sixteen columns at a time, in registers (GCC/Clang vector types: AVX on x86-64 where the CPU has it
  * plus FMA, SSE2 otherwise, NEON on ARM); the rows and columns left over go element by element, in the same order.
@@ -104,18 +105,40 @@ INLINE void epilogue1(float d, const char *src, int sdt, char *out, int odt, Sta
 
 /* ---- eight elements ---------------------------------------------------------------------------------------------- */
 
-/* bfloat16 <-> float32 in 128-bit halves (SSE2 and AVX-without-AVX2 CPUs have 128-bit integer operations only) */
+/* bfloat16 <-> float32 in 128-bit halves (SSE2 and AVX-without-AVX2 CPUs have 128-bit integer operations only).
+ * __builtin_shufflevector: Clang, GCC 12 and later; older GCC: __builtin_shuffle and copies of halves. */
+#if defined(__has_builtin) && !defined(ROWS_NO_SHUFFLEVECTOR)
+#if __has_builtin(__builtin_shufflevector)
+#define HAVE_SHUFFLEVECTOR 1
+#endif
+#endif
+#ifdef HAVE_SHUFFLEVECTOR
 INLINE v8f join(v4f lo, v4f hi) { return __builtin_shufflevector(lo, hi, 0, 1, 2, 3, 4, 5, 6, 7); }
 INLINE v4f lo_half(v8f v) { return __builtin_shufflevector(v, v, 0, 1, 2, 3); }
 INLINE v4f hi_half(v8f v) { return __builtin_shufflevector(v, v, 4, 5, 6, 7); }
+/* z, h -> (z0 h0 z1 h1 z2 h2 z3 h3) or (... h4 ... h7): each 16-bit value the high half of a 32-bit word */
+INLINE v8h interleave_lo(v8h z, v8h h) { return __builtin_shufflevector(z, h, 0, 8, 1, 9, 2, 10, 3, 11); }
+INLINE v8h interleave_hi(v8h z, v8h h) { return __builtin_shufflevector(z, h, 4, 12, 5, 13, 6, 14, 7, 15); }
+/* the high 16 bits of each 32-bit word of lo, then of hi */
+INLINE v8h high_halves(v8h lo, v8h hi) { return __builtin_shufflevector(lo, hi, 1, 3, 5, 7, 9, 11, 13, 15); }
+#else
+typedef union {
+    v8f v;
+    v4f h[2];
+} Halves;
+INLINE v8f join(v4f lo, v4f hi) { Halves u = {.h = {lo, hi}}; return u.v; }
+INLINE v4f lo_half(v8f v) { Halves u = {.v = v}; return u.h[0]; }
+INLINE v4f hi_half(v8f v) { Halves u = {.v = v}; return u.h[1]; }
+INLINE v8h interleave_lo(v8h z, v8h h) { return __builtin_shuffle(z, h, (v8h){0, 8, 1, 9, 2, 10, 3, 11}); }
+INLINE v8h interleave_hi(v8h z, v8h h) { return __builtin_shuffle(z, h, (v8h){4, 12, 5, 13, 6, 14, 7, 15}); }
+INLINE v8h high_halves(v8h lo, v8h hi) { return __builtin_shuffle(lo, hi, (v8h){1, 3, 5, 7, 9, 11, 13, 15}); }
+#endif
 
 INLINE v8f load8(const char *p, int dt) {
     if (dt == DT_BF16) {  /* each 16-bit value becomes the high half of a 32-bit word */
         v8h h, z = {0};
         memcpy(&h, p, 16);
-        v8h lo = __builtin_shufflevector(z, h, 0, 8, 1, 9, 2, 10, 3, 11);
-        v8h hi = __builtin_shufflevector(z, h, 4, 12, 5, 13, 6, 14, 7, 15);
-        return join((v4f)lo, (v4f)hi);
+        return join((v4f)interleave_lo(z, h), (v4f)interleave_hi(z, h));
     }
     v8f f;
     if (dt == DT_F32) {
@@ -138,7 +161,7 @@ INLINE v4u round_bf16(v4f m) {  /* the rounded value in the high 16 bits, the lo
 INLINE v8f store8(char *p, int dt, v8f m) {
     if (dt == DT_BF16) {
         v4u lo = round_bf16(lo_half(m)), hi = round_bf16(hi_half(m));
-        v8h h = __builtin_shufflevector((v8h)lo, (v8h)hi, 1, 3, 5, 7, 9, 11, 13, 15);
+        v8h h = high_halves((v8h)lo, (v8h)hi);
         memcpy(p, &h, 16);
         return join((v4f)lo, (v4f)hi);
     }
@@ -155,7 +178,7 @@ INLINE v8f store8(char *p, int dt, v8f m) {
  * float64 where a float32 sum is not finite, so that a huge but finite value is not reported as inf) */
 typedef struct {
     v8f max_abs, base_sq, lost_sq;
-    v8i bad;
+    v8f bad;  /* counts, as floats: exact far beyond a block's elements; float operations are 256 bits wide */
 } Lanes;
 
 INLINE void epilogue8(v8f d, const char *src, int sdt, char *out, int odt, Lanes *ln) {
@@ -167,7 +190,7 @@ INLINE void epilogue8(v8f d, const char *src, int sdt, char *out, int odt, Lanes
     v8f m = d + w;
     v8f lost = store8(out, odt, m) - m;
     v8i fin = (lost - lost) == 0;
-    ln->bad -= ~fin;  /* -(-1) per lane that is not finite */
+    ln->bad += (v8f)(~fin & (v8i)((v8f){0} + 1.0f));  /* 1 per lane that is not finite */
     lost = (v8f)((v8i)lost & fin);
     ln->lost_sq += lost * lost;
 }
@@ -232,7 +255,7 @@ INLINE void run_job(Job *jb, const int sdt, const int odt) {
             if (ln.max_abs[l] > blk.max_abs) blk.max_abs = ln.max_abs[l];
             blk.base_sq += ln.base_sq[l];
             blk.lost_sq += ln.lost_sq[l];
-            blk.overflow += ln.bad[l];
+            blk.overflow += (long long)ln.bad[l];
         }
         if (blk.base_sq - blk.base_sq != 0 || blk.lost_sq - blk.lost_sq != 0) {  /* again, in float64 */
             blk = (Stats){0, 0, 0, 0};
@@ -307,6 +330,13 @@ static PyObject *merge_rows(PyObject *self, PyObject *args) {
     if (get(a_o, &a, 0, a_off, rows * rank * 4, "a") < 0) goto fail_src;
     if (get(b_o, &b, 0, 0, rank * cols * 4, "b") < 0) goto fail_a;
     if (get(out_o, &out, 1, out_off, rows * cols * size_of(odt), "out") < 0) goto fail_b;
+    if (rows == 0 || cols == 0) {  /* nothing to do (and with rank 0 the checks above would not bound rows) */
+        PyBuffer_Release(&out);
+        PyBuffer_Release(&b);
+        PyBuffer_Release(&a);
+        PyBuffer_Release(&src);
+        return Py_BuildValue("dddL", 0.0, 0.0, 0.0, 0LL);
+    }
     Job jb = {(const char *)src.buf + src_off, (const float *)((const char *)a.buf + a_off), (const float *)b.buf,
               (char *)out.buf + out_off, rows, cols, rank, sdt, odt, {0, 0, 0, 0}};
     if ((uintptr_t)jb.a % 4 || (uintptr_t)jb.b % 4) {

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..errors import ShapeError
 from ..io import stream
+from ..io.direct import ALIGN
 from ..io.interrupts import checkpoint
 from ..io.progress import Tick
 from ..io.safetensors import Header, TensorInfo, encode_header, read_bytes, read_into, tensor_bytes, tensor_from_bytes
@@ -161,11 +162,12 @@ def _rows_job(
     overflow = 0
     for i in range(r0, r1, block):
         n = min(block, r1 - i)
-        buf = writer.block() if n * out_row <= stream.BLOCK_BYTES else bytearray(n * out_row)
+        at = pos + i * out_row
+        buf, off = writer.block(n * out_row), at % ALIGN
         m, bs, ls, ov = KERNEL.merge_rows(
-            mapped, start + i * src_row, _CODES[sdt], a, i * rank * 4, b, n, cols, rank, buf, 0, _CODES[odt]
+            mapped, start + i * src_row, _CODES[sdt], a, i * rank * 4, b, n, cols, rank, buf, off, _CODES[odt]
         )
-        writer.put(buf, n * out_row, pos + i * out_row)
+        writer.put(buf, off, n * out_row, at)
         mx, base_sq, lost_sq, overflow = max(mx, m), base_sq + bs, lost_sq + ls, overflow + ov
     stream.advise(mapped, start + r0 * src_row, (r1 - r0) * src_row, stream.DONTNEED)
     return mx, base_sq, lost_sq, overflow
@@ -360,8 +362,8 @@ def write_file(
     head, size = encode_header(((t.name, _out_dtype(t, dtype), t.shape) for t in order), header.metadata)
     # the base's bytes are used in place, from the page cache, through the memory map
     with open(src, "rb") as fh, open(dest, "wb") as out, stream.mapped(fh, header.file_size) as mapped:
-        out.write(head)
-        writer = stream.Writer(out)
+        writer = stream.Writer(out, direct=True, size=len(head) + size)
+        writer.write(head)
         pos = len(head)
         pending: list[tuple[TensorInfo, str, Target, _Stats]] = []
 
