@@ -264,3 +264,38 @@ def test_merge_writes_the_same_bytes_around_the_page_cache_and_through_it(
     assert a == (tmp_path / "cached" / "model.safetensors").read_bytes()
     merged = safetensors.torch.load_file(str(tmp_path / "direct" / "model.safetensors"))
     assert merged.keys() == safetensors.torch.load_file(str(tmp_path / "base" / "model.safetensors")).keys()
+
+
+def test_a_direct_merge_leaves_its_output_out_of_the_page_cache(tmp_path: Path) -> None:
+    """docs/merge.md: a merge's output goes to the disk around the page cache, so merging a big model does not
+    push other files out of memory: after the merge almost none of the output's pages are in memory (mincore)."""
+    import ctypes
+    import mmap
+
+    from test_rows_kernel import _adapter, _checkpoint
+
+    from loratools.ops.merge import merge
+
+    if not _direct_ok(tmp_path):
+        pytest.skip("this file system takes no direct writes")
+    _checkpoint(tmp_path / "base", torch.float32)
+    _adapter(tmp_path / "ad")
+    merge(tmp_path / "base", [tmp_path / "ad"], tmp_path / "out")
+    path = tmp_path / "out" / "model.safetensors"
+    size = path.stat().st_size
+    pages = -(-size // mmap.PAGESIZE)
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mmap.restype = ctypes.c_void_p
+    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p]
+    libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    with open(path, "rb") as fh:
+        addr = libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fh.fileno(), 0)
+        assert addr not in (None, ctypes.c_void_p(-1).value)
+        try:
+            vec = ctypes.create_string_buffer(pages)
+            assert libc.mincore(addr, size, vec) == 0, ctypes.get_errno()
+            resident = sum(b & 1 for b in vec.raw)
+        finally:
+            libc.munmap(addr, size)
+    assert pages >= 8 and resident <= pages // 4, (resident, pages)
