@@ -75,14 +75,18 @@ class _Stats:
         self.overflow = 0
         self.jobs: list[tuple[int, Future[Any]]] = []
 
+    def take(self, chunk: tuple[float, float, float, int]) -> None:
+        """A chunk's (max |delta|, |base|^2, |lost|^2, overflows)."""
+        mx, base_sq, lost_sq, overflow = chunk
+        self.max_abs = max(self.max_abs, mx)
+        self.base_sq += base_sq
+        self.lost_sq += lost_sq
+        self.overflow += overflow
+
     def finish(self, tick: Tick | None) -> None:
         for nbytes, job in self.jobs:
             checkpoint()  # a Ctrl-C while they run: write_file settles the jobs left
-            mx, base_sq, lost_sq, overflow = job.result()
-            self.max_abs = max(self.max_abs, mx)
-            self.base_sq += base_sq
-            self.lost_sq += lost_sq
-            self.overflow += overflow
+            self.take(job.result())
             if tick:
                 tick(nbytes, 0)
         self.jobs = []
@@ -265,11 +269,7 @@ def _merge_rows(
                 )
                 jobs.append((n, pool.submit(_chunk, *args) if pool else stream.done(_chunk(*args))))
             for n, job in jobs:
-                mx, base_sq, lost_sq, overflow = job.result()
-                stats.max_abs = max(stats.max_abs, mx)
-                stats.base_sq += base_sq
-                stats.lost_sq += lost_sq
-                stats.overflow += overflow
+                stats.take(job.result())
                 if tick:
                     tick(n * row_bytes, 0)
             writer.write(tensor_bytes(buf), done=lambda full=full: writer.give_back(full))  # type: ignore[misc]
