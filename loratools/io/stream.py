@@ -94,8 +94,10 @@ class Writer:
                     continue
                 if self.pages is not None:
                     self.pages.check()
-                    self._run_direct(item, done)
-                    done = None  # called once its bytes are on the disk
+                    # _run_direct calls it (once its bytes are on the disk, or as it fails): never here as well,
+                    # or a failure would give a buffer back twice and two users would then fill it at once
+                    mine, done = done, None
+                    self._run_direct(item, mine)
                     continue
                 if kind == "copy":
                     self._copy(*item[1:-1])
