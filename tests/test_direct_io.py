@@ -308,3 +308,39 @@ def test_a_merge_stopped_mid_way_joins_every_thread(
     assert not (direct_dir / "out").exists()
     assert sorted(p.name for p in direct_dir.iterdir()) == ["ad", "base"]
     assert (base / "model.safetensors").read_bytes() == before
+
+
+def test_a_put_after_close_gives_its_block_back_and_writes_nothing(tmp_path: Path) -> None:
+    """A job still running after a failure closed the writer: its block comes back to the pool, nothing is
+    written, and it learns why (instead of waiting forever for a block that never returns)."""
+    from loratools.io import stream
+
+    out = tmp_path / "out.bin"
+    with open(out, "wb") as fh:
+        w = stream.Writer(fh, direct=True, size=8192)
+        block = w.block()
+        w.close()
+        with pytest.raises(OSError, match="after it was closed"):
+            w.put(block, 0, 4096, 0)
+    assert w.blocks.qsize() == 1
+    assert out.stat().st_size == 0  # (its last write set the size: none)
+
+
+def test_the_output_is_reopened_through_its_descriptor(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The writer opens the file it has open (``/proc/self/fd/N``), never its path again: a file swapped in at that
+    path meanwhile is not written."""
+    from loratools.io import stream
+
+    seen: list[str] = []
+    real = direct_io.open_direct
+    monkeypatch.setattr(direct_io, "open_direct", lambda path: seen.append(path) or real(path))
+    out = tmp_path / "out.bin"
+    with open(out, "wb") as fh:
+        out.rename(tmp_path / "moved.bin")
+        out.write_bytes(b"someone else's")
+        w = stream.Writer(fh, direct=True, size=5)
+        w.write(b"ours!")
+        w.close()
+    assert seen and all(p.startswith("/proc/self/fd/") for p in seen)
+    assert out.read_bytes() == b"someone else's"
+    assert (tmp_path / "moved.bin").read_bytes() == b"ours!"

@@ -196,8 +196,9 @@ def reserve(fd: int, size: int) -> None:
     """Reserve the blocks of a file about to be written, ``size`` bytes from its start (Linux ``fallocate``, never
     glibc's emulation, which would write the zeros): a disk too small says so before any work (OSError ENOSPC).
     Where the system or the file system cannot, nothing happens."""
-    call = getattr(_LIBC, "fallocate", None) if sys.platform.startswith("linux") else None
-    if call is None:
+    linux = sys.platform.startswith("linux")
+    call = (getattr(_LIBC, "fallocate64", None) or getattr(_LIBC, "fallocate", None)) if linux else None
+    if call is None:  # (fallocate64: 64-bit offsets on 32-bit systems too)
         return
     call.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
     if call(fd, 0, 0, size) != 0:

@@ -117,10 +117,11 @@ class Pages:
         self.end = 0  # the file's size
 
     @classmethod
-    def open(cls, path: str, size: int = 0) -> Pages | None:
-        """Direct writes into the file at ``path`` (being written), its ``size`` bytes reserved first (a disk too
-        small says so now; direct writes then fill reserved blocks side by side instead of each growing the
-        file in turn); None where direct writes are refused."""
+    def open(cls, path: str, size: int = 0, name: str | None = None) -> Pages | None:
+        """Direct writes into the file at ``path`` (being written; ``/proc/self/fd/N`` for one already open), its
+        ``size`` bytes reserved first (a disk too small says so now; direct writes then fill reserved blocks side
+        by side instead of each growing the file in turn); None where direct writes are refused. ``name``: the
+        file's, for messages."""
         fd = open_direct(path)
         if fd is None:
             return None
@@ -130,7 +131,7 @@ class Pages:
         except BaseException:
             os.close(fd)
             raise
-        return cls(fd, path)
+        return cls(fd, name or path)
 
     def check(self) -> None:
         if self.io.error is not None:

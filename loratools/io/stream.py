@@ -63,7 +63,11 @@ class Writer:
 
     def __init__(self, fh: Any, direct: bool = False, size: int = 0) -> None:
         self.fh = fh
-        self.pages = Pages.open(fh.name, size) if direct and isinstance(fh.name, str) else None
+        # the file this object has open, through its descriptor (never its path again: nothing can be swapped in
+        # between); where /proc is not there, through the page cache
+        proc = f"/proc/self/fd/{fh.fileno()}" if direct and os.path.isdir("/proc/self/fd") else None
+        self.pages = Pages.open(proc, size, name=str(fh.name)) if proc else None
+        self.closed = False
         self.pos = 0  # direct: where write()/copy() go on
         self.stages: Queue[mmap.mmap] = Queue()  # direct: buffers for write()/copy(), going round
         self.stages_made = 0
@@ -220,6 +224,9 @@ class Writer:
         if off != pos % ALIGN or off + nbytes > len(block):
             back()
             raise ValueError("a block's bytes must sit at their place's offset within a page")
+        if self.closed:  # (a job still running after a failure: its block comes back, nothing more is written)
+            back()
+            raise OSError(errno.EBADF, f"{self.fh.name}: written after it was closed")
         if self.error is not None:
             back()
             raise self.error
@@ -254,9 +261,10 @@ class Writer:
     def close(self) -> None:
         """Wait for the queued writes; then (direct) the last page and the file's size, or (through the page
         cache) the start of its writeback. Raises the first error of the writing thread."""
-        self.q.put(None)
-        self.thread.join()
+        self.closed = True
         try:
+            self.q.put(None)
+            self.thread.join()
             if self.error is not None:
                 raise self.error
             if self.pages is None:

@@ -363,7 +363,6 @@ def write_file(
     # the base's bytes are used in place, from the page cache, through the memory map
     with open(src, "rb") as fh, open(dest, "wb") as out, stream.mapped(fh, header.file_size) as mapped:
         writer = stream.Writer(out, direct=True, size=len(head) + size)
-        writer.write(head)
         pos = len(head)
         pending: list[tuple[TensorInfo, str, Target, _Stats]] = []
 
@@ -376,6 +375,7 @@ def write_file(
             )
 
         try:
+            writer.write(head)
             for info in order:
                 checkpoint()
                 dt = _out_dtype(info, dtype)
