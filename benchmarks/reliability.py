@@ -1,7 +1,7 @@
 """The figures of docs/reliability.md: the hostile battery by category, damaged files through every reader, runs
 stopped and killed at random points.
 
-    python benchmarks/reliability.py [--cases 300] [--kills 20] [--battery-only]
+    python benchmarks/reliability.py [--cases 300] [--kills 20] [--battery-only | --kills-only]
 
 The battery is tests/test_hostile_*.py, every case (the slow ones too): each checks that the command ends with the
 expected exit code and one Error line (no traceback), within its time limit (no hang), with its inputs byte and mode
@@ -125,13 +125,22 @@ def kills(points: int) -> list[str]:
         }  # fmt: skip
         before = digest([base, tuned, FIXTURES])
         for name, cmd in commands.items():
+            # how long the command runs once its temp exists: the kill points are drawn inside that span (a
+            # fixed window would mostly land after a fast command had finished)
+            p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+            wait_for_work(p, out)
+            t0 = time.perf_counter()
+            p.communicate(timeout=120)
+            span = time.perf_counter() - t0
+            for x in out.iterdir():
+                shutil.rmtree(x) if x.is_dir() else x.unlink()
             for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGKILL):
                 rng = random.Random(f"{name}{sig}")
                 stats: collections.Counter[str] = collections.Counter()
                 for _ in range(points):
                     p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
                     wait_for_work(p, out)
-                    time.sleep(rng.uniform(0.0, 0.4))
+                    time.sleep(rng.uniform(0.0, span))
                     p.send_signal(sig)
                     p.communicate(timeout=120)
                     items = list(out.iterdir())
@@ -226,7 +235,21 @@ def main() -> None:
     p.add_argument("--cases", type=int, default=300, help="damaged files per reader")
     p.add_argument("--kills", type=int, default=20, help="kill points per command and signal")
     p.add_argument("--battery-only", action="store_true", help="only the hostile battery's table")
+    p.add_argument("--kills-only", action="store_true", help="only the stopped and killed runs' table")
     args = p.parse_args()
+    if not args.kills_only:
+        battery_and_fuzz(args)
+    if args.battery_only:
+        return
+    print(
+        "\n| command | signal | kill points | interrupted | temp left | removed by next run (with a note) | lost or left behind |"
+    )
+    print("|---|---|---|---|---|---|---|")
+    for row in kills(args.kills):
+        print(row, flush=True)
+
+
+def battery_and_fuzz(args: argparse.Namespace) -> None:
     table = battery()
     print("\n| category | cases | in make test | passed | failed | skipped |")
     print("|---|---|---|---|---|---|")
@@ -237,12 +260,6 @@ def main() -> None:
     print("| reader | damaged files | runs | result | clean Error | traceback |")
     print("|---|---|---|---|---|---|")
     for row in fuzz(args.cases):
-        print(row, flush=True)
-    print(
-        "\n| command | signal | kill points | interrupted | temp left | removed by next run (with a note) | lost or left behind |"
-    )
-    print("|---|---|---|---|---|---|---|")
-    for row in kills(args.kills):
         print(row, flush=True)
 
 

@@ -344,3 +344,35 @@ def test_a_stop_inside_a_folder_output_names_nothing_written(
     hostile.run([*commands(world)["resize"], "-o", out], inputs=list(world.values()), code=130, out=out,
                 says="no output was left behind")  # fmt: skip
     assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("inside_an_import", [False, True])
+def test_a_stop_while_the_summary_is_printed_says_what_was_written(
+    world: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, inside_an_import: bool
+) -> None:
+    """A signal once every output is written, while the command prints its summary (importing rich's table: found
+    by the kill runs, where it landed inside that import and came out as a RuntimeError traceback, or killed the
+    process by SIGINT): it is held until the command ends, then said truthfully, exit 130, no traceback.
+    ``inside_an_import``: the stop raised inside an import anyway (a dataclass's __set_name__ wraps it)."""
+    from rich import table
+
+    from loratools import cli as cli_mod
+
+    saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    real = table.Table.__init__
+
+    def init(self: Any, *a: Any, **k: Any) -> None:
+        if inside_an_import:
+            raise RuntimeError("Error calling __set_name__") from KeyboardInterrupt()
+        cli_mod._stop(signal.SIGINT, None)  # the handler, as a real SIGINT would run it here
+        real(self, *a, **k)
+
+    monkeypatch.setattr(table.Table, "__init__", init)
+    out = tmp_path / "small"
+    try:
+        r = hostile.run([*commands(world)["resize"], "-o", out], inputs=list(world.values()), code=130,
+                        says="it had already written")  # fmt: skip
+    finally:
+        for s, h in saved.items():
+            signal.signal(s, h)
+    assert str(out) in r.stderr and os.listdir(tmp_path) == [out.name]

@@ -31,12 +31,23 @@ class Interrupted(BaseException):
         self.signum = signum
 
 
+#: a stop that came once every output was written: said as the command ends (raised then, not where it landed)
+_LATE: list[BaseException] = []
+
+
 class Group(click.Group):
     def invoke(self, ctx: click.Context) -> Any:
         try:
-            result = super().invoke(ctx)
-            _ignore_signals()  # the work is done and reported: a signal from now on changes nothing
-            return result
+            try:
+                result = super().invoke(ctx)
+                _ignore_signals()  # the work is done and reported: a signal from now on changes nothing
+                if _LATE:
+                    raise _LATE.pop()
+                return result
+            except RuntimeError as e:  # a stop that landed inside an import is wrapped (dataclass __set_name__)
+                if isinstance(e.__cause__, (KeyboardInterrupt, Interrupted)):
+                    raise e.__cause__ from None
+                raise
         except LoratoolsError as e:
             error(e.message, e.hint)
             ctx.exit(e.exit_code)
@@ -80,6 +91,7 @@ def cli() -> None:
       loratools inspect fixtures/peft_llama
     """
     COMMITTED.clear()  # (several invocations in one process: tests)
+    _LATE.clear()
     interrupts.reset()
     log = logging.getLogger("loratools")
     if not any(isinstance(h, _NoteHandler) for h in log.handlers):  # notes (a cleaned-up temp, ...) on stderr
@@ -125,8 +137,12 @@ def _stop(signum: int, frame: FrameType | None) -> None:
     starts (bounded: threads finish their chunk, temps are removed) runs to its end."""
     for s in _SIGNALS:
         signal.signal(s, signal.SIG_IGN)
+    stop = KeyboardInterrupt() if signum == signal.SIGINT else Interrupted(signum)
+    if COMMITTED:  # every output is written: nothing is left to stop, and raising here could land inside an import
+        _LATE.append(stop)
+        return
     # inside a rename or a temp's creation, the interruption waits for that step to end (milliseconds)
-    interrupts.interrupt(KeyboardInterrupt() if signum == signal.SIGINT else Interrupted(signum))
+    interrupts.interrupt(stop)
 
 
 def _quiet_broken_pipe() -> NoReturn:
