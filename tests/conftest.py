@@ -48,6 +48,25 @@ def mf() -> ModuleType:
         sys.path.remove(str(FIXTURES))
 
 
+def direct_writes_work(folder: Path) -> bool:
+    """Does the file system of ``folder`` take direct (O_DIRECT) writes? (merge's output goes that way where it
+    does: loratools.io.direct)"""
+    import os
+
+    from loratools.io import direct
+
+    probe = folder / ".direct-probe"
+    probe.write_bytes(b"")
+    try:
+        fd = direct.open_direct(str(probe))
+    finally:
+        probe.unlink()
+    if fd is None:
+        return False
+    os.close(fd)
+    return True
+
+
 def run_cli(*args: str) -> tuple[int, str, str]:
     """``loratools ARGS`` in-process: (exit code, stdout, stderr). A bug's exception is raised, not swallowed."""
     from click.testing import CliRunner

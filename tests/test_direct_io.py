@@ -3,12 +3,12 @@ sizes, failures injected at chosen points; every ``done`` called exactly once, n
 
 from __future__ import annotations
 
-import os
 import random
 import threading
 from pathlib import Path
 
 import pytest
+from conftest import direct_writes_work
 
 from loratools.io import direct as direct_io
 from loratools.io import stream
@@ -16,20 +16,9 @@ from loratools.io import stream
 ALIGN = direct_io.ALIGN
 
 
-def _direct_ok(folder: Path) -> bool:
-    probe = folder / "probe"
-    probe.write_bytes(b"")
-    fd = direct_io.open_direct(str(probe))
-    probe.unlink()
-    if fd is None:
-        return False
-    os.close(fd)
-    return True
-
-
 @pytest.fixture
 def direct_dir(tmp_path: Path) -> Path:
-    if not _direct_ok(tmp_path):
+    if not direct_writes_work(tmp_path):
         pytest.skip("this file system takes no direct writes")
     return tmp_path
 

@@ -99,19 +99,14 @@ def test_a_stopped_run_cleans_up_and_says_so(
         # the writing thread's write of a merged block (the compiled loop: around the page cache where the file
         # system allows it, else through it), or the torch engine's own name for the helper that hands the writer
         # its bytes
-        from loratools.io import direct as direct_io
         from loratools.ops import merge_engine
 
         if merge_engine.KERNEL is None:
             module = "loratools.ops.merge_engine"
         else:
-            probe = tmp_path / "probe"
-            probe.write_bytes(b"")
-            fd = direct_io.open_direct(str(probe))  # does this file system take direct writes?
-            probe.unlink()
-            if fd is not None:
-                os.close(fd)
-            module, name = ("Pages", "write") if fd is not None else ("", "put")
+            from conftest import direct_writes_work
+
+            module, name = ("Pages", "write") if direct_writes_work(tmp_path) else ("", "put")
     mod: Any
     if module == "Pages":
         from loratools.io.direct import Pages as mod

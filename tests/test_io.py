@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import safetensors.torch
 import torch
+from conftest import direct_writes_work
 
 from loratools.errors import HeaderError, OutputExistsError, UnsafePickleError
 from loratools.io.atomic import atomic_write
@@ -159,19 +160,6 @@ def test_pickle_of_tensors_reads(tmp_path: Path) -> None:
 # ---- the merge's writing thread: around the page cache (O_DIRECT) and through it ---------------------------------
 
 
-def _direct_ok(folder: Path) -> bool:
-    from loratools.io import direct as direct_io
-
-    probe = folder / "probe"
-    probe.write_bytes(b"")
-    fd = direct_io.open_direct(str(probe))
-    probe.unlink()
-    if fd is None:
-        return False
-    os.close(fd)
-    return True
-
-
 @pytest.mark.parametrize("direct", [True, False])
 @pytest.mark.parametrize("seed", range(6))
 def test_the_writer_puts_every_byte_in_its_place(tmp_path: Path, direct: bool, seed: int) -> None:
@@ -184,7 +172,7 @@ def test_the_writer_puts_every_byte_in_its_place(tmp_path: Path, direct: bool, s
     from loratools.io import direct as direct_io
     from loratools.io import stream
 
-    if direct and not _direct_ok(tmp_path):
+    if direct and not direct_writes_work(tmp_path):
         pytest.skip("this file system takes no direct writes")
     rng = random.Random(seed)
     src = tmp_path / "src.bin"
@@ -250,7 +238,7 @@ def test_merge_writes_the_same_bytes_around_the_page_cache_and_through_it(
     from loratools.io import direct as direct_io
     from loratools.ops.merge import merge
 
-    if not _direct_ok(tmp_path):
+    if not direct_writes_work(tmp_path):
         pytest.skip("this file system takes no direct writes")
     from test_rows_kernel import _adapter, _checkpoint  # odd widths: blocks meet inside pages
 
@@ -276,7 +264,7 @@ def test_a_direct_merge_leaves_its_output_out_of_the_page_cache(tmp_path: Path) 
 
     from loratools.ops.merge import merge
 
-    if not _direct_ok(tmp_path):
+    if not direct_writes_work(tmp_path):
         pytest.skip("this file system takes no direct writes")
     _checkpoint(tmp_path / "base", torch.float32)
     _adapter(tmp_path / "ad")
