@@ -182,14 +182,13 @@ def _rename_noreplace(src: Path, dst: Path) -> None:
 _SYNC_FILE_RANGE_WRITE = 2
 
 
-def start_writeback(fd: int, start: int = 0, nbytes: int = 0) -> None:
+def start_writeback(fd: int) -> None:
     """Start writing a file's dirty pages to the disk now, without waiting (Linux ``sync_file_range``): called as
     a big output is written, it makes the fsync before the rename wait for the last few pages only, where it
-    would otherwise wait for all of them. ``nbytes`` 0: from ``start`` to the end. Nothing happens where the
-    system has no such call."""
+    would otherwise wait for all of them. Nothing happens where the system has no such call."""
     call = getattr(_LIBC, "sync_file_range", None) if sys.platform.startswith("linux") else None
     if call is not None:
-        call(fd, ctypes.c_int64(start), ctypes.c_int64(nbytes), ctypes.c_uint(_SYNC_FILE_RANGE_WRITE))
+        call(fd, ctypes.c_int64(0), ctypes.c_int64(0), ctypes.c_uint(_SYNC_FILE_RANGE_WRITE))  # 0, 0: to its end
 
 
 def reserve(fd: int, size: int) -> None:

@@ -162,19 +162,17 @@ def _rows_job(
     block = max(1, stream.BLOCK_BYTES // max(1, out_row))
     if block >= 4:
         block -= block % 4  # the loop takes rows four at a time
-    mx = base_sq = lost_sq = 0.0
-    overflow = 0
+    acc = _Stats()
     for i in range(r0, r1, block):
         n = min(block, r1 - i)
         at = pos + i * out_row
         buf, off = writer.block(n * out_row), at % ALIGN
-        m, bs, ls, ov = KERNEL.merge_rows(
+        acc.take(KERNEL.merge_rows(
             mapped, start + i * src_row, _CODES[sdt], a, i * rank * 4, b, n, cols, rank, buf, off, _CODES[odt]
-        )
+        ))  # fmt: skip
         writer.put(buf, off, n * out_row, at)
-        mx, base_sq, lost_sq, overflow = max(mx, m), base_sq + bs, lost_sq + ls, overflow + ov
     stream.advise(mapped, start + r0 * src_row, (r1 - r0) * src_row, stream.DONTNEED)
-    return mx, base_sq, lost_sq, overflow
+    return acc.max_abs, acc.base_sq, acc.lost_sq, acc.overflow
 
 
 def _merge_rows(
@@ -213,6 +211,7 @@ def _merge_rows(
         stats.delta_sq += float(((ad.T @ ad) * (bd @ bd.T)).sum().clamp_min(0))
     if rows * per_row == 0:
         return
+    row_bytes = per_row * DTYPE_SIZES[info.dtype]
     if (
         KERNEL is not None and device == "cpu" and mapped is not None and info.dtype in _CODES
         and out_dtype in _CODES and info.start % DTYPE_SIZES[info.dtype] == 0
@@ -225,15 +224,14 @@ def _merge_rows(
             for r0 in range(0, rows, job_rows):
                 r1 = min(rows, r0 + job_rows)
                 part = (mapped, info.start, info.dtype, an, bn, r0, r1, per_row, rank, out_dtype, writer, pos)
-                nbytes = (r1 - r0) * per_row * DTYPE_SIZES[info.dtype]
-                stats.jobs.append((nbytes, pool.submit(_rows_job, *part) if pool else stream.done(_rows_job(*part))))
+                job = pool.submit(_rows_job, *part) if pool else stream.done(_rows_job(*part))
+                stats.jobs.append(((r1 - r0) * row_bytes, job))
             writer.skip_to(pos + rows * per_row * DTYPE_SIZES[out_dtype])
         except BaseException:
             stream.settle(stats.jobs)
             raise
         return
     step = max(1, CHUNK_BYTES // (per_row * 4))
-    row_bytes = per_row * DTYPE_SIZES[info.dtype]
     # output buffers of several chunks (the writer's, going round): one is filled while it writes the others
     group = step * max(1, stream.IO_BYTES // (step * per_row * store.itemsize))
     dt = torch_dtype(info.dtype)
@@ -393,7 +391,6 @@ def write_file(
                     tick(0, 1)
             while pending:
                 finish()
-
         except BaseException:  # no job may still read the map or write the file once this returns
             for *_, stats in pending:
                 stream.settle(stats.jobs)
